@@ -1,0 +1,64 @@
+//! `fastllama`: the command-line front end. Library crates return values and errors; this
+//! binary is the only place that prints.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use llama_core::cuda::{self, CudaDevice};
+use llama_core::{cache_dir, CpuFeatures};
+
+#[derive(Parser)]
+#[command(
+    name = "fastllama",
+    version,
+    about = "Run and fine-tune Llama-family models, fast"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show the compute devices fastllama can use: CPU SIMD features and threads, CUDA devices
+    /// (or why there are none), and the cache directory.
+    Devices,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Devices => devices(),
+    }
+}
+
+fn devices() -> ExitCode {
+    println!(
+        "cpu: {} threads; {}",
+        rayon::current_num_threads(),
+        CpuFeatures::get()
+    );
+    match cuda::device_count() {
+        Ok(count) => {
+            for ordinal in 0..count {
+                match CudaDevice::get(ordinal).and_then(|d| Ok((d.memory()?, d))) {
+                    Ok(((total, free), d)) => println!(
+                        "cuda:{ordinal}: {} ({}), {:.1} GiB, {:.1} GiB free",
+                        d.name(),
+                        d.arch(),
+                        gib(total),
+                        gib(free)
+                    ),
+                    Err(e) => println!("cuda:{ordinal}: {e}"),
+                }
+            }
+        }
+        Err(e) => println!("cuda: {e}"),
+    }
+    println!("cache: {}", cache_dir().display());
+    ExitCode::SUCCESS
+}
+
+fn gib(bytes: usize) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}

@@ -1,0 +1,57 @@
+// Definitions shared by every kernel in kernels/*.cu. The kernel cache (llama-core,
+// cuda/kernels.rs) prepends this file to each source before NVRTC compiles it, so kernels need
+// no include paths and no CUDA toolkit headers.
+//
+// Half-precision values are carried as their bits (bf16_t, f16_t) and converted with the same
+// rounding as the `half` crate on the CPU (nearest-even), so CPU and GPU results agree bit for bit.
+
+struct bf16_t { unsigned short bits; };
+struct f16_t { unsigned short bits; };
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+
+__device__ __forceinline__ float to_f32(bf16_t v) {
+    return __uint_as_float(((unsigned int)v.bits) << 16);
+}
+
+__device__ __forceinline__ float to_f32(f16_t v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
+    return f;
+}
+
+template <typename T> __device__ T from_f32(float v);
+
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+
+// f32 -> bf16, round to nearest-even; NaN stays NaN (quiet bit set), as half::bf16::from_f32.
+template <> __device__ __forceinline__ bf16_t from_f32<bf16_t>(float v) {
+    unsigned int u = __float_as_uint(v);
+    bf16_t r;
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        r.bits = (unsigned short)((u >> 16) | 0x0040u);
+        return r;
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    r.bits = (unsigned short)(u >> 16);
+    return r;
+}
+
+// f32 -> f16, IEEE round to nearest-even (subnormals and overflow to inf included). NaN keeps
+// its sign and top payload bits with the quiet bit set, as half::f16::from_f32 does (the PTX
+// conversion would give the canonical 0x7fff instead).
+template <> __device__ __forceinline__ f16_t from_f32<f16_t>(float v) {
+    f16_t r;
+    unsigned int u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        r.bits = (unsigned short)(((u >> 16) & 0x8000u) | 0x7e00u | ((u & 0x7fffffu) >> 13));
+        return r;
+    }
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(v));
+    return r;
+}
+
+// A grid-stride loop over n elements: any grid size covers any n.
+#define GRID_STRIDE_LOOP(i, n)                                                  \
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n);    \
+         i += (size_t)gridDim.x * blockDim.x)

@@ -1,0 +1,51 @@
+//! `cargo xtask`: fastllama's runner, the Rust counterpart of the guide's `run_tests.py`.
+//!
+//! - `cargo xtask test [--suite …] [--cpu] [--set key=value …] [--list]` runs the test suites
+//!   and ends with cargo's summary line;
+//! - `cargo xtask gpu-bundle` builds every CUDA test and bench binary plus `fastllama` into
+//!   `target/gpu-bundle/` with the kernels, the fixtures and a `run.sh` for the GPU machine.
+
+mod bundle;
+mod cargo;
+// The parameter table shared with the tests; `param` itself is only for the tests.
+#[allow(dead_code)]
+#[path = "../../crates/llama-fixtures/src/params.rs"]
+mod params;
+mod suites;
+mod test;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "fastllama's test, bench and bundle runner"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run test suites (all by default) and print cargo's test summary.
+    Test(test::TestArgs),
+    /// Build the CUDA tests, benches and `fastllama` into target/gpu-bundle/ with a run.sh.
+    GpuBundle(bundle::BundleArgs),
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Command::Test(args) => test::run(args),
+        Command::GpuBundle(args) => bundle::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
