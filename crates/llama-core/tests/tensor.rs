@@ -128,24 +128,22 @@ fn is_nearest<T: llama_core::Element>(
     e <= err(next_up(r)) && e <= err(next_down(r))
 }
 
-fn bf16_step(v: bf16, up: bool) -> bf16 {
-    let bits = v.to_bits();
-    let toward_larger_magnitude = up != v.is_sign_negative();
-    bf16::from_bits(if toward_larger_magnitude {
+/// The bit pattern of the neighbour of a 16-bit float one step up (or down) in value.
+fn neighbour(bits: u16, up: bool) -> u16 {
+    let negative = bits & 0x8000 != 0;
+    if up != negative {
         bits + 1
     } else {
         bits.wrapping_sub(1)
-    })
+    }
+}
+
+fn bf16_step(v: bf16, up: bool) -> bf16 {
+    bf16::from_bits(neighbour(v.to_bits(), up))
 }
 
 fn f16_step(v: f16, up: bool) -> f16 {
-    let bits = v.to_bits();
-    let toward_larger_magnitude = up != v.is_sign_negative();
-    f16::from_bits(if toward_larger_magnitude {
-        bits + 1
-    } else {
-        bits.wrapping_sub(1)
-    })
+    f16::from_bits(neighbour(v.to_bits(), up))
 }
 
 proptest! {
