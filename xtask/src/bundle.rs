@@ -76,11 +76,11 @@ pub fn run(args: BundleArgs) -> Result<ExitCode, String> {
     if out.exists() {
         std::fs::remove_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
     }
-    for (name, exe) in test_exes.iter().chain(&bin_exes) {
-        let folder = match name.as_str() {
-            "fastllama" => "bin",
-            n if tests.iter().any(|t| t.name == n) => "tests",
-            _ => "benches",
+    for (name, kind, exe) in test_exes.iter().chain(&bin_exes) {
+        let folder = match kind.as_str() {
+            "bin" => "bin",
+            "bench" => "benches",
+            _ => "tests",
         };
         copy(exe, &out.join(folder).join(name))?;
     }
@@ -144,8 +144,8 @@ fn cuda_targets() -> Result<Vec<Target>, String> {
     Ok(targets)
 }
 
-/// Runs a cargo build with JSON messages and returns (target name, executable) pairs.
-fn build(mut cmd: std::process::Command) -> Result<Vec<(String, PathBuf)>, String> {
+/// Runs a cargo build with JSON messages and returns (target name, target kind, executable).
+fn build(mut cmd: std::process::Command) -> Result<Vec<(String, String, PathBuf)>, String> {
     let output = cmd
         .arg("--message-format=json-render-diagnostics")
         .stderr(Stdio::inherit())
@@ -162,10 +162,10 @@ fn build(mut cmd: std::process::Command) -> Result<Vec<(String, PathBuf)>, Strin
         if msg["reason"] != "compiler-artifact" {
             continue;
         }
-        if let (Some(name), Some(exe)) =
-            (msg["target"]["name"].as_str(), msg["executable"].as_str())
-        {
-            exes.push((name.to_string(), PathBuf::from(exe)));
+        let target = &msg["target"];
+        let kind = target["kind"][0].as_str().unwrap_or_default();
+        if let (Some(name), Some(exe)) = (target["name"].as_str(), msg["executable"].as_str()) {
+            exes.push((name.to_string(), kind.to_string(), PathBuf::from(exe)));
         }
     }
     Ok(exes)

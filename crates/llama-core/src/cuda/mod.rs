@@ -13,11 +13,11 @@ pub(crate) mod ops;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::driver::{CudaContext, CudaModule, CudaSlice, CudaStream};
+use cudarc::driver::{CudaContext, CudaModule, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
 
 pub use kernels::KernelSource;
 
-use crate::storage::{CpuStorage, CudaStorage, Element};
+use crate::storage::{CpuStorage, CudaStorage};
 use crate::{Error, Result, DEVICE_ENV};
 
 /// Number of CUDA devices, or why there are none: CPU mode forced by `FASTLLAMA_DEVICE=cpu`,
@@ -165,35 +165,32 @@ impl CudaDevice {
     }
 
     /// A zero-filled device buffer.
-    pub fn zeros<T: Element>(&self, len: usize) -> Result<CudaSlice<T>> {
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
         self.stream
             .alloc_zeros(len)
             .map_err(|e| Error::cuda("cuMemAlloc", e))
     }
 
     /// Copies a host slice to a new device buffer.
-    pub fn htod<T: Element>(&self, data: &[T]) -> Result<CudaSlice<T>> {
+    pub fn htod<T: DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
         self.stream
             .clone_htod(data)
             .map_err(|e| Error::cuda("cuMemcpyHtoD", e))
     }
 
     /// Copies a device buffer to a new host vector (waits for queued work).
-    pub fn dtoh<T: Element>(&self, data: &CudaSlice<T>) -> Result<Vec<T>> {
+    pub fn dtoh<T: DeviceRepr>(&self, data: &CudaSlice<T>) -> Result<Vec<T>> {
         self.stream
             .clone_dtoh(data)
             .map_err(|e| Error::cuda("cuMemcpyDtoH", e))
     }
 
     pub(crate) fn upload(&self, host: &CpuStorage) -> Result<CudaStorage> {
-        let bytes_err = |e| Error::cuda("cuMemcpyHtoD", e);
         Ok(match host {
             CpuStorage::F32(v) => CudaStorage::F32(self.htod(v)?),
             CpuStorage::F16(v) => CudaStorage::F16(self.htod(v)?),
             CpuStorage::BF16(v) => CudaStorage::BF16(self.htod(v)?),
-            CpuStorage::Blocks(v) => {
-                CudaStorage::Blocks(self.stream.clone_htod(v).map_err(bytes_err)?)
-            }
+            CpuStorage::Blocks(v) => CudaStorage::Blocks(self.htod(v)?),
         })
     }
 

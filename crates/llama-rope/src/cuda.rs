@@ -1,0 +1,119 @@
+//! The rotation on a CUDA device (`kernels/rope.cu`), over device copies of the cos/sin tables.
+//! Results equal the CPU path ([`crate::apply`]) bit for bit, in f32 and in bf16.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use llama_core::cuda::{CudaDevice, KernelSource};
+use llama_core::{bf16, Element};
+
+use crate::cache::RopeTables;
+use crate::shape::QkShape;
+use crate::{Result, RopeError};
+
+const ROPE: KernelSource = KernelSource {
+    name: "rope",
+    code: include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../kernels/rope.cu"
+    )),
+};
+
+/// A device copy of [`RopeTables`]; re-upload when [`crate::RotaryEmbedding::generation`] moves.
+pub struct DeviceTables {
+    device: Arc<CudaDevice>,
+    cos: CudaSlice<f32>,
+    sin: CudaSlice<f32>,
+    half: usize,
+    len: usize,
+}
+
+impl DeviceTables {
+    /// Uploads `tables` to `device`.
+    pub fn upload(device: &Arc<CudaDevice>, tables: &RopeTables) -> Result<DeviceTables> {
+        Ok(DeviceTables {
+            device: device.clone(),
+            cos: device.htod(tables.cos)?,
+            sin: device.htod(tables.sin)?,
+            half: tables.half,
+            len: tables.len,
+        })
+    }
+
+    /// Positions covered.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when no position is covered.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// An element type the rope kernel handles.
+pub trait RopeElement: Element {
+    const KERNEL: &'static str;
+}
+impl RopeElement for f32 {
+    const KERNEL: &'static str = "rope_f32";
+}
+impl RopeElement for bf16 {
+    const KERNEL: &'static str = "rope_bf16";
+}
+
+/// Rotates `x` ([batch, heads, seq, head_dim] on the tables' device) in place; `backward`
+/// rotates by the negative angles. `positions` has seq or batch · seq ids.
+pub fn apply<T: RopeElement>(
+    x: &mut CudaSlice<T>,
+    shape: QkShape,
+    tables: &DeviceTables,
+    positions: &[u32],
+    backward: bool,
+) -> Result<()> {
+    shape.check(x.len(), tables.half * 2, positions, tables.len)?;
+    if x.is_empty() {
+        return Ok(());
+    }
+    let device = &tables.device;
+    let positions_dev = device.htod(positions)?;
+    let function = device.function(&ROPE, T::KERNEL)?;
+    let rows = shape.batch * shape.heads * shape.seq;
+    let to_u32 = |v: usize, what: &str| {
+        u32::try_from(v).map_err(|_| RopeError::Shape {
+            op: "cuda apply",
+            reason: format!("{what} {v} exceeds u32"),
+        })
+    };
+    let (heads, seq) = (to_u32(shape.heads, "heads")?, to_u32(shape.seq, "seq")?);
+    let (head_dim, half) = (
+        to_u32(shape.head_dim, "head_dim")?,
+        to_u32(tables.half, "half")?,
+    );
+    let per_sequence = u32::from(positions.len() != shape.seq);
+    let sign = if backward { -1.0f32 } else { 1.0f32 };
+    let threads = rows * tables.half;
+    let config = LaunchConfig {
+        grid_dim: (threads.div_ceil(256).min(65_535) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut launch = device.stream().launch_builder(&function);
+    launch
+        .arg(x)
+        .arg(&tables.cos)
+        .arg(&tables.sin)
+        .arg(&positions_dev)
+        .arg(&rows)
+        .arg(&heads)
+        .arg(&seq)
+        .arg(&head_dim)
+        .arg(&half)
+        .arg(&per_sequence)
+        .arg(&sign);
+    // SAFETY: x holds rows · head_dim elements of T (checked above), the tables hold
+    // len · half f32 each, every position id is below len (checked), and the kernel touches
+    // only those indices.
+    unsafe { launch.launch(config) }.map_err(|e| llama_core::Error::cuda(T::KERNEL, e))?;
+    Ok(())
+}

@@ -1,0 +1,131 @@
+//! The CUDA rope kernel against the CPU path (suite `rope`), bit for bit, for every RoPE kind of
+//! the fixtures, in f32 and bf16, forward and backward. Skipped, counted, without a GPU.
+
+use llama_core::bf16;
+use llama_fixtures::{cuda_or_skip, fixtures_dir, TestRng};
+use llama_rope::cuda::{self, DeviceTables, RopeElement};
+use llama_rope::{apply, apply_backward, QkShape, RopeConfig, RotaryEmbedding};
+use serde_json::Value;
+
+fn fixture_configs() -> Vec<(String, RopeConfig, usize)> {
+    let path = fixtures_dir().join("rope/cases.json");
+    let list: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    list.iter()
+        .map(|c| {
+            let size = |k: &str| c[k].as_u64().unwrap() as usize;
+            let config = RopeConfig::from_rope_parameters(
+                &c["rope_parameters"],
+                size("head_dim"),
+                size("max_position_embeddings"),
+            )
+            .unwrap();
+            (
+                c["name"].as_str().unwrap().to_string(),
+                config,
+                size("seq_len"),
+            )
+        })
+        .collect()
+}
+
+/// CPU and GPU results of one rotation, as bit patterns.
+fn both<T: RopeElement>(
+    gpu: &std::sync::Arc<llama_core::cuda::CudaDevice>,
+    x: &[T],
+    shape: QkShape,
+    rope: &mut RotaryEmbedding,
+    table_len: usize,
+    ids: &[u32],
+    backward: bool,
+) -> (Vec<T>, Vec<T>) {
+    let tables = rope.tables(table_len).unwrap();
+    let mut cpu = x.to_vec();
+    if backward {
+        apply_backward(&mut cpu, shape, &tables, ids).unwrap();
+    } else {
+        apply(&mut cpu, shape, &tables, ids).unwrap();
+    }
+    let device_tables = DeviceTables::upload(gpu, &tables).unwrap();
+    let mut on_gpu = gpu.htod(x).unwrap();
+    cuda::apply(&mut on_gpu, shape, &device_tables, ids, backward).unwrap();
+    (cpu, gpu.dtoh(&on_gpu).unwrap())
+}
+
+#[test]
+fn kernel_matches_cpu_for_every_kind() {
+    let Some(gpu) = cuda_or_skip!() else { return };
+    for (name, config, seq_len) in fixture_configs() {
+        let shape = QkShape {
+            batch: 2,
+            heads: 3,
+            seq: 37,
+            head_dim: config.head_dim,
+        };
+        let mut rng = TestRng::new(seq_len as u64);
+        let ids: Vec<u32> = (0..shape.batch * shape.seq)
+            .map(|_| (rng.next_u64() % seq_len as u64) as u32)
+            .collect();
+        let x = rng.vec(shape.len(), 2.0);
+        let x16: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+        let mut rope = RotaryEmbedding::new(config);
+        for backward in [false, true] {
+            let (cpu, dev) = both(&gpu, &x, shape, &mut rope, seq_len, &ids, backward);
+            assert!(
+                cpu.iter()
+                    .zip(&dev)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{name} f32 backward={backward}"
+            );
+            let (cpu, dev) = both(&gpu, &x16, shape, &mut rope, seq_len, &ids, backward);
+            assert!(
+                cpu.iter()
+                    .zip(&dev)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{name} bf16 backward={backward}"
+            );
+        }
+    }
+}
+
+#[test]
+fn large_inputs_cover_the_grid_stride_loop() {
+    let Some(gpu) = cuda_or_skip!() else { return };
+    let config = fixture_configs()
+        .into_iter()
+        .find(|(_, c, _)| c.head_dim == 128)
+        .map(|(_, c, _)| c)
+        .unwrap();
+    // 2 · 32 · 4500 rows × 64 pairs = 18.4M threads, more than one grid of 65535 × 256.
+    let shape = QkShape {
+        batch: 2,
+        heads: 32,
+        seq: 4500,
+        head_dim: 128,
+    };
+    let x = TestRng::new(9).vec(shape.len(), 1.0);
+    let ids: Vec<u32> = (0..shape.seq as u32).collect();
+    let mut rope = RotaryEmbedding::new(config);
+    let (cpu, dev) = both(&gpu, &x, shape, &mut rope, shape.seq, &ids, false);
+    assert!(cpu
+        .iter()
+        .zip(&dev)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+}
+
+#[test]
+fn positions_past_the_device_tables_are_errors() {
+    let Some(gpu) = cuda_or_skip!() else { return };
+    let config = RopeConfig::new(10000.0, 8, 64).unwrap();
+    let mut rope = RotaryEmbedding::new(config);
+    let tables = rope.tables(16).unwrap();
+    let device_tables = DeviceTables::upload(&gpu, &tables).unwrap();
+    let shape = QkShape {
+        batch: 1,
+        heads: 1,
+        seq: 2,
+        head_dim: 8,
+    };
+    let mut x = gpu.htod(&[0.0f32; 16]).unwrap();
+    let err = cuda::apply(&mut x, shape, &device_tables, &[3, 99_999], false).unwrap_err();
+    assert!(err.to_string().contains("position 99999"), "{err}");
+}
