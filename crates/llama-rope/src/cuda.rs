@@ -92,12 +92,7 @@ pub fn apply<T: RopeElement>(
     );
     let per_sequence = u32::from(positions.len() != shape.seq);
     let sign = if backward { -1.0f32 } else { 1.0f32 };
-    let threads = rows * tables.half;
-    let config = LaunchConfig {
-        grid_dim: (threads.div_ceil(256).min(65_535) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let config = launch_config(rows, tables.half);
     let mut launch = device.stream().launch_builder(&function);
     launch
         .arg(x)
@@ -116,4 +111,21 @@ pub fn apply<T: RopeElement>(
     // only those indices.
     unsafe { launch.launch(config) }.map_err(|e| llama_core::Error::cuda(T::KERNEL, e))?;
     Ok(())
+}
+
+/// Threads per block.
+const BLOCK_THREADS: usize = 256;
+/// Blocks at most (16.7M threads fill any current GPU); beyond that each block strides over rows.
+const MAX_BLOCKS: usize = 65_535;
+
+/// threadIdx.x over the frequency pairs (a power of two up to 128 that covers them),
+/// threadIdx.y over rows, one block per BLOCK_THREADS / x rows.
+fn launch_config(rows: usize, half: usize) -> LaunchConfig {
+    let x = half.next_power_of_two().clamp(1, 128);
+    let y = BLOCK_THREADS / x;
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(y).clamp(1, MAX_BLOCKS) as u32, 1, 1),
+        block_dim: (x as u32, y as u32, 1),
+        shared_mem_bytes: 0,
+    }
 }

@@ -95,7 +95,7 @@ fn large_inputs_cover_the_grid_stride_loop() {
         .find(|(_, c, _)| c.head_dim == 128)
         .map(|(_, c, _)| c)
         .unwrap();
-    // 2 · 32 · 4500 rows × 64 pairs = 18.4M threads, more than one grid of 65535 × 256.
+    // 2 · 32 · 4500 = 288,000 rows of 64 pairs: more than the 65,535 blocks × 4 rows of one grid.
     let shape = QkShape {
         batch: 2,
         heads: 32,
