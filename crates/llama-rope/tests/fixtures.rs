@@ -73,22 +73,22 @@ fn inverse_frequencies_and_scaling_match_hf() {
     }
 }
 
+/// Compares cos and sin rows with the fixture's, labelled by case and path.
+fn check_cos_sin(case: &Case, path: &str, cos: Vec<f32>, sin: Vec<f32>) {
+    for (name, got) in [("cos", cos), ("sin", sin)] {
+        let (expected, shape) = case.fixture.f32(name);
+        let label = format!("{}: {path} {name}", case.name);
+        assert_close(&label, &got, &expected, &shape, TOL);
+    }
+}
+
 #[test]
 fn cached_cos_sin_match_hf() {
     for case in cases() {
         let mut rope = RotaryEmbedding::new(case.config.clone());
         let tables = rope.tables(case.seq_len).unwrap();
         let (cos, sin) = tables.full_rows(&positions(&case)).unwrap();
-        for (name, got) in [("cos", cos), ("sin", sin)] {
-            let (expected, shape) = case.fixture.f32(name);
-            assert_close(
-                &format!("{}: {name}", case.name),
-                &got,
-                &expected,
-                &shape,
-                TOL,
-            );
-        }
+        check_cos_sin(&case, "cached", cos, sin);
     }
 }
 
@@ -97,16 +97,7 @@ fn reference_cos_sin_match_hf() {
     for case in cases() {
         let freqs = case.config.frequencies(case.seq_len);
         let (cos, sin) = reference::cos_sin(&freqs, &positions(&case));
-        for (name, got) in [("cos", cos), ("sin", sin)] {
-            let (expected, shape) = case.fixture.f32(name);
-            assert_close(
-                &format!("{}: reference {name}", case.name),
-                &got,
-                &expected,
-                &shape,
-                TOL,
-            );
-        }
+        check_cos_sin(&case, "reference", cos, sin);
     }
 }
 
