@@ -6,6 +6,7 @@
 
 use crate::freqs::Frequencies;
 use crate::shape::QkShape;
+use crate::Result;
 
 /// HF's full-width cos and sin rows, [positions.len(), d].
 pub fn cos_sin(freqs: &Frequencies, positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
@@ -25,7 +26,7 @@ pub fn cos_sin(freqs: &Frequencies, positions: &[usize]) -> (Vec<f32>, Vec<f32>)
 }
 
 /// y = x · cos + rotate_half(x) · sin on the first d dimensions of each head; `cos`/`sin` are
-/// full-width rows indexed by position.
+/// full-width rows indexed by position. Mismatched sizes or positions are errors.
 pub fn apply(
     x: &[f32],
     shape: QkShape,
@@ -33,7 +34,8 @@ pub fn apply(
     sin: &[f32],
     d: usize,
     positions: &[u32],
-) -> Vec<f32> {
+) -> Result<Vec<f32>> {
+    shape.check(x.len(), d, positions, table_rows(cos, sin, d))?;
     let mut y = x.to_vec();
     for_each_row(shape, positions, |offset, p| {
         let row = &x[offset..offset + shape.head_dim];
@@ -42,7 +44,7 @@ pub fn apply(
             y[offset + j] = row[j] * cos[p * d + j] + rotated * sin[p * d + j];
         }
     });
-    y
+    Ok(y)
 }
 
 /// dx = dy · cos − rotate_half(dy · sin).
@@ -53,7 +55,8 @@ pub fn apply_backward(
     sin: &[f32],
     d: usize,
     positions: &[u32],
-) -> Vec<f32> {
+) -> Result<Vec<f32>> {
+    shape.check(dy.len(), d, positions, table_rows(cos, sin, d))?;
     let mut dx = dy.to_vec();
     for_each_row(shape, positions, |offset, p| {
         let row = &dy[offset..offset + shape.head_dim];
@@ -62,7 +65,12 @@ pub fn apply_backward(
             dx[offset + j] = row[j] * cos[p * d + j] - rotate_half(ds, j, d);
         }
     });
-    dx
+    Ok(dx)
+}
+
+/// Positions that full-width `cos`/`sin` rows of width d cover (both tables must hold them).
+fn table_rows(cos: &[f32], sin: &[f32], d: usize) -> usize {
+    cos.len().min(sin.len()) / d.max(1)
 }
 
 /// rotate_half(v)[j] = −v[j + d/2] for j < d/2, v[j − d/2] otherwise.

@@ -13,9 +13,12 @@ pub struct QkShape {
 }
 
 impl QkShape {
-    /// Number of elements.
+    /// Number of elements (saturating: a shape too large to exist fails [`QkShape::check`]).
     pub fn len(&self) -> usize {
-        self.batch * self.heads * self.seq * self.head_dim
+        [self.heads, self.seq, self.head_dim]
+            .iter()
+            .try_fold(self.batch, |n, &d| n.checked_mul(d))
+            .unwrap_or(usize::MAX)
     }
 
     /// True when the buffer holds nothing.
@@ -51,7 +54,7 @@ impl QkShape {
                 self.head_dim
             ));
         }
-        if positions.len() != self.seq && positions.len() != self.batch * self.seq {
+        if positions.len() != self.seq && positions.len() != self.batch.saturating_mul(self.seq) {
             return bad(format!(
                 "{} position ids for batch {} × seq {}: need seq or batch · seq",
                 positions.len(),
