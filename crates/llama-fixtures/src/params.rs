@@ -66,8 +66,12 @@ pub const PARAMS: &[Param] = &[
     },
     Param {
         name: "seq_len",
-        help: "sequence length (RoPE: 128 … 1024 and 100000+; attention: 64)",
-        defaults: &[(Suite::Rope, 128), (Suite::Attention, 64)],
+        help: "sequence length (RoPE: 128 … 1024 and 100000+; attention: 64; ops: token rows)",
+        defaults: &[
+            (Suite::Rope, 128),
+            (Suite::Attention, 64),
+            (Suite::Optimization, 7),
+        ],
     },
     Param {
         name: "batch_size",
@@ -76,8 +80,18 @@ pub const PARAMS: &[Param] = &[
     },
     Param {
         name: "hidden_size",
-        help: "model width of the attention tests",
-        defaults: &[(Suite::Attention, 32)],
+        help: "model width (attention tests: 32; ops: SmolLM2's 576)",
+        defaults: &[(Suite::Attention, 32), (Suite::Optimization, 576)],
+    },
+    Param {
+        name: "intermediate_size",
+        help: "MLP width of the ops tests (SmolLM2: 1536; Llama-3-8B: 14336)",
+        defaults: &[(Suite::Optimization, 1536)],
+    },
+    Param {
+        name: "vocab_size",
+        help: "vocabulary of the cross-entropy and lm_head tests (SmolLM2: 49152)",
+        defaults: &[(Suite::Optimization, 49152)],
     },
     Param {
         name: "num_heads",

@@ -1,8 +1,40 @@
 //! # llama-ops
 //!
-//! The per-token operations of a Llama layer (SPEC.md part 3): RMSNorm (and Gemma's), LayerNorm,
-//! SwiGLU/GeGLU, chunked cross entropy with softcapping, dense matmul, and 4-bit weights (NF4,
-//! GGUF Q4_0/Q4_1/Q8_0 and K-quants) with fused dequantising matrix-vector products; forward and
-//! backward, reference, CPU-fast and CUDA paths.
+//! The per-token operations of a Llama layer (SPEC.md part 3), each as a pair of plain
+//! functions — forward and backward — over flat row-major slices:
+//! - [`rms_norm`] / [`rms_norm_backward`] (Llama), [`gemma_rms_norm`], [`layer_norm`] /
+//!   [`layer_norm_backward`];
+//! - [`gated_forward`] / [`gated_forward_in_place`] / [`gated_backward`]: SwiGLU and GeGLU
+//!   (exact and tanh);
+//! - [`cross_entropy`] / [`cross_entropy_backward`]: chunked logsumexp over large vocabularies,
+//!   ignore index, softcapping and logit scaling;
+//! - [`linear`], [`linear_backward_input`], [`linear_backward_weight`], [`matvec`]: dense
+//!   products, f32 accumulation for f32/f16/bf16;
+//! - [`quant`]: GGUF Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K and NF4 (with double quantisation):
+//!   quantise, dequantise, fused dequantise-and-dot matrix-vector products.
 //!
-//! Depends on `llama-core` only. Built in step 3 (issue "Step 3 — llama-ops").
+//! Three implementations of each: [`reference`] (the spec as simple loops in f64, for tests),
+//! the functions at the crate root (the fast CPU path: rayon and SIMD with run-time feature
+//! detection) and [`cuda`] (kernels in `kernels/*.cu`, cuBLAS for dense products).
+//!
+//! Letters used in shapes: N rows (batch × tokens), C channels, I intermediate size, V
+//! vocabulary, K input and N output features of a linear layer, M activation rows.
+
+mod activation;
+pub mod cuda;
+mod error;
+mod gemm_ffi;
+mod loss;
+mod matmul;
+mod norm;
+pub mod quant;
+pub mod reference;
+mod rows;
+mod simd;
+
+pub use activation::{gated_backward, gated_forward, gated_forward_in_place, GatedAct, Gelu};
+pub use error::{OpsError, Result};
+pub use loss::{cross_entropy, cross_entropy_backward, CrossEntropy, CrossEntropyOptions};
+pub use matmul::{linear, linear_backward_input, linear_backward_weight, matvec};
+pub use norm::{gemma_rms_norm, layer_norm, layer_norm_backward, rms_norm, rms_norm_backward};
+pub use quant::{quantize, QuantMatrix};

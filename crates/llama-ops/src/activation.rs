@@ -1,0 +1,162 @@
+//! The gated MLP activations: SwiGLU (Llama) and GeGLU (Gemma), forward and backward, the fast
+//! CPU path (rayon over chunks of elements). gate, up, h: [N, I] with I the intermediate size.
+//!
+//! The forward rounds as HF does in low precision: act = T(f(gate)), then h = T(act · up).
+//! In f32 the two roundings are no-ops.
+
+use llama_core::Element;
+use rayon::prelude::*;
+
+use crate::error::{check_len, Result};
+
+/// Elements per parallel task.
+const TASK: usize = 1 << 14;
+
+/// The GELU of GeGLU: exact (erf) or the tanh approximation (`approximate="tanh"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gelu {
+    /// gelu(x) = x · Φ(x) = ½ x (1 + erf(x / √2)).
+    Exact,
+    /// gelu(x) ≈ ½ x (1 + tanh(√(2/π) (x + 0.044715 x³))).
+    Tanh,
+}
+
+/// The gate nonlinearity of a gated MLP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GatedAct {
+    /// silu(x) = x · σ(x): SwiGLU.
+    Silu,
+    /// GeGLU with the given GELU.
+    Gelu(Gelu),
+}
+
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const TANH_COEF: f32 = 0.044_715;
+const INV_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+/// 1 / √(2π), the standard normal density at 0.
+const INV_SQRT_2PI: f32 = 0.398_942_3;
+
+impl GatedAct {
+    /// f(x).
+    #[inline]
+    pub fn value(self, x: f32) -> f32 {
+        match self {
+            GatedAct::Silu => x / (1.0 + (-x).exp()),
+            GatedAct::Gelu(Gelu::Exact) => 0.5 * x * (1.0 + libm::erff(x * INV_SQRT_2)),
+            GatedAct::Gelu(Gelu::Tanh) => {
+                let inner = SQRT_2_OVER_PI * (x + TANH_COEF * x * x * x);
+                0.5 * x * (1.0 + inner.tanh())
+            }
+        }
+    }
+
+    /// f(x) and f'(x).
+    #[inline]
+    pub fn value_and_slope(self, x: f32) -> (f32, f32) {
+        match self {
+            // silu' = σ(x) · (1 + x (1 − σ(x)))
+            GatedAct::Silu => {
+                let s = 1.0 / (1.0 + (-x).exp());
+                (x * s, s * (1.0 + x * (1.0 - s)))
+            }
+            // gelu' = Φ(x) + x φ(x)
+            GatedAct::Gelu(Gelu::Exact) => {
+                let cdf = 0.5 * (1.0 + libm::erff(x * INV_SQRT_2));
+                let pdf = INV_SQRT_2PI * (-0.5 * x * x).exp();
+                (x * cdf, cdf + x * pdf)
+            }
+            // d/dx ½x(1 + t) = ½(1 + t) + ½x (1 − t²) √(2/π) (1 + 3 · 0.044715 x²)
+            GatedAct::Gelu(Gelu::Tanh) => {
+                let t = (SQRT_2_OVER_PI * (x + TANH_COEF * x * x * x)).tanh();
+                let dinner = SQRT_2_OVER_PI * (1.0 + 3.0 * TANH_COEF * x * x);
+                (
+                    0.5 * x * (1.0 + t),
+                    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dinner,
+                )
+            }
+        }
+    }
+}
+
+/// h = T(T(f(gate)) · up), element-wise.
+#[inline]
+fn gated<T: Element>(act: GatedAct, g: T, u: T) -> T {
+    T::from_f32(T::from_f32(act.value(g.to_f32())).to_f32() * u.to_f32())
+}
+
+/// Gated forward: h = f(gate) ⊙ up.
+pub fn gated_forward<T: Element>(act: GatedAct, gate: &[T], up: &[T], h: &mut [T]) -> Result<()> {
+    check_len("gated_forward", "up", up.len(), gate.len())?;
+    check_len("gated_forward", "h", h.len(), gate.len())?;
+    let run = |((h, g), u): ((&mut [T], &[T]), &[T])| {
+        for ((h, &g), &u) in h.iter_mut().zip(g).zip(u) {
+            *h = gated(act, g, u);
+        }
+    };
+    if h.len() <= TASK {
+        run(((h, gate), up));
+    } else {
+        h.par_chunks_mut(TASK)
+            .zip(gate.par_chunks(TASK))
+            .zip(up.par_chunks(TASK))
+            .for_each(run);
+    }
+    Ok(())
+}
+
+/// Gated forward in place (`fast_swiglu_inference`): h = f(gate) ⊙ up is written over `gate`,
+/// so the MLP needs no third intermediate-size buffer.
+pub fn gated_forward_in_place<T: Element>(act: GatedAct, gate: &mut [T], up: &[T]) -> Result<()> {
+    check_len("gated_forward_in_place", "up", up.len(), gate.len())?;
+    let run = |(g, u): (&mut [T], &[T])| {
+        for (g, &u) in g.iter_mut().zip(u) {
+            *g = gated(act, *g, u);
+        }
+    };
+    if gate.len() <= TASK {
+        run((gate, up));
+    } else {
+        gate.par_chunks_mut(TASK)
+            .zip(up.par_chunks(TASK))
+            .for_each(run);
+    }
+    Ok(())
+}
+
+/// Gated backward, upstream dh → dgate = dh ⊙ up ⊙ f'(gate), dup = dh ⊙ f(gate).
+pub fn gated_backward<T: Element>(
+    act: GatedAct,
+    gate: &[T],
+    up: &[T],
+    dh: &[T],
+    dgate: &mut [T],
+    dup: &mut [T],
+) -> Result<()> {
+    let op = "gated_backward";
+    for (what, len) in [
+        ("up", up.len()),
+        ("dh", dh.len()),
+        ("dgate", dgate.len()),
+        ("dup", dup.len()),
+    ] {
+        check_len(op, what, len, gate.len())?;
+    }
+    let run = |(dg, du): (&mut [T], &mut [T]), at: usize| {
+        for i in 0..dg.len() {
+            let (f, slope) = act.value_and_slope(gate[at + i].to_f32());
+            let d = dh[at + i].to_f32();
+            dg[i] = T::from_f32(d * up[at + i].to_f32() * slope);
+            du[i] = T::from_f32(d * f);
+        }
+    };
+    if gate.len() <= TASK {
+        run((dgate, dup), 0);
+    } else {
+        dgate
+            .par_chunks_mut(TASK)
+            .zip(dup.par_chunks_mut(TASK))
+            .enumerate()
+            .for_each(|(t, pair)| run(pair, t * TASK));
+    }
+    Ok(())
+}

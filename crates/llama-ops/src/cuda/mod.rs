@@ -1,0 +1,1 @@
+//! CUDA kernels (placeholder while the CPU path lands).

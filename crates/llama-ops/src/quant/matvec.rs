@@ -1,0 +1,62 @@
+//! The fused dequantise-and-dot matrix-vector product (decoding): each block of a weight row is
+//! decoded into a stack buffer and multiplied into 4 × LANES running sums at once, so the
+//! weight is read once in its quantised size and no f32 copy of it is made.
+
+use rayon::prelude::*;
+
+use super::blocks::Block;
+use crate::simd::{self, Fma, HwFma, NoFma, LANES};
+
+/// Output rows per parallel task.
+const ROWS_PER_TASK: usize = 8;
+/// The largest block (K-quants).
+const MAX_BLOCK: usize = 256;
+
+/// y[r] = Σ_k decode(W)[r, k] · x[k] for every row r; `row_bytes` bytes per row.
+pub(crate) fn matvec<F: Block>(w: &[u8], row_bytes: usize, x: &[f32], y: &mut [f32]) {
+    let task = |(t, ys): (usize, &mut [f32])| {
+        for (r, y) in ys.iter_mut().enumerate() {
+            let row = t * ROWS_PER_TASK + r;
+            *y = row_dot::<F>(&w[row * row_bytes..(row + 1) * row_bytes], x);
+        }
+    };
+    if w.len() < 1 << 14 {
+        y.chunks_mut(ROWS_PER_TASK).enumerate().for_each(task);
+    } else {
+        y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(task);
+    }
+}
+
+fn row_dot<F: Block>(row: &[u8], x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd::has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        return unsafe { row_dot_avx2::<F>(row, x) };
+    }
+    row_dot_lanes::<F, NoFma>(row, x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn row_dot_avx2<F: Block>(row: &[u8], x: &[f32]) -> f32 {
+    row_dot_lanes::<F, HwFma>(row, x)
+}
+
+/// Every block length is a multiple of 4 × LANES = 32.
+#[inline(always)]
+fn row_dot_lanes<F: Block, M: Fma>(row: &[u8], x: &[f32]) -> f32 {
+    let mut acc = [[0f32; LANES]; 4];
+    let mut buf = [0f32; MAX_BLOCK];
+    let buf = &mut buf[..F::LEN];
+    for (block, xs) in row.chunks_exact(F::BYTES).zip(x.chunks_exact(F::LEN)) {
+        F::decode(block, buf);
+        for (cw, cx) in buf.chunks_exact(4 * LANES).zip(xs.chunks_exact(4 * LANES)) {
+            for (k, acc) in acc.iter_mut().enumerate() {
+                for (l, acc) in acc.iter_mut().enumerate() {
+                    *acc = M::fma(cw[k * LANES + l], cx[k * LANES + l], *acc);
+                }
+            }
+        }
+    }
+    simd::reduce(&acc)
+}
