@@ -55,3 +55,64 @@ template <> __device__ __forceinline__ f16_t from_f32<f16_t>(float v) {
 #define GRID_STRIDE_LOOP(i, n)                                                  \
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n);    \
          i += (size_t)gridDim.x * blockDim.x)
+
+// +infinity (NVRTC has no math.h).
+#define POS_INF __int_as_float(0x7f800000)
+
+// Reductions. warp_*: every lane of a full warp gets the result. block_*: every thread of the
+// block gets the result (blockDim.x a multiple of 32, at most 1024); safe to call repeatedly.
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1)
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    return v;
+}
+
+__device__ __forceinline__ float block_reduce(float v, bool is_max) {
+    __shared__ float partial[32];
+    v = is_max ? warp_max(v) : warp_sum(v);
+    unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    __syncthreads();  // a previous call may still be reading `partial`
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    unsigned warps = (blockDim.x + 31u) >> 5;
+    float init = is_max ? -POS_INF : 0.0f;
+    v = lane < warps ? partial[lane] : init;
+    return is_max ? warp_max(v) : warp_sum(v);
+}
+
+__device__ __forceinline__ float block_sum(float v) { return block_reduce(v, false); }
+__device__ __forceinline__ float block_max(float v) { return block_reduce(v, true); }
+
+// 16-byte vector access: PACK<T> elements of T move as one uint4 load or store. Kernels take
+// the vector path when their pointers are 16-byte aligned and row lengths a multiple of the
+// pack (checked in the kernel, uniformly across the grid) and fall back to scalar loops.
+template <typename T> struct Pack {
+    static const unsigned N = 16 / sizeof(T);
+    union {
+        uint4 raw;
+        T v[16 / sizeof(T)];
+    };
+};
+
+__device__ __forceinline__ bool aligned16(const void* p) { return ((size_t)p & 15u) == 0; }
+
+template <typename T>
+__device__ __forceinline__ void load_pack(const T* p, float* out) {
+    Pack<T> k;
+    k.raw = *(const uint4*)p;
+#pragma unroll
+    for (unsigned i = 0; i < Pack<T>::N; ++i) out[i] = to_f32(k.v[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_pack(T* p, const float* in) {
+    Pack<T> k;
+#pragma unroll
+    for (unsigned i = 0; i < Pack<T>::N; ++i) k.v[i] = from_f32<T>(in[i]);
+    *(uint4*)p = k.raw;
+}

@@ -72,9 +72,11 @@ macro_rules! impl_element {
     ($ty:ty, $variant:ident, $to:expr, $from:expr) => {
         impl Element for $ty {
             const DTYPE: DType = DType::$variant;
+            #[inline(always)]
             fn to_f32(self) -> f32 {
                 $to(self)
             }
+            #[inline(always)]
             fn from_f32(v: f32) -> Self {
                 $from(v)
             }
@@ -108,4 +110,58 @@ macro_rules! impl_element {
 
 impl_element!(f32, F32, |v: f32| v, |v: f32| v);
 impl_element!(f16, F16, f16::to_f32, f16::from_f32);
-impl_element!(bf16, BF16, bf16::to_f32, bf16::from_f32);
+impl_element!(bf16, BF16, bf16_to_f32, bf16_from_f32);
+
+/// bf16 → f32: the bits shifted into place, as PyTorch and the kernels do — exact for every
+/// value and every NaN payload (`half` would also set a NaN's quiet bit). A plain shift, so
+/// loops over it vectorise.
+#[inline(always)]
+fn bf16_to_f32(v: bf16) -> f32 {
+    f32::from_bits((v.to_bits() as u32) << 16)
+}
+
+/// f32 → bf16, round to nearest-even, NaN kept NaN with the quiet bit set: the same bits as
+/// `half::bf16::from_f32` and the kernels' `from_f32<bf16_t>`, but branch-free so that loops
+/// over it vectorise.
+#[inline(always)]
+fn bf16_from_f32(v: f32) -> bf16 {
+    let x = v.to_bits();
+    let rounded = x.wrapping_add(0x7fff + ((x >> 16) & 1)) >> 16;
+    let quiet_nan = (x >> 16) | 0x40;
+    let is_nan = (x & 0x7fff_ffff) > 0x7f80_0000;
+    bf16::from_bits(if is_nan { quiet_nan } else { rounded } as u16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_conversions_equal_the_half_crate_bit_for_bit_except_nan_payloads() {
+        // Every 4099th bit pattern (all exponents, NaNs and infinities included) plus the
+        // rounding edge cases.
+        let edges = [
+            0x3f80_8000u32,
+            0x3f81_8000,
+            0x7f7f_ffff,
+            0xff7f_ffff,
+            0x7f80_0001,
+            0x0000_8000,
+        ];
+        for bits in (0..=u32::MAX).step_by(4099).chain(edges) {
+            let v = f32::from_bits(bits);
+            assert_eq!(
+                bf16_from_f32(v).to_bits(),
+                bf16::from_f32(v).to_bits(),
+                "from_f32({bits:#010x})"
+            );
+            let b = bf16::from_bits(bits as u16);
+            if b.is_nan() {
+                assert!(bf16_to_f32(b).is_nan());
+                assert_eq!(bf16_to_f32(b).to_bits(), (bits as u16 as u32) << 16);
+            } else {
+                assert_eq!(bf16_to_f32(b).to_bits(), b.to_f32().to_bits());
+            }
+        }
+    }
+}

@@ -2,6 +2,16 @@
 
 use std::fmt;
 
+/// f32 values widened to f64, for feeding f64 reference implementations.
+pub fn to_f64(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&v| f64::from(v)).collect()
+}
+
+/// f64 values rounded to f32, for comparing f64 results with [`assert_close`].
+pub fn to_f32(v: &[f64]) -> Vec<f32> {
+    v.iter().map(|&v| v as f32).collect()
+}
+
 /// ‖actual − expected‖₂ / ‖expected‖₂ in f64 (the absolute norm when `expected` is all zeros).
 /// NaN anywhere gives NaN, which fails every tolerance.
 pub fn rel_error(actual: &[f32], expected: &[f32]) -> f64 {

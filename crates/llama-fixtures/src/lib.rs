@@ -17,7 +17,7 @@ pub mod params;
 mod rng;
 mod skip;
 
-pub use compare::{assert_close, check_close, rel_error, Mismatch};
+pub use compare::{assert_close, check_close, rel_error, to_f32, to_f64, Mismatch};
 pub use fixture::{fixtures_dir, Fixture, FIXTURES_ENV};
 pub use params::{param, Suite};
 pub use rng::TestRng;

@@ -8,6 +8,7 @@ use llama_core::Element;
 use rayon::prelude::*;
 
 use crate::error::{check_len, Result};
+use crate::simd::{self, simd_fn};
 
 /// Elements per parallel task.
 const TASK: usize = 1 << 14;
@@ -38,10 +39,10 @@ const INV_SQRT_2PI: f32 = 0.398_942_3;
 
 impl GatedAct {
     /// f(x).
-    #[inline]
+    #[inline(always)]
     pub fn value(self, x: f32) -> f32 {
         match self {
-            GatedAct::Silu => x / (1.0 + (-x).exp()),
+            GatedAct::Silu => x / (1.0 + simd::exp(-x)),
             GatedAct::Gelu(Gelu::Exact) => 0.5 * x * (1.0 + libm::erff(x * INV_SQRT_2)),
             GatedAct::Gelu(Gelu::Tanh) => {
                 let inner = SQRT_2_OVER_PI * (x + TANH_COEF * x * x * x);
@@ -51,12 +52,12 @@ impl GatedAct {
     }
 
     /// f(x) and f'(x).
-    #[inline]
+    #[inline(always)]
     pub fn value_and_slope(self, x: f32) -> (f32, f32) {
         match self {
             // silu' = σ(x) · (1 + x (1 − σ(x)))
             GatedAct::Silu => {
-                let s = 1.0 / (1.0 + (-x).exp());
+                let s = 1.0 / (1.0 + simd::exp(-x));
                 (x * s, s * (1.0 + x * (1.0 - s)))
             }
             // gelu' = Φ(x) + x φ(x)
@@ -79,27 +80,69 @@ impl GatedAct {
 }
 
 /// h = T(T(f(gate)) · up), element-wise.
-#[inline]
+#[inline(always)]
 fn gated<T: Element>(act: GatedAct, g: T, u: T) -> T {
     T::from_f32(T::from_f32(act.value(g.to_f32())).to_f32() * u.to_f32())
+}
+
+/// (dgate, dup) = (dh · up · f'(gate), dh · f(gate)).
+#[inline(always)]
+fn gated_grads<T: Element>(act: GatedAct, g: T, u: T, d: T) -> (T, T) {
+    let (f, slope) = act.value_and_slope(g.to_f32());
+    let d = d.to_f32();
+    (T::from_f32(d * u.to_f32() * slope), T::from_f32(d * f))
+}
+
+// One task's chunk of each op. The `match` sits outside the loops so that each loop has one
+// activation and vectorises (SiLU fully; GELU calls erf/tanh per element).
+simd_fn! {
+    fn forward_chunk<T>(act: GatedAct, gate: &[T], up: &[T], h: &mut [T]) {
+        let n = h.len();
+        let (gate, up) = (&gate[..n], &up[..n]);
+        match act {
+            GatedAct::Silu => (0..n).for_each(|i| h[i] = gated(GatedAct::Silu, gate[i], up[i])),
+            GatedAct::Gelu(g) => (0..n).for_each(|i| h[i] = gated(GatedAct::Gelu(g), gate[i], up[i])),
+        }
+    }
+}
+
+simd_fn! {
+    fn in_place_chunk<T>(act: GatedAct, gate: &mut [T], up: &[T]) {
+        let n = gate.len();
+        let up = &up[..n];
+        match act {
+            GatedAct::Silu => (0..n).for_each(|i| gate[i] = gated(GatedAct::Silu, gate[i], up[i])),
+            GatedAct::Gelu(g) => (0..n).for_each(|i| gate[i] = gated(GatedAct::Gelu(g), gate[i], up[i])),
+        }
+    }
+}
+
+simd_fn! {
+    fn backward_chunk<T>(act: GatedAct, gate: &[T], up: &[T], dh: &[T], dgate: &mut [T], dup: &mut [T]) {
+        let n = dgate.len();
+        let (gate, up, dh, dup) = (&gate[..n], &up[..n], &dh[..n], &mut dup[..n]);
+        let mut run = |act: GatedAct| {
+            for i in 0..n {
+                (dgate[i], dup[i]) = gated_grads(act, gate[i], up[i], dh[i]);
+            }
+        };
+        match act {
+            GatedAct::Silu => run(GatedAct::Silu),
+            GatedAct::Gelu(g) => run(GatedAct::Gelu(g)),
+        }
+    }
 }
 
 /// Gated forward: h = f(gate) ⊙ up.
 pub fn gated_forward<T: Element>(act: GatedAct, gate: &[T], up: &[T], h: &mut [T]) -> Result<()> {
     check_len("gated_forward", "up", up.len(), gate.len())?;
     check_len("gated_forward", "h", h.len(), gate.len())?;
-    let run = |((h, g), u): ((&mut [T], &[T]), &[T])| {
-        for ((h, &g), &u) in h.iter_mut().zip(g).zip(u) {
-            *h = gated(act, g, u);
-        }
-    };
     if h.len() <= TASK {
-        run(((h, gate), up));
+        forward_chunk(act, gate, up, h);
     } else {
         h.par_chunks_mut(TASK)
-            .zip(gate.par_chunks(TASK))
-            .zip(up.par_chunks(TASK))
-            .for_each(run);
+            .zip(gate.par_chunks(TASK).zip(up.par_chunks(TASK)))
+            .for_each(|(h, (g, u))| forward_chunk(act, g, u, h));
     }
     Ok(())
 }
@@ -108,17 +151,12 @@ pub fn gated_forward<T: Element>(act: GatedAct, gate: &[T], up: &[T], h: &mut [T
 /// so the MLP needs no third intermediate-size buffer.
 pub fn gated_forward_in_place<T: Element>(act: GatedAct, gate: &mut [T], up: &[T]) -> Result<()> {
     check_len("gated_forward_in_place", "up", up.len(), gate.len())?;
-    let run = |(g, u): (&mut [T], &[T])| {
-        for (g, &u) in g.iter_mut().zip(u) {
-            *g = gated(act, *g, u);
-        }
-    };
     if gate.len() <= TASK {
-        run((gate, up));
+        in_place_chunk(act, gate, up);
     } else {
         gate.par_chunks_mut(TASK)
             .zip(up.par_chunks(TASK))
-            .for_each(run);
+            .for_each(|(g, u)| in_place_chunk(act, g, u));
     }
     Ok(())
 }
@@ -141,22 +179,17 @@ pub fn gated_backward<T: Element>(
     ] {
         check_len(op, what, len, gate.len())?;
     }
-    let run = |(dg, du): (&mut [T], &mut [T]), at: usize| {
-        for i in 0..dg.len() {
-            let (f, slope) = act.value_and_slope(gate[at + i].to_f32());
-            let d = dh[at + i].to_f32();
-            dg[i] = T::from_f32(d * up[at + i].to_f32() * slope);
-            du[i] = T::from_f32(d * f);
-        }
-    };
     if gate.len() <= TASK {
-        run((dgate, dup), 0);
+        backward_chunk(act, gate, up, dh, dgate, dup);
     } else {
         dgate
             .par_chunks_mut(TASK)
             .zip(dup.par_chunks_mut(TASK))
-            .enumerate()
-            .for_each(|(t, pair)| run(pair, t * TASK));
+            .zip(
+                gate.par_chunks(TASK)
+                    .zip(up.par_chunks(TASK).zip(dh.par_chunks(TASK))),
+            )
+            .for_each(|((dg, du), (g, (u, d)))| backward_chunk(act, g, u, d, dg, du));
     }
     Ok(())
 }

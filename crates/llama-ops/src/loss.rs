@@ -14,6 +14,7 @@ use rayon::prelude::*;
 
 use crate::error::{OpsError, Result};
 use crate::rows::for_each_row;
+use crate::simd::{self, simd_fn, LANES};
 
 /// Settings of the cross entropy.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -169,24 +170,65 @@ pub fn cross_entropy<T: Element>(
     })
 }
 
-/// logsumexp of one row's transformed logits, merged over vocabulary chunks.
+/// logsumexp of one row's transformed logits, merged over vocabulary chunks:
+/// each chunk's (max, Σ exp(z − max)), combined as logaddexp.
 fn row_logsumexp<T: Element>(x: &[T], opts: &CrossEntropyOptions) -> f32 {
     let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
     for chunk in x.chunks(opts.chunk) {
-        let chunk_max = chunk
-            .iter()
-            .map(|v| opts.transform(v.to_f32()))
-            .fold(f32::NEG_INFINITY, f32::max);
-        let chunk_sum: f32 = chunk
-            .iter()
-            .map(|v| (opts.transform(v.to_f32()) - chunk_max).exp())
-            .sum();
-        // logaddexp of (max, log sum) and (chunk_max, log chunk_sum)
+        let (chunk_max, chunk_sum) = match opts.softcap {
+            None => scaled_chunk_stats(chunk, opts.logit_scale.unwrap_or(1.0)),
+            Some(_) => chunk_stats(chunk.iter().map(|v| opts.transform(v.to_f32()))),
+        };
         let merged = max.max(chunk_max);
-        sum = sum * (max - merged).exp() + chunk_sum * (chunk_max - merged).exp();
+        sum = sum * simd::exp(max - merged) + chunk_sum * simd::exp(chunk_max - merged);
         max = merged;
     }
     max + sum.ln()
+}
+
+simd_fn! {
+    /// (max, Σ exp(z − max)) of z = scale · x over a chunk, in LANES running lanes.
+    fn scaled_chunk_stats<T>(chunk: &[T], scale: f32) -> (f32, f32) {
+        let body = chunk.chunks_exact(LANES);
+        let tail = body.remainder();
+        let mut lane_max = [f32::NEG_INFINITY; LANES];
+        for lanes in body.clone() {
+            for l in 0..LANES {
+                let z = scale * lanes[l].to_f32();
+                lane_max[l] = if z > lane_max[l] { z } else { lane_max[l] };
+            }
+        }
+        let max = tail
+            .iter()
+            .map(|v| scale * v.to_f32())
+            .chain(lane_max)
+            .fold(f32::NEG_INFINITY, f32::max);
+        let mut lane_sum = [0f32; LANES];
+        for lanes in body {
+            for l in 0..LANES {
+                lane_sum[l] += simd::exp(scale * lanes[l].to_f32() - max);
+            }
+        }
+        let tail_sum: f32 = tail.iter().map(|v| simd::exp(scale * v.to_f32() - max)).sum();
+        (max, lane_sum.iter().sum::<f32>() + tail_sum)
+    }
+}
+
+/// (max, Σ exp(z − max)) of any transformed chunk (the softcapped path).
+fn chunk_stats(z: impl Iterator<Item = f32> + Clone) -> (f32, f32) {
+    let max = z.clone().fold(f32::NEG_INFINITY, f32::max);
+    (max, z.map(|z| simd::exp(z - max)).sum())
+}
+
+simd_fn! {
+    /// dx_j = coef · s · (softmax_j − [j = label]) for a row without softcap, in place.
+    fn scaled_row_grad<T>(x: &mut [T], label: usize, lse: f32, scale: f32, coef: f32) {
+        let label_x = x[label].to_f32();
+        for v in x.iter_mut() {
+            *v = T::from_f32(coef * simd::exp(scale * v.to_f32() - lse) * scale);
+        }
+        x[label] = T::from_f32(coef * (simd::exp(scale * label_x - lse) - 1.0) * scale);
+    }
 }
 
 /// The gradient d(dloss · loss)/d(logits), written over `logits` [N, V] (in place, as the
@@ -225,10 +267,18 @@ pub fn cross_entropy_backward<T: Element>(
             return;
         }
         let lse = forward.logsumexp[row];
-        for (j, v) in x.iter_mut().enumerate() {
-            let (z, slope) = opts.transform_and_slope(v.to_f32());
-            let target = if j as i64 == label { 1.0 } else { 0.0 };
-            *v = T::from_f32(coef * ((z - lse).exp() - target) * slope);
+        match opts.softcap {
+            None => {
+                let scale = opts.logit_scale.unwrap_or(1.0);
+                scaled_row_grad(x, label as usize, lse, scale, coef);
+            }
+            Some(_) => {
+                for (j, v) in x.iter_mut().enumerate() {
+                    let (z, slope) = opts.transform_and_slope(v.to_f32());
+                    let target = if j as i64 == label { 1.0 } else { 0.0 };
+                    *v = T::from_f32(coef * (simd::exp(z - lse) - target) * slope);
+                }
+            }
         }
     });
     Ok(())

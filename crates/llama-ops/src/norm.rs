@@ -6,18 +6,57 @@ use llama_core::Element;
 
 use crate::error::{check_len, rows_of, Result};
 use crate::rows::{for_each_row, for_each_row_sum};
-use crate::simd::dot;
+use crate::simd::{dot_lanes, simd_fn, NoFma, LANES};
 
 /// Widens a row into the f32 scratch row.
-#[inline]
+#[inline(always)]
 fn widen<T: Element>(row: &[T], out: &mut [f32]) {
     out.iter_mut().zip(row).for_each(|(o, v)| *o = v.to_f32());
 }
 
 /// r = 1 / sqrt(mean(x²) + eps).
-#[inline]
+#[inline(always)]
 fn rms_scale(x: &[f32], eps: f32) -> f32 {
-    1.0 / (dot(x, x) / x.len() as f32 + eps).sqrt()
+    1.0 / (dot_lanes::<NoFma>(x, x) / x.len() as f32 + eps).sqrt()
+}
+
+// The per-row bodies, compiled for AVX2 where the CPU has it (see `simd_fn!`).
+simd_fn! {
+    /// One RMSNorm row: Llama's order (`gemma` false) or Gemma's.
+    fn rms_row<T>(x: &[T], weight: &[T], eps: f32, gemma: bool, y: &mut [T], xf: &mut [f32]) {
+        widen(x, xf);
+        let scale = rms_scale(xf, eps);
+        let (xf, weight) = (&xf[..y.len()], &weight[..y.len()]);
+        if gemma {
+            for i in 0..y.len() {
+                y[i] = T::from_f32(xf[i] * scale * (1.0 + weight[i].to_f32()));
+            }
+        } else {
+            for i in 0..y.len() {
+                y[i] = T::from_f32(weight[i].to_f32() * T::from_f32(xf[i] * scale).to_f32());
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// One RMSNorm backward row: dx, and dy ⊙ x̂ added into dw.
+    fn rms_backward_row<T>(x: &[T], weight: &[T], dy: &[T], eps: f32, dx: &mut [T], dw: &mut [f32], xf: &mut [f32]) {
+        let dim = dx.len();
+        widen(x, xf);
+        let scale = rms_scale(xf, eps);
+        let (xf, weight, dy, dw) = (&xf[..dim], &weight[..dim], &dy[..dim], &mut dw[..dim]);
+        let mut g_dot_x = [0f32; LANES];
+        for i in 0..dim {
+            g_dot_x[i % LANES] += weight[i].to_f32() * dy[i].to_f32() * xf[i];
+        }
+        let coef = scale * scale * scale * g_dot_x.iter().sum::<f32>() / dim as f32;
+        for i in 0..dim {
+            let dyi = dy[i].to_f32();
+            dx[i] = T::from_f32(scale * weight[i].to_f32() * dyi - xf[i] * coef);
+            dw[i] += dyi * xf[i] * scale;
+        }
+    }
 }
 
 /// Checks x [N, C], weight [C] and an output like x; returns N.
@@ -35,11 +74,7 @@ pub fn rms_norm<T: Element>(x: &[T], weight: &[T], eps: f32, y: &mut [T]) -> Res
     check_rows("rms_norm", x.len(), weight.len(), y.len())?;
     let dim = weight.len();
     for_each_row(y, dim, |r, y_row, xf| {
-        widen(&x[r * dim..(r + 1) * dim], xf);
-        let scale = rms_scale(xf, eps);
-        for ((y, &v), w) in y_row.iter_mut().zip(xf.iter()).zip(weight) {
-            *y = T::from_f32(w.to_f32() * T::from_f32(v * scale).to_f32());
-        }
+        rms_row(&x[r * dim..(r + 1) * dim], weight, eps, false, y_row, xf)
     });
     Ok(())
 }
@@ -50,11 +85,7 @@ pub fn gemma_rms_norm<T: Element>(x: &[T], weight: &[T], eps: f32, y: &mut [T]) 
     check_rows("gemma_rms_norm", x.len(), weight.len(), y.len())?;
     let dim = weight.len();
     for_each_row(y, dim, |r, y_row, xf| {
-        widen(&x[r * dim..(r + 1) * dim], xf);
-        let scale = rms_scale(xf, eps);
-        for ((y, &v), w) in y_row.iter_mut().zip(xf.iter()).zip(weight) {
-            *y = T::from_f32(v * scale * (1.0 + w.to_f32()));
-        }
+        rms_row(&x[r * dim..(r + 1) * dim], weight, eps, true, y_row, xf)
     });
     Ok(())
 }
@@ -78,18 +109,7 @@ pub fn rms_norm_backward<T: Element>(
     let dim = weight.len();
     let sums = for_each_row_sum(dx, dim, dim, |r, dx_row, xf, dw_acc| {
         let at = r * dim..(r + 1) * dim;
-        widen(&x[at.clone()], xf);
-        let scale = rms_scale(xf, eps);
-        let dy = &dy[at];
-        let g_dot_x: f32 = (0..dim)
-            .map(|i| weight[i].to_f32() * dy[i].to_f32() * xf[i])
-            .sum();
-        let coef = scale * scale * scale * g_dot_x / dim as f32;
-        for i in 0..dim {
-            let dyi = dy[i].to_f32();
-            dx_row[i] = T::from_f32(scale * weight[i].to_f32() * dyi - xf[i] * coef);
-            dw_acc[i] += dyi * xf[i] * scale;
-        }
+        rms_backward_row(&x[at.clone()], weight, &dy[at], eps, dx_row, dw_acc, xf)
     });
     dw.copy_from_slice(&sums);
     Ok(())

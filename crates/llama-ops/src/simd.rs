@@ -32,18 +32,45 @@ impl Fma for NoFma {
     }
 }
 
-/// True when the AVX2 + FMA instantiations may run on this CPU.
+/// True when the AVX2 + FMA instantiations (and the F16C conversions that every AVX2 CPU
+/// has) may run on this CPU.
 #[inline]
 pub(crate) fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         false
     }
 }
+
+/// Defines `fn name<T: Element>(args)` whose body is compiled twice — inside a
+/// `#[target_feature(enable = "avx2,fma,f16c")]` function, chosen at run time when the CPU has
+/// those, and as a portable fallback — so that plain element loops (conversions, `exp`) become
+/// 256-bit vector code without being written in intrinsics. The body must call only
+/// `#[inline(always)]` helpers (or code the compiler inlines) to get the wider instructions.
+macro_rules! simd_fn {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident<$T:ident>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        $vis fn $name<$T: llama_core::Element>($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma,f16c")]
+            fn avx2<$T: llama_core::Element>($($arg: $ty),*) $(-> $ret)? $body
+            fn portable<$T: llama_core::Element>($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            if $crate::simd::has_avx2_fma() {
+                // SAFETY: the CPU supports AVX2, FMA and F16C (checked just above).
+                return unsafe { avx2($($arg),*) };
+            }
+            portable($($arg),*)
+        }
+    };
+}
+pub(crate) use simd_fn;
 
 /// Σ a[i] · b[i] over the common length, in f32 with 4 × LANES partial sums.
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -98,9 +125,50 @@ pub(crate) fn reduce(acc: &[[f32; LANES]; 4]) -> f32 {
     (quad[0] + quad[2]) + (quad[1] + quad[3])
 }
 
+/// e^x in f32 by Cephes' `expf` (range reduction by ln 2 in two parts, a degree-6 polynomial,
+/// the exponent set through the bits): within 2 ulp of the exact value over the normal range,
+/// branch-free, so loops over it vectorise (libm's `expf` is a call per element). Inputs are
+/// clamped to [−87.3, 88.3]: the result saturates at the largest finite value and the smallest
+/// normal one instead of going to inf or 0, which no caller here can tell apart.
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding and subtracting 1.5 · 2²³ rounds to the nearest integer without a call to
+    // `round` (which x86-64's baseline lacks).
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.3, 88.3);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.987_569_1e-4;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exp_is_within_two_ulp() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -87.0 + 175.0 * i as f32 / 200_000.0;
+            let exact = (x as f64).exp();
+            let ulp = f32::EPSILON as f64 * exact;
+            worst = worst.max((exp(x) as f64 - exact).abs() / ulp);
+        }
+        assert!(worst <= 2.0, "worst error {worst} ulp");
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(-1000.0) >= 0.0 && exp(-1000.0) < 1e-37);
+        assert!(exp(1000.0).is_finite());
+    }
 
     #[test]
     fn dot_matches_f64_sum_at_every_tail_length() {

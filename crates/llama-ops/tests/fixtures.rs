@@ -3,7 +3,7 @@
 //! ops, 1e-2 for bf16). Sizes and settings come from the files.
 
 use llama_core::bf16;
-use llama_fixtures::{assert_close, Fixture};
+use llama_fixtures::{assert_close, to_f32, to_f64, Fixture};
 use llama_ops::{reference, CrossEntropyOptions, GatedAct, Gelu};
 
 const F32_TOL: f64 = 1e-5;
@@ -19,14 +19,6 @@ fn setting(f: &Fixture, key: &str) -> f64 {
         .unwrap_or_else(|| panic!("ops.json lacks {key}"))
 }
 
-fn f64s(v: &[f32]) -> Vec<f64> {
-    v.iter().map(|&v| v as f64).collect()
-}
-
-fn f32s(v: &[f64]) -> Vec<f32> {
-    v.iter().map(|&v| v as f32).collect()
-}
-
 #[test]
 fn rms_norm_forward_and_backward() {
     let f = ops();
@@ -39,18 +31,24 @@ fn rms_norm_forward_and_backward() {
     let mut y = vec![0f32; x.len()];
     llama_ops::rms_norm(&x, &w, eps as f32, &mut y).unwrap();
     assert_close("rms_y (fast)", &y, &y_ref, &shape, F32_TOL);
-    let y64 = reference::rms_norm(&f64s(&x), &f64s(&w), eps);
-    assert_close("rms_y (reference)", &f32s(&y64), &y_ref, &shape, F32_TOL);
+    let y64 = reference::rms_norm(&to_f64(&x), &to_f64(&w), eps);
+    assert_close("rms_y (reference)", &to_f32(&y64), &y_ref, &shape, F32_TOL);
 
     let (mut dx, mut dw) = (vec![0f32; x.len()], vec![0f32; w.len()]);
     llama_ops::rms_norm_backward(&x, &w, &dy, eps as f32, &mut dx, &mut dw).unwrap();
     assert_close("rms_dx (fast)", &dx, &dx_ref, &shape, F32_TOL);
     assert_close("rms_dw (fast)", &dw, &dw_ref, &[w.len()], F32_TOL);
-    let (dx64, dw64) = reference::rms_norm_backward(&f64s(&x), &f64s(&w), &f64s(&dy), eps);
-    assert_close("rms_dx (reference)", &f32s(&dx64), &dx_ref, &shape, F32_TOL);
+    let (dx64, dw64) = reference::rms_norm_backward(&to_f64(&x), &to_f64(&w), &to_f64(&dy), eps);
+    assert_close(
+        "rms_dx (reference)",
+        &to_f32(&dx64),
+        &dx_ref,
+        &shape,
+        F32_TOL,
+    );
     assert_close(
         "rms_dw (reference)",
-        &f32s(&dw64),
+        &to_f32(&dw64),
         &dw_ref,
         &[w.len()],
         F32_TOL,
@@ -67,8 +65,14 @@ fn gemma_rms_norm_forward() {
     let mut y = vec![0f32; x.len()];
     llama_ops::gemma_rms_norm(&x, &w, eps as f32, &mut y).unwrap();
     assert_close("gemma_y (fast)", &y, &y_ref, &shape, F32_TOL);
-    let y64 = reference::gemma_rms_norm(&f64s(&x), &f64s(&w), eps);
-    assert_close("gemma_y (reference)", &f32s(&y64), &y_ref, &shape, F32_TOL);
+    let y64 = reference::gemma_rms_norm(&to_f64(&x), &to_f64(&w), eps);
+    assert_close(
+        "gemma_y (reference)",
+        &to_f32(&y64),
+        &y_ref,
+        &shape,
+        F32_TOL,
+    );
 }
 
 #[test]
@@ -102,8 +106,8 @@ fn layer_norm_forward() {
     let mut y = vec![0f32; x.len()];
     llama_ops::layer_norm(&x, &w, &b, eps as f32, &mut y).unwrap();
     assert_close("ln_y (fast)", &y, &y_ref, &shape, F32_TOL);
-    let y64 = reference::layer_norm(&f64s(&x), &f64s(&w), &f64s(&b), eps);
-    assert_close("ln_y (reference)", &f32s(&y64), &y_ref, &shape, F32_TOL);
+    let y64 = reference::layer_norm(&to_f64(&x), &to_f64(&w), &to_f64(&b), eps);
+    assert_close("ln_y (reference)", &to_f32(&y64), &y_ref, &shape, F32_TOL);
 }
 
 #[test]
@@ -123,24 +127,24 @@ fn swiglu_forward_in_place_and_backward() {
         in_place, h,
         "the in-place forward differs from the out-of-place one"
     );
-    let h64 = reference::gated_forward(act, &f64s(&gate), &f64s(&up));
-    assert_close("sw_h (reference)", &f32s(&h64), &h_ref, &shape, F32_TOL);
+    let h64 = reference::gated_forward(act, &to_f64(&gate), &to_f64(&up));
+    assert_close("sw_h (reference)", &to_f32(&h64), &h_ref, &shape, F32_TOL);
 
     let (mut dgate, mut dup) = (vec![0f32; gate.len()], vec![0f32; gate.len()]);
     llama_ops::gated_backward(act, &gate, &up, &dh, &mut dgate, &mut dup).unwrap();
     assert_close("sw_dgate (fast)", &dgate, &dgate_ref, &shape, F32_TOL);
     assert_close("sw_dup (fast)", &dup, &dup_ref, &shape, F32_TOL);
-    let (dg64, du64) = reference::gated_backward(act, &f64s(&gate), &f64s(&up), &f64s(&dh));
+    let (dg64, du64) = reference::gated_backward(act, &to_f64(&gate), &to_f64(&up), &to_f64(&dh));
     assert_close(
         "sw_dgate (reference)",
-        &f32s(&dg64),
+        &to_f32(&dg64),
         &dgate_ref,
         &shape,
         F32_TOL,
     );
     assert_close(
         "sw_dup (reference)",
-        &f32s(&du64),
+        &to_f32(&du64),
         &dup_ref,
         &shape,
         F32_TOL,
@@ -157,10 +161,10 @@ fn geglu_exact_and_tanh() {
         let mut h = vec![0f32; gate.len()];
         llama_ops::gated_forward(GatedAct::Gelu(gelu), &gate, &up, &mut h).unwrap();
         assert_close(&format!("{name} (fast)"), &h, &h_ref, &shape, F32_TOL);
-        let h64 = reference::gated_forward(GatedAct::Gelu(gelu), &f64s(&gate), &f64s(&up));
+        let h64 = reference::gated_forward(GatedAct::Gelu(gelu), &to_f64(&gate), &to_f64(&up));
         assert_close(
             &format!("{name} (reference)"),
-            &f32s(&h64),
+            &to_f32(&h64),
             &h_ref,
             &shape,
             F32_TOL,
@@ -201,9 +205,9 @@ fn cross_entropy_plain_and_softcapped() {
             llama_ops::cross_entropy_backward(&mut grad, &labels, &forward, 1.0, &opts).unwrap();
             assert_close(grad_name, &grad, &grad_ref, &shape, F32_TOL);
         }
-        let loss64 = reference::cross_entropy(&f64s(&logits), &labels, &opts);
+        let loss64 = reference::cross_entropy(&to_f64(&logits), &labels, &opts);
         assert_close(loss_name, &[loss64 as f32], &loss_ref, &[1], F32_TOL);
-        let grad64 = reference::cross_entropy_backward(&f64s(&logits), &labels, &opts);
-        assert_close(grad_name, &f32s(&grad64), &grad_ref, &shape, F32_TOL);
+        let grad64 = reference::cross_entropy_backward(&to_f64(&logits), &labels, &opts);
+        assert_close(grad_name, &to_f32(&grad64), &grad_ref, &shape, F32_TOL);
     }
 }

@@ -5,16 +5,8 @@
 //! intermediate_size=14336 --set vocab_size=128256` for Llama-3-8B's widths.
 
 use llama_core::DType;
-use llama_fixtures::{assert_close, param, Suite, TestRng};
+use llama_fixtures::{assert_close, param, to_f32, to_f64, Suite, TestRng};
 use llama_ops::{reference, CrossEntropyOptions, GatedAct, QuantMatrix};
-
-fn f64s(v: &[f32]) -> Vec<f64> {
-    v.iter().map(|&v| v as f64).collect()
-}
-
-fn f32s(v: &[f64]) -> Vec<f32> {
-    v.iter().map(|&v| v as f32).collect()
-}
 
 #[test]
 fn mlp_block_and_loss_at_the_tuned_sizes() {
@@ -31,22 +23,22 @@ fn mlp_block_and_loss_at_the_tuned_sizes() {
     // norm → gate, up projections → SwiGLU, each against the reference.
     let mut normed = vec![0f32; x.len()];
     llama_ops::rms_norm(&x, &norm_w, 1e-5, &mut normed).unwrap();
-    let normed_ref = reference::rms_norm(&f64s(&x), &f64s(&norm_w), 1e-5);
+    let normed_ref = reference::rms_norm(&to_f64(&x), &to_f64(&norm_w), 1e-5);
     assert_close(
         "rms_norm",
         &normed,
-        &f32s(&normed_ref),
+        &to_f32(&normed_ref),
         &[rows, hidden],
         1e-5,
     );
     let (mut gate, mut up) = (vec![0f32; rows * inter], vec![0f32; rows * inter]);
     llama_ops::linear(&normed, &gate_w, hidden, &mut gate).unwrap();
     llama_ops::linear(&normed, &up_w, hidden, &mut up).unwrap();
-    let gate_ref = reference::linear(&f64s(&normed), &f64s(&gate_w), hidden);
-    assert_close("gate_proj", &gate, &f32s(&gate_ref), &[rows, inter], 1e-5);
+    let gate_ref = reference::linear(&to_f64(&normed), &to_f64(&gate_w), hidden);
+    assert_close("gate_proj", &gate, &to_f32(&gate_ref), &[rows, inter], 1e-5);
     llama_ops::gated_forward_in_place(GatedAct::Silu, &mut gate, &up).unwrap();
-    let h_ref = reference::gated_forward(GatedAct::Silu, &gate_ref, &f64s(&up));
-    assert_close("swiglu", &gate, &f32s(&h_ref), &[rows, inter], 1e-5);
+    let h_ref = reference::gated_forward(GatedAct::Silu, &gate_ref, &to_f64(&up));
+    assert_close("swiglu", &gate, &to_f32(&h_ref), &[rows, inter], 1e-5);
 
     // The same projection from quantised weights: fused product == dequantise + reference.
     for dtype in [DType::Q4_0, DType::Q8_0, DType::Nf4] {
@@ -57,8 +49,8 @@ fn mlp_block_and_loss_at_the_tuned_sizes() {
         let w = QuantMatrix::new(dtype, inter, hidden, &bytes).unwrap();
         let mut y = vec![0f32; rows * inter];
         w.matmul(&normed, &mut y).unwrap();
-        let dense = f64s(&w.dequantize());
-        let expected = f32s(&reference::linear(&f64s(&normed), &dense, hidden));
+        let dense = to_f64(&w.dequantize());
+        let expected = to_f32(&reference::linear(&to_f64(&normed), &dense, hidden));
         assert_close(
             &format!("{dtype} gate_proj"),
             &y,
@@ -85,10 +77,10 @@ fn mlp_block_and_loss_at_the_tuned_sizes() {
         ..Default::default()
     };
     let forward = llama_ops::cross_entropy(&logits, &labels, &opts).unwrap();
-    let loss_ref = reference::cross_entropy(&f64s(&logits), &labels, &opts);
+    let loss_ref = reference::cross_entropy(&to_f64(&logits), &labels, &opts);
     assert_close("loss", &[forward.loss], &[loss_ref as f32], &[1], 1e-5);
     let mut grad = logits.clone();
     llama_ops::cross_entropy_backward(&mut grad, &labels, &forward, 1.0, &opts).unwrap();
-    let grad_ref = reference::cross_entropy_backward(&f64s(&logits), &labels, &opts);
-    assert_close("dlogits", &grad, &f32s(&grad_ref), &[rows, vocab], 1e-5);
+    let grad_ref = reference::cross_entropy_backward(&to_f64(&logits), &labels, &opts);
+    assert_close("dlogits", &grad, &to_f32(&grad_ref), &[rows, vocab], 1e-5);
 }

@@ -4,20 +4,16 @@
 //! products against dequantise-then-multiply in f64.
 
 use llama_core::DType;
-use llama_fixtures::{assert_close, TestRng};
+use llama_fixtures::{assert_close, to_f64, TestRng};
 use llama_ops::quant::{nf4, Nf4DoubleQuant, NF4_TABLE};
 use llama_ops::{quantize, reference, QuantMatrix};
+use proptest::prelude::*;
 use serde_json::Value;
 
-const ALL_QUANT: [DType; 7] = [
-    DType::Q4_0,
-    DType::Q4_1,
-    DType::Q8_0,
-    DType::Q4K,
-    DType::Q5K,
-    DType::Q6K,
-    DType::Nf4,
-];
+/// Every block-quantised dtype.
+fn quantised() -> Vec<DType> {
+    DType::ALL.into_iter().filter(|d| !d.is_float()).collect()
+}
 
 fn vectors() -> Value {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/ggml_vectors.json");
@@ -25,7 +21,7 @@ fn vectors() -> Value {
 }
 
 fn dtype_named(name: &str) -> DType {
-    ALL_QUANT
+    quantised()
         .into_iter()
         .find(|d| d.name() == name)
         .unwrap_or_else(|| panic!("unknown type {name}"))
@@ -160,21 +156,17 @@ fn random_blocks(dtype: DType, n_blocks: usize, rng: &mut TestRng) -> Vec<u8> {
     bytes
 }
 
-fn f64s(v: &[f32]) -> Vec<f64> {
-    v.iter().map(|&v| v as f64).collect()
-}
-
 #[test]
 fn fused_products_equal_dequantise_then_multiply() {
     let mut rng = TestRng::new(7);
-    for dtype in ALL_QUANT {
+    for dtype in quantised() {
         for (rows, blocks_per_row, m) in [(1, 1, 1), (37, 3, 1), (130, 2, 5), (9, 5, 3)] {
             let cols = blocks_per_row * dtype.block_len();
             let bytes = random_blocks(dtype, rows * blocks_per_row, &mut rng);
             let w = QuantMatrix::new(dtype, rows, cols, &bytes).unwrap();
-            let dense = f64s(&reference::dequantize(dtype, &bytes));
+            let dense = to_f64(&reference::dequantize(dtype, &bytes));
             let x = rng.vec(m * cols, 1.0);
-            let expected: Vec<f32> = reference::linear(&f64s(&x), &dense, cols)
+            let expected: Vec<f32> = reference::linear(&to_f64(&x), &dense, cols)
                 .iter()
                 .map(|&v| v as f32)
                 .collect();
@@ -299,4 +291,29 @@ fn malformed_quantised_inputs_are_errors() {
     let w = QuantMatrix::new(DType::Q4_0, 2, 64, &bytes).unwrap();
     assert!(w.matvec(&[0.0; 63], &mut [0.0; 2]).is_err());
     assert!(w.matmul(&[0.0; 128], &mut [0.0; 3]).is_err());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// The fused products (SIMD on this CPU where it has them) against dequantise-then-multiply
+    /// in f64, for every format at random awkward sizes.
+    #[test]
+    fn fused_products_at_random_sizes(
+        format in 0usize..7, rows in 1usize..70, blocks in 1usize..6, m in 1usize..4, seed: u64,
+    ) {
+        let dtype = quantised()[format];
+        let mut rng = TestRng::new(seed);
+        let cols = blocks * dtype.block_len();
+        let bytes = random_blocks(dtype, rows * blocks, &mut rng);
+        let w = QuantMatrix::new(dtype, rows, cols, &bytes).unwrap();
+        let dense = to_f64(&reference::dequantize(dtype, &bytes));
+        let x = rng.vec(m * cols, 1.0);
+        let expected: Vec<f32> =
+            reference::linear(&to_f64(&x), &dense, cols).iter().map(|&v| v as f32).collect();
+        let mut y = vec![0f32; m * rows];
+        w.matmul(&x, &mut y).unwrap();
+        let err = llama_fixtures::rel_error(&y, &expected);
+        prop_assert!(err < 1e-5, "{dtype} [{rows}, {cols}] × {m}: relative error {err:e}");
+    }
 }

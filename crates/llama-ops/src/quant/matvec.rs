@@ -2,8 +2,11 @@
 //! decoded into a stack buffer and multiplied into 4 × LANES running sums at once, so the
 //! weight is read once in its quantised size and no f32 copy of it is made.
 
+use llama_core::DType;
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use super::avx2;
 use super::blocks::Block;
 use crate::simd::{self, Fma, HwFma, NoFma, LANES};
 
@@ -14,10 +17,16 @@ const MAX_BLOCK: usize = 256;
 
 /// y[r] = Σ_k decode(W)[r, k] · x[k] for every row r; `row_bytes` bytes per row.
 pub(crate) fn matvec<F: Block>(w: &[u8], row_bytes: usize, x: &[f32], y: &mut [f32]) {
+    // Q4_1's minimum multiplies Σ x over each block: computed once for all rows.
+    let x_sums: Vec<f32> = if F::DTYPE == DType::Q4_1 {
+        x.chunks_exact(32).map(|c| c.iter().sum()).collect()
+    } else {
+        Vec::new()
+    };
     let task = |(t, ys): (usize, &mut [f32])| {
         for (r, y) in ys.iter_mut().enumerate() {
             let row = t * ROWS_PER_TASK + r;
-            *y = row_dot::<F>(&w[row * row_bytes..(row + 1) * row_bytes], x);
+            *y = row_dot::<F>(&w[row * row_bytes..(row + 1) * row_bytes], x, &x_sums);
         }
     };
     if w.len() < 1 << 14 {
@@ -27,11 +36,18 @@ pub(crate) fn matvec<F: Block>(w: &[u8], row_bytes: usize, x: &[f32], y: &mut [f
     }
 }
 
-fn row_dot<F: Block>(row: &[u8], x: &[f32]) -> f32 {
+fn row_dot<F: Block>(row: &[u8], x: &[f32], x_sums: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if simd::has_avx2_fma() {
-        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-        return unsafe { row_dot_avx2::<F>(row, x) };
+        // SAFETY: the CPU supports AVX2, FMA and F16C (checked just above).
+        unsafe {
+            return match F::DTYPE {
+                DType::Q4_0 => avx2::row_q4_0(row, x),
+                DType::Q4_1 => avx2::row_q4_1(row, x, x_sums),
+                DType::Q8_0 => avx2::row_q8_0(row, x),
+                _ => row_dot_avx2::<F>(row, x),
+            };
+        }
     }
     row_dot_lanes::<F, NoFma>(row, x)
 }

@@ -7,6 +7,8 @@
 //! the weight is read once, in its quantised size), and multiplies a matrix by dequantising
 //! tiles of rows into f32 and handing them to the GEMM ([`QuantMatrix::matmul`], prefill).
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 pub(crate) mod blocks;
 mod encode;
 mod matvec;

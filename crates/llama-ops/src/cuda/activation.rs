@@ -1,0 +1,98 @@
+//! Gated activations on CUDA (`kernels/activation.cu`): the counterparts of `crate::activation`.
+
+use cudarc::driver::{CudaSlice, PushKernelArg};
+use llama_core::cuda::{CudaDevice, KernelSource};
+
+use super::{grid_for_packs, kernel_source, launched, typed_kernel, CudaElement};
+use crate::activation::{GatedAct, Gelu};
+use crate::error::{check_len, Result};
+
+const ACTIVATION: KernelSource = kernel_source!("activation");
+
+/// The kernels' activation code.
+fn code(act: GatedAct) -> i32 {
+    match act {
+        GatedAct::Silu => 0,
+        GatedAct::Gelu(Gelu::Exact) => 1,
+        GatedAct::Gelu(Gelu::Tanh) => 2,
+    }
+}
+
+/// h = T(T(f(gate)) · up).
+pub fn gated_forward<T: CudaElement>(
+    device: &CudaDevice,
+    act: GatedAct,
+    gate: &CudaSlice<T>,
+    up: &CudaSlice<T>,
+    h: &mut CudaSlice<T>,
+) -> Result<()> {
+    check_len("cuda gated_forward", "up", up.len(), gate.len())?;
+    check_len("cuda gated_forward", "h", h.len(), gate.len())?;
+    let n = gate.len();
+    if n == 0 {
+        return Ok(());
+    }
+    let (f, name) = typed_kernel::<T>(device, &ACTIVATION, "gated_forward")?;
+    let act = code(act);
+    let mut launch = device.stream().launch_builder(&f);
+    launch.arg(gate).arg(up).arg(h).arg(&n).arg(&act);
+    // SAFETY: gate, up and h hold n elements each (checked).
+    launched(&name, unsafe { launch.launch(grid_for_packs::<T>(n)) })
+}
+
+/// The in-place forward: h written over `gate`.
+pub fn gated_forward_in_place<T: CudaElement>(
+    device: &CudaDevice,
+    act: GatedAct,
+    gate: &mut CudaSlice<T>,
+    up: &CudaSlice<T>,
+) -> Result<()> {
+    check_len("cuda gated_forward_in_place", "up", up.len(), gate.len())?;
+    let n = gate.len();
+    if n == 0 {
+        return Ok(());
+    }
+    let (f, name) = typed_kernel::<T>(device, &ACTIVATION, "gated_forward_in_place")?;
+    let act = code(act);
+    let mut launch = device.stream().launch_builder(&f);
+    launch.arg(gate).arg(up).arg(&n).arg(&act);
+    // SAFETY: gate and up hold n elements each (checked).
+    launched(&name, unsafe { launch.launch(grid_for_packs::<T>(n)) })
+}
+
+/// dgate = dh · up · f'(gate), dup = dh · f(gate).
+pub fn gated_backward<T: CudaElement>(
+    device: &CudaDevice,
+    act: GatedAct,
+    gate: &CudaSlice<T>,
+    up: &CudaSlice<T>,
+    dh: &CudaSlice<T>,
+    dgate: &mut CudaSlice<T>,
+    dup: &mut CudaSlice<T>,
+) -> Result<()> {
+    let n = gate.len();
+    for (what, len) in [
+        ("up", up.len()),
+        ("dh", dh.len()),
+        ("dgate", dgate.len()),
+        ("dup", dup.len()),
+    ] {
+        check_len("cuda gated_backward", what, len, n)?;
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let (f, name) = typed_kernel::<T>(device, &ACTIVATION, "gated_backward")?;
+    let act = code(act);
+    let mut launch = device.stream().launch_builder(&f);
+    launch
+        .arg(gate)
+        .arg(up)
+        .arg(dh)
+        .arg(dgate)
+        .arg(dup)
+        .arg(&n)
+        .arg(&act);
+    // SAFETY: all five buffers hold n elements (checked).
+    launched(&name, unsafe { launch.launch(grid_for_packs::<T>(n)) })
+}

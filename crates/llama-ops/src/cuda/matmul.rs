@@ -1,0 +1,191 @@
+//! Dense linear layers on CUDA through cuBLAS (`cublasGemmEx`, f32 compute for every input
+//! type), one handle per device on the device's stream. Row-major [M, K] buffers are cuBLAS's
+//! column-major [K, M], so each product below is the transposed one in cuBLAS's terms.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::cublas::{result as blas, sys, CudaBlas};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use llama_core::cuda::CudaDevice;
+use llama_core::DType;
+
+use super::{to_u32, CudaElement};
+use crate::error::{check_len, rows_of, Result};
+
+/// The cuBLAS handle of a device, created on first use.
+fn handle(device: &CudaDevice) -> Result<Arc<CudaBlas>> {
+    static HANDLES: OnceLock<Mutex<HashMap<usize, Arc<CudaBlas>>>> = OnceLock::new();
+    let mut handles = HANDLES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(h) = handles.get(&device.ordinal()) {
+        return Ok(h.clone());
+    }
+    // SAFETY: only dlopens the library under its usual names to see whether it is there.
+    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        return Err(llama_core::Error::CudaUnavailable(
+            "the cuBLAS library (libcublas.so) was not found".into(),
+        )
+        .into());
+    }
+    let h = Arc::new(
+        CudaBlas::new(device.stream().clone())
+            .map_err(|e| llama_core::Error::cuda("cublasCreate", e))?,
+    );
+    handles.insert(device.ordinal(), h.clone());
+    Ok(h)
+}
+
+fn data_type(dtype: DType) -> sys::cudaDataType {
+    match dtype {
+        DType::F16 => sys::cudaDataType::CUDA_R_16F,
+        DType::BF16 => sys::cudaDataType::CUDA_R_16BF,
+        _ => sys::cudaDataType::CUDA_R_32F,
+    }
+}
+
+/// A column-major operand: buffer, element type, leading dimension, transposed or not.
+struct Operand<'a, T> {
+    data: &'a CudaSlice<T>,
+    transpose: bool,
+    ld: usize,
+}
+
+/// C (col-major [m, n], ld m) = op(A) · op(B) (+ C when `accumulate`), f32 compute.
+#[allow(clippy::too_many_arguments)]
+fn gemm<A: CudaElement, C: CudaElement>(
+    device: &CudaDevice,
+    (m, n, k): (usize, usize, usize),
+    a: Operand<A>,
+    b: Operand<A>,
+    c: &mut CudaSlice<C>,
+    accumulate: bool,
+) -> Result<()> {
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let blas = handle(device)?;
+    let (m_i, n_i, k_i) = (to_u32("m", m)?, to_u32("n", n)?, to_u32("k", k)?);
+    let op = |t: bool| {
+        if t {
+            sys::cublasOperation_t::CUBLAS_OP_T
+        } else {
+            sys::cublasOperation_t::CUBLAS_OP_N
+        }
+    };
+    let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
+    let stream = device.stream();
+    let (a_ptr, _ra) = a.data.device_ptr(stream);
+    let (b_ptr, _rb) = b.data.device_ptr(stream);
+    let (c_ptr, _rc) = c.device_ptr_mut(stream);
+    // SAFETY: the callers check that A, B and C hold the [m, k], [k, n], [m, n] operands
+    // their leading dimensions describe; alpha and beta are f32 as COMPUTE_32F requires, and
+    // the handle is bound to this device's stream, on which the pointers were recorded.
+    unsafe {
+        blas::gemm_ex(
+            *blas.handle(),
+            op(a.transpose),
+            op(b.transpose),
+            m_i as i32,
+            n_i as i32,
+            k_i as i32,
+            (&alpha) as *const f32 as *const _,
+            a_ptr as *const _,
+            data_type(A::DTYPE),
+            to_u32("lda", a.ld)? as i32,
+            b_ptr as *const _,
+            data_type(A::DTYPE),
+            to_u32("ldb", b.ld)? as i32,
+            (&beta) as *const f32 as *const _,
+            c_ptr as *mut _,
+            data_type(C::DTYPE),
+            m_i as i32,
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| llama_core::Error::cuda("cublasGemmEx", e).into())
+}
+
+/// Linear forward: x [M, K], weight [N, K] → y [M, N] = x · Wᵀ.
+/// (cuBLAS: yᵀ [N, M] = W · xᵀ.)
+pub fn linear<T: CudaElement>(
+    device: &CudaDevice,
+    x: &CudaSlice<T>,
+    weight: &CudaSlice<T>,
+    in_features: usize,
+    y: &mut CudaSlice<T>,
+) -> Result<()> {
+    let op = "cuda linear";
+    let k = in_features;
+    let m = rows_of(op, "x", x.len(), k)?;
+    let n = rows_of(op, "weight", weight.len(), k)?;
+    check_len(op, "output", y.len(), m * n)?;
+    let w = Operand {
+        data: weight,
+        transpose: true,
+        ld: k,
+    };
+    let xt = Operand {
+        data: x,
+        transpose: false,
+        ld: k,
+    };
+    gemm(device, (n, m, k), w, xt, y, false)
+}
+
+/// Linear backward for the input: dy [M, N], weight [N, K] → dx [M, K] = dy · W.
+/// (cuBLAS: dxᵀ [K, M] = Wᵀ · dyᵀ.)
+pub fn linear_backward_input<T: CudaElement>(
+    device: &CudaDevice,
+    dy: &CudaSlice<T>,
+    weight: &CudaSlice<T>,
+    in_features: usize,
+    dx: &mut CudaSlice<T>,
+) -> Result<()> {
+    let op = "cuda linear_backward_input";
+    let k = in_features;
+    let n = rows_of(op, "weight", weight.len(), k)?;
+    let m = rows_of(op, "dy", dy.len(), n)?;
+    check_len(op, "dx", dx.len(), m * k)?;
+    let wt = Operand {
+        data: weight,
+        transpose: false,
+        ld: k,
+    };
+    let dyt = Operand {
+        data: dy,
+        transpose: false,
+        ld: n,
+    };
+    gemm(device, (k, m, n), wt, dyt, dx, false)
+}
+
+/// Linear backward for the weight: dy [M, N], x [M, K] → dw [N, K] += dyᵀ · x (f32).
+/// (cuBLAS: dWᵀ [K, N] += xᵀ · dy.)
+pub fn linear_backward_weight<T: CudaElement>(
+    device: &CudaDevice,
+    dy: &CudaSlice<T>,
+    x: &CudaSlice<T>,
+    in_features: usize,
+    dw: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let op = "cuda linear_backward_weight";
+    let k = in_features;
+    let m = rows_of(op, "x", x.len(), k)?;
+    let n = rows_of(op, "dy", dy.len(), m.max(1))?;
+    check_len(op, "dw", dw.len(), n * k)?;
+    let xt = Operand {
+        data: x,
+        transpose: false,
+        ld: k,
+    };
+    let dy_op = Operand {
+        data: dy,
+        transpose: true,
+        ld: n,
+    };
+    gemm(device, (k, n, m), xt, dy_op, dw, true)
+}

@@ -1,0 +1,130 @@
+//! Quantised weights on CUDA (`kernels/quant.cu`): a device copy of a [`QuantMatrix`], its
+//! dequantisation (the same bits as the CPU's) and the fused matrix-vector product.
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use llama_core::cuda::{CudaDevice, KernelSource};
+use llama_core::DType;
+
+use super::{alloc, grid_for, kernel_source, launched, to_u32};
+use crate::error::{check_len, Result};
+use crate::quant::QuantMatrix;
+
+const QUANT: KernelSource = kernel_source!("quant");
+
+/// A [N, K] block-quantised weight on a device.
+pub struct CudaQuantMatrix {
+    dtype: DType,
+    rows: usize,
+    cols: u32,
+    bytes: CudaSlice<u8>,
+}
+
+/// The kernels' name for a quantised dtype.
+fn suffix(dtype: DType) -> &'static str {
+    match dtype {
+        DType::Q4_0 => "q4_0",
+        DType::Q4_1 => "q4_1",
+        DType::Q8_0 => "q8_0",
+        DType::Q4K => "q4_k",
+        DType::Q5K => "q5_k",
+        DType::Q6K => "q6_k",
+        DType::Nf4 => "nf4",
+        DType::F32 | DType::F16 | DType::BF16 => unreachable!("QuantMatrix holds quantised kinds"),
+    }
+}
+
+/// Warps per block of the matrix-vector kernels.
+const MATVEC_WARPS: u32 = 8;
+/// From this many rows, the kernel that gives each warp four rows.
+const ROWS_FOR_MATVEC4: usize = 4096;
+
+impl CudaQuantMatrix {
+    /// Copies `w` to `device`.
+    pub fn upload(device: &CudaDevice, w: &QuantMatrix) -> Result<CudaQuantMatrix> {
+        let (rows, cols) = w.shape();
+        Ok(CudaQuantMatrix {
+            dtype: w.dtype(),
+            rows,
+            cols: to_u32("cols", cols)?,
+            bytes: device.htod(w.bytes())?,
+        })
+    }
+
+    /// (N, K).
+    pub fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols as usize)
+    }
+
+    /// The whole matrix in f32, [N, K], in a new buffer.
+    pub fn dequantize(&self, device: &CudaDevice) -> Result<CudaSlice<f32>> {
+        let mut out = alloc::<f32>(device, (self.rows * self.cols as usize).max(1))?;
+        if self.rows > 0 {
+            self.dequantize_into(device, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    /// The whole matrix in f32, [N, K], written into `out` (a scratch buffer reused across
+    /// layers, as the prefill does).
+    pub fn dequantize_into(&self, device: &CudaDevice, out: &mut CudaSlice<f32>) -> Result<()> {
+        let n = self.rows * self.cols as usize;
+        check_len("cuda dequantize_into", "out", out.len(), n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let name = format!("dequantize_{}", suffix(self.dtype));
+        let f = device.function(&QUANT, &name)?;
+        let mut launch = device.stream().launch_builder(&f);
+        launch
+            .arg(&self.bytes)
+            .arg(out)
+            .arg(&self.rows)
+            .arg(&self.cols);
+        // SAFETY: bytes hold rows rows of whole blocks (checked by QuantMatrix::new), out
+        // rows · cols values (checked); one thread per 8 weights.
+        launched(&name, unsafe { launch.launch(grid_for(n / 8)) })
+    }
+
+    /// y [N] = W · x, x [K]: a warp per row or per four rows, each thread decoding 8 weights at a
+    /// time straight into the dot product.
+    pub fn matvec(
+        &self,
+        device: &CudaDevice,
+        x: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        check_len("cuda matvec", "x", x.len(), self.cols as usize)?;
+        check_len("cuda matvec", "y", y.len(), self.rows)?;
+        if self.rows == 0 {
+            return Ok(());
+        }
+        // Four rows per warp once there are enough rows to fill the GPU that way.
+        let rows_per_warp = if self.rows >= ROWS_FOR_MATVEC4 { 4 } else { 1 };
+        let kernel = if rows_per_warp == 4 {
+            "matvec4"
+        } else {
+            "matvec"
+        };
+        let name = format!("{kernel}_{}", suffix(self.dtype));
+        let f = device.function(&QUANT, &name)?;
+        let mut launch = device.stream().launch_builder(&f);
+        launch
+            .arg(&self.bytes)
+            .arg(x)
+            .arg(y)
+            .arg(&self.rows)
+            .arg(&self.cols);
+        let warps = self.rows.div_ceil(rows_per_warp);
+        let config = LaunchConfig {
+            grid_dim: (
+                to_u32("blocks", warps.div_ceil(MATVEC_WARPS as usize))?,
+                1,
+                1,
+            ),
+            block_dim: (32 * MATVEC_WARPS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: as for dequantize; x holds cols values and y rows (checked).
+        launched(&name, unsafe { launch.launch(config) })
+    }
+}

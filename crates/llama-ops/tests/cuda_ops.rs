@@ -1,0 +1,456 @@
+//! The CUDA kernels against the CPU path (suite `optimization`): the HF fixtures through the
+//! kernels, and random inputs of awkward sizes in f32 and bf16. Dequantisation must give the
+//! same bits as the CPU; reductions may round differently, so the rest is held to the
+//! fixture tolerances (1e-5 relative in f32, bf16 to its own precision). Skipped, and counted,
+//! without a GPU.
+
+use std::sync::Arc;
+
+use cudarc::driver::CudaSlice;
+use llama_core::cuda::CudaDevice;
+use llama_core::{bf16, DType};
+use llama_fixtures::{assert_close, cuda_or_skip, Fixture, TestRng};
+use llama_ops::cuda::{self, CudaQuantMatrix};
+use llama_ops::{CrossEntropyOptions, GatedAct, Gelu, QuantMatrix};
+
+/// CUDA's expf/erff/tanhf and Rust's differ by an ulp or two, and GELU's derivative cancels in
+/// its negative tail, which magnifies that on a lone element.
+const ACT_TOL: f64 = 5e-5;
+
+const ACTS: [GatedAct; 3] = [
+    GatedAct::Silu,
+    GatedAct::Gelu(Gelu::Exact),
+    GatedAct::Gelu(Gelu::Tanh),
+];
+
+fn up<T: cudarc::driver::DeviceRepr>(gpu: &Arc<CudaDevice>, v: &[T]) -> CudaSlice<T> {
+    gpu.htod(v).unwrap()
+}
+
+fn down(gpu: &Arc<CudaDevice>, v: &CudaSlice<f32>) -> Vec<f32> {
+    gpu.dtoh(v).unwrap()
+}
+
+fn down_bf16(gpu: &Arc<CudaDevice>, v: &CudaSlice<bf16>) -> Vec<f32> {
+    gpu.dtoh(v).unwrap().iter().map(|v| v.to_f32()).collect()
+}
+
+fn to_bf16(v: &[f32]) -> Vec<bf16> {
+    v.iter().map(|&v| bf16::from_f32(v)).collect()
+}
+
+#[test]
+fn fixture_ops_on_the_gpu() {
+    let Some(gpu) = cuda_or_skip!() else { return };
+    let f = Fixture::open("ops/ops");
+    let eps = f.json()["rms_eps"].as_f64().unwrap() as f32;
+    let (x, shape) = f.f32("rms_x");
+    let (w, dy) = (f.f32("rms_w").0, f.f32("rms_dy").0);
+    let (xd, wd, dyd) = (up(&gpu, &x), up(&gpu, &w), up(&gpu, &dy));
+    let mut y = gpu.zeros::<f32>(x.len()).unwrap();
+    cuda::rms_norm(&gpu, &xd, &wd, eps, &mut y).unwrap();
+    assert_close("rms_y", &down(&gpu, &y), &f.f32("rms_y").0, &shape, 1e-5);
+    cuda::gemma_rms_norm(&gpu, &xd, &wd, eps, &mut y).unwrap();
+    assert_close(
+        "gemma_y",
+        &down(&gpu, &y),
+        &f.f32("gemma_y").0,
+        &shape,
+        1e-5,
+    );
+    let (mut dx, mut dw) = (
+        gpu.zeros::<f32>(x.len()).unwrap(),
+        gpu.zeros::<f32>(w.len()).unwrap(),
+    );
+    cuda::rms_norm_backward(&gpu, &xd, &wd, &dyd, eps, &mut dx, &mut dw).unwrap();
+    assert_close("rms_dx", &down(&gpu, &dx), &f.f32("rms_dx").0, &shape, 1e-5);
+    assert_close(
+        "rms_dw",
+        &down(&gpu, &dw),
+        &f.f32("rms_dw").0,
+        &[w.len()],
+        1e-5,
+    );
+    let ln_eps = f.json()["layer_norm_eps"].as_f64().unwrap() as f32;
+    let (lw, lb) = (up(&gpu, &f.f32("ln_w").0), up(&gpu, &f.f32("ln_b").0));
+    cuda::layer_norm(&gpu, &xd, &lw, &lb, ln_eps, &mut y).unwrap();
+    assert_close("ln_y", &down(&gpu, &y), &f.f32("ln_y").0, &shape, 1e-5);
+
+    let (gate, gshape) = f.f32("sw_gate");
+    let (gd, ud, dhd) = (
+        up(&gpu, &gate),
+        up(&gpu, &f.f32("sw_up").0),
+        up(&gpu, &f.f32("sw_dh").0),
+    );
+    let mut h = gpu.zeros::<f32>(gate.len()).unwrap();
+    cuda::gated_forward(&gpu, GatedAct::Silu, &gd, &ud, &mut h).unwrap();
+    assert_close("sw_h", &down(&gpu, &h), &f.f32("sw_h").0, &gshape, 1e-5);
+    let (mut dg, mut du) = (
+        gpu.zeros::<f32>(gate.len()).unwrap(),
+        gpu.zeros::<f32>(gate.len()).unwrap(),
+    );
+    cuda::gated_backward(&gpu, GatedAct::Silu, &gd, &ud, &dhd, &mut dg, &mut du).unwrap();
+    assert_close(
+        "sw_dgate",
+        &down(&gpu, &dg),
+        &f.f32("sw_dgate").0,
+        &gshape,
+        1e-5,
+    );
+    assert_close(
+        "sw_dup",
+        &down(&gpu, &du),
+        &f.f32("sw_dup").0,
+        &gshape,
+        1e-5,
+    );
+    for (name, gelu) in [("geglu_exact_h", Gelu::Exact), ("geglu_tanh_h", Gelu::Tanh)] {
+        cuda::gated_forward(&gpu, GatedAct::Gelu(gelu), &gd, &ud, &mut h).unwrap();
+        assert_close(name, &down(&gpu, &h), &f.f32(name).0, &gshape, 1e-5);
+    }
+
+    let (logits, lshape) = f.f32("ce_logits");
+    let (labels, _) = f.i64("ce_labels");
+    let softcap = f.json()["softcap"].as_f64().unwrap() as f32;
+    for (opts, loss, grad) in [
+        (CrossEntropyOptions::default(), "ce_loss", "ce_dlogits"),
+        (
+            CrossEntropyOptions {
+                softcap: Some(softcap),
+                chunk: lshape[1] / 3 + 1,
+                ..Default::default()
+            },
+            "ce_softcap_loss",
+            "ce_softcap_dlogits",
+        ),
+    ] {
+        let mut ld = up(&gpu, &logits);
+        let fwd = cuda::cross_entropy(&gpu, &ld, &labels, &opts).unwrap();
+        assert_close(loss, &[fwd.loss], &f.f32(loss).0, &[1], 1e-5);
+        cuda::cross_entropy_backward(&gpu, &mut ld, &fwd, 1.0, &opts).unwrap();
+        assert_close(grad, &down(&gpu, &ld), &f.f32(grad).0, &lshape, 1e-5);
+    }
+}
+
+#[test]
+fn norms_and_activations_match_the_cpu_in_f32_and_bf16() {
+    let Some(gpu) = cuda_or_skip!() else { return };
+    let mut rng = TestRng::new(5);
+    for (rows, dim) in [(1, 1), (3, 37), (300, 576), (17, 4099), (5, 16_384)] {
+        let (x, w, b, dy) = (
+            rng.vec(rows * dim, 3.0),
+            rng.vec(dim, 1.0),
+            rng.vec(dim, 1.0),
+            rng.vec(rows * dim, 1.0),
+        );
+        let name = format!("[{rows}, {dim}]");
+        // f32: forward and backward of both norms.
+        let (xd, wd, bd, dyd) = (up(&gpu, &x), up(&gpu, &w), up(&gpu, &b), up(&gpu, &dy));
+        let mut cpu = vec![0f32; x.len()];
+        let mut y = gpu.zeros::<f32>(x.len()).unwrap();
+        llama_ops::rms_norm(&x, &w, 1e-6, &mut cpu).unwrap();
+        cuda::rms_norm(&gpu, &xd, &wd, 1e-6, &mut y).unwrap();
+        assert_close(
+            &format!("rms {name}"),
+            &down(&gpu, &y),
+            &cpu,
+            &[rows, dim],
+            1e-5,
+        );
+        llama_ops::layer_norm(&x, &w, &b, 1e-5, &mut cpu).unwrap();
+        cuda::layer_norm(&gpu, &xd, &wd, &bd, 1e-5, &mut y).unwrap();
+        assert_close(
+            &format!("ln {name}"),
+            &down(&gpu, &y),
+            &cpu,
+            &[rows, dim],
+            1e-5,
+        );
+        if dim > 3 {
+            let (mut cdx, mut cdw, mut cdb) =
+                (vec![0f32; x.len()], vec![0f32; dim], vec![0f32; dim]);
+            let mut dx = gpu.zeros::<f32>(x.len()).unwrap();
+            let (mut dw, mut db) = (
+                gpu.zeros::<f32>(dim).unwrap(),
+                gpu.zeros::<f32>(dim).unwrap(),
+            );
+            llama_ops::rms_norm_backward(&x, &w, &dy, 1e-6, &mut cdx, &mut cdw).unwrap();
+            cuda::rms_norm_backward(&gpu, &xd, &wd, &dyd, 1e-6, &mut dx, &mut dw).unwrap();
+            assert_close(
+                &format!("rms dx {name}"),
+                &down(&gpu, &dx),
+                &cdx,
+                &[rows, dim],
+                1e-4,
+            );
+            assert_close(
+                &format!("rms dw {name}"),
+                &down(&gpu, &dw),
+                &cdw,
+                &[dim],
+                1e-4,
+            );
+            llama_ops::layer_norm_backward(&x, &w, &dy, 1e-5, &mut cdx, &mut cdw, &mut cdb)
+                .unwrap();
+            cuda::layer_norm_backward(&gpu, &xd, &wd, &dyd, 1e-5, &mut dx, &mut dw, &mut db)
+                .unwrap();
+            assert_close(
+                &format!("ln dx {name}"),
+                &down(&gpu, &dx),
+                &cdx,
+                &[rows, dim],
+                1e-4,
+            );
+            assert_close(
+                &format!("ln dw {name}"),
+                &down(&gpu, &dw),
+                &cdw,
+                &[dim],
+                1e-4,
+            );
+            assert_close(
+                &format!("ln db {name}"),
+                &down(&gpu, &db),
+                &cdb,
+                &[dim],
+                1e-5,
+            );
+        }
+        // bf16 RMSNorm in HF's rounding order.
+        let (xb, wb) = (to_bf16(&x), to_bf16(&w));
+        let mut cpu_b = vec![bf16::ZERO; x.len()];
+        llama_ops::rms_norm(&xb, &wb, 1e-6, &mut cpu_b).unwrap();
+        let mut yb = gpu.zeros::<bf16>(x.len()).unwrap();
+        cuda::rms_norm(&gpu, &up(&gpu, &xb), &up(&gpu, &wb), 1e-6, &mut yb).unwrap();
+        let cpu_bf: Vec<f32> = cpu_b.iter().map(|v| v.to_f32()).collect();
+        assert_close(
+            &format!("rms bf16 {name}"),
+            &down_bf16(&gpu, &yb),
+            &cpu_bf,
+            &[rows, dim],
+            4e-3,
+        );
+
+        // Gated activations, f32 and bf16, forward (both forms) and backward.
+        let n = rows * dim;
+        let (g, u, dh) = (rng.vec(n, 5.0), rng.vec(n, 2.0), rng.vec(n, 1.0));
+        let (gd, ud, dhd) = (up(&gpu, &g), up(&gpu, &u), up(&gpu, &dh));
+        for act in ACTS {
+            let (mut ch, mut cdg, mut cdu) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+            llama_ops::gated_forward(act, &g, &u, &mut ch).unwrap();
+            llama_ops::gated_backward(act, &g, &u, &dh, &mut cdg, &mut cdu).unwrap();
+            let mut h = gpu.zeros::<f32>(n).unwrap();
+            cuda::gated_forward(&gpu, act, &gd, &ud, &mut h).unwrap();
+            assert_close(
+                &format!("{act:?} h {name}"),
+                &down(&gpu, &h),
+                &ch,
+                &[n],
+                ACT_TOL,
+            );
+            let mut in_place = up(&gpu, &g);
+            cuda::gated_forward_in_place(&gpu, act, &mut in_place, &ud).unwrap();
+            assert_eq!(
+                down(&gpu, &in_place),
+                down(&gpu, &h),
+                "{act:?} in place {name}"
+            );
+            let (mut dg, mut du) = (gpu.zeros::<f32>(n).unwrap(), gpu.zeros::<f32>(n).unwrap());
+            cuda::gated_backward(&gpu, act, &gd, &ud, &dhd, &mut dg, &mut du).unwrap();
+            assert_close(
+                &format!("{act:?} dgate {name}"),
+                &down(&gpu, &dg),
+                &cdg,
+                &[n],
+                ACT_TOL,
+            );
+            assert_close(
+                &format!("{act:?} dup {name}"),
+                &down(&gpu, &du),
+                &cdu,
+                &[n],
+                ACT_TOL,
+            );
+            let (gb, ub) = (to_bf16(&g), to_bf16(&u));
+            let mut cb = vec![bf16::ZERO; n];
+            llama_ops::gated_forward(act, &gb, &ub, &mut cb).unwrap();
+            let mut hb = gpu.zeros::<bf16>(n).unwrap();
+            cuda::gated_forward(&gpu, act, &up(&gpu, &gb), &up(&gpu, &ub), &mut hb).unwrap();
+            let cbf: Vec<f32> = cb.iter().map(|v| v.to_f32()).collect();
+            assert_close(
+                &format!("{act:?} bf16 h {name}"),
+                &down_bf16(&gpu, &hb),
+                &cbf,
+                &[n],
+                4e-3,
+            );
+        }
+    }
+}
+
+#[test]
+fn cross_entropy_over_a_large_vocabulary_matches_the_cpu() {
+    let Some(gpu) = cuda_or_skip!() else { return };
+    let mut rng = TestRng::new(9);
+    let (rows, vocab) = (13, 50_257);
+    let logits = rng.vec(rows * vocab, 12.0);
+    let labels: Vec<i64> = (0..rows)
+        .map(|r| {
+            if r % 5 == 4 {
+                -100
+            } else {
+                (r * 3877 % vocab) as i64
+            }
+        })
+        .collect();
+    for opts in [
+        CrossEntropyOptions {
+            chunk: 8192,
+            ..Default::default()
+        },
+        CrossEntropyOptions {
+            chunk: 65_536,
+            softcap: Some(30.0),
+            logit_scale: Some(0.7),
+            ..Default::default()
+        },
+    ] {
+        let cpu = llama_ops::cross_entropy(&logits, &labels, &opts).unwrap();
+        let mut cpu_grad = logits.clone();
+        llama_ops::cross_entropy_backward(&mut cpu_grad, &labels, &cpu, 0.5, &opts).unwrap();
+        let mut ld = up(&gpu, &logits);
+        let fwd = cuda::cross_entropy(&gpu, &ld, &labels, &opts).unwrap();
+        assert_close("loss", &[fwd.loss], &[cpu.loss], &[1], 1e-5);
+        assert_close(
+            "lse",
+            &down(&gpu, &fwd.logsumexp),
+            &cpu.logsumexp,
+            &[rows],
+            1e-5,
+        );
+        cuda::cross_entropy_backward(&gpu, &mut ld, &fwd, 0.5, &opts).unwrap();
+        assert_close("dlogits", &down(&gpu, &ld), &cpu_grad, &[rows, vocab], 1e-5);
+
+        let lb = to_bf16(&logits);
+        let cpu_b = llama_ops::cross_entropy(&lb, &labels, &opts).unwrap();
+        let fwd_b = cuda::cross_entropy(&gpu, &up(&gpu, &lb), &labels, &opts).unwrap();
+        assert_close("bf16 loss", &[fwd_b.loss], &[cpu_b.loss], &[1], 1e-5);
+    }
+    let err = cuda::cross_entropy(
+        &gpu,
+        &up(&gpu, &logits),
+        &vec![vocab as i64; rows],
+        &Default::default(),
+    );
+    assert!(err.is_err(), "labels past the vocabulary are an error");
+}
+
+#[test]
+fn linear_layers_match_the_cpu() {
+    let Some(gpu) = cuda_or_skip!() else { return };
+    let mut rng = TestRng::new(13);
+    for (m, k, n) in [(1, 576, 1536), (7, 33, 65), (128, 576, 576)] {
+        let (x, w, dy) = (
+            rng.vec(m * k, 1.0),
+            rng.vec(n * k, 0.1),
+            rng.vec(m * n, 1.0),
+        );
+        let name = format!("[{m}, {k}] x [{n}, {k}]");
+        let (mut y, mut dx, mut dw) = (vec![0f32; m * n], vec![0f32; m * k], vec![0f32; n * k]);
+        llama_ops::linear(&x, &w, k, &mut y).unwrap();
+        llama_ops::linear_backward_input(&dy, &w, k, &mut dx).unwrap();
+        llama_ops::linear_backward_weight(&dy, &x, k, &mut dw).unwrap();
+        let (xd, wd, dyd) = (up(&gpu, &x), up(&gpu, &w), up(&gpu, &dy));
+        let mut yd = gpu.zeros::<f32>(m * n).unwrap();
+        cuda::linear(&gpu, &xd, &wd, k, &mut yd).unwrap();
+        assert_close(&format!("y {name}"), &down(&gpu, &yd), &y, &[m, n], 1e-5);
+        let mut dxd = gpu.zeros::<f32>(m * k).unwrap();
+        cuda::linear_backward_input(&gpu, &dyd, &wd, k, &mut dxd).unwrap();
+        assert_close(&format!("dx {name}"), &down(&gpu, &dxd), &dx, &[m, k], 1e-5);
+        let mut dwd = gpu.zeros::<f32>(n * k).unwrap();
+        cuda::linear_backward_weight(&gpu, &dyd, &xd, k, &mut dwd).unwrap();
+        assert_close(&format!("dw {name}"), &down(&gpu, &dwd), &dw, &[n, k], 1e-5);
+        // bf16 operands, f32 accumulation: against the CPU on the same rounded inputs.
+        let (xb, wb) = (to_bf16(&x), to_bf16(&w));
+        let mut yb = vec![bf16::ZERO; m * n];
+        llama_ops::linear(&xb, &wb, k, &mut yb).unwrap();
+        let mut ybd = gpu.zeros::<bf16>(m * n).unwrap();
+        cuda::linear(&gpu, &up(&gpu, &xb), &up(&gpu, &wb), k, &mut ybd).unwrap();
+        let ybf: Vec<f32> = yb.iter().map(|v| v.to_f32()).collect();
+        assert_close(
+            &format!("bf16 y {name}"),
+            &down_bf16(&gpu, &ybd),
+            &ybf,
+            &[m, n],
+            4e-3,
+        );
+    }
+}
+
+#[test]
+fn quantised_kernels_match_the_cpu() {
+    let Some(gpu) = cuda_or_skip!() else { return };
+    let mut rng = TestRng::new(17);
+    for dtype in [DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Nf4] {
+        for (rows, blocks) in [(1, 1), (45, 3), (1536, 576 / dtype.block_len()), (4099, 2)] {
+            let cols = blocks * dtype.block_len();
+            let dense = rng.vec(rows * cols, 0.1);
+            let bytes = llama_ops::quantize(dtype, &dense, cols).unwrap();
+            check_quant(
+                &gpu,
+                QuantMatrix::new(dtype, rows, cols, &bytes).unwrap(),
+                &mut rng,
+            );
+        }
+    }
+    // K-quants: random bytes with small scales (no quantiser for them here).
+    for dtype in [DType::Q4K, DType::Q5K, DType::Q6K] {
+        for (rows, blocks) in [(1, 1), (37, 3), (4097, 1)] {
+            let bytes = k_quant_blocks(dtype, rows * blocks, &mut rng);
+            let cols = blocks * dtype.block_len();
+            check_quant(
+                &gpu,
+                QuantMatrix::new(dtype, rows, cols, &bytes).unwrap(),
+                &mut rng,
+            );
+        }
+    }
+}
+
+fn check_quant(gpu: &Arc<CudaDevice>, w: QuantMatrix, rng: &mut TestRng) {
+    let (rows, cols) = w.shape();
+    let name = format!("{} [{rows}, {cols}]", w.dtype());
+    let wd = CudaQuantMatrix::upload(gpu, &w).unwrap();
+    let cpu = w.dequantize();
+    let gpu_dense = down(gpu, &wd.dequantize(gpu).unwrap());
+    let same = cpu
+        .iter()
+        .zip(&gpu_dense)
+        .all(|(a, b)| a.to_bits() == b.to_bits());
+    assert!(same, "{name}: dequantised values differ from the CPU's");
+    let x = rng.vec(cols, 1.0);
+    let mut y = vec![0f32; rows];
+    w.matvec(&x, &mut y).unwrap();
+    let mut yd = gpu.zeros::<f32>(rows).unwrap();
+    wd.matvec(gpu, &up(gpu, &x), &mut yd).unwrap();
+    assert_close(
+        &format!("matvec {name}"),
+        &down(gpu, &yd),
+        &y,
+        &[rows],
+        1e-5,
+    );
+}
+
+fn k_quant_blocks(dtype: DType, n: usize, rng: &mut TestRng) -> Vec<u8> {
+    let size = dtype.block_bytes();
+    let mut bytes: Vec<u8> = (0..n * size).map(|_| rng.next_u64() as u8).collect();
+    let fields: &[usize] = if dtype == DType::Q6K { &[208] } else { &[0, 2] };
+    for block in bytes.chunks_exact_mut(size) {
+        for &at in fields {
+            let v = half::f16::from_f32(rng.uniform() * 0.05);
+            block[at..at + 2].copy_from_slice(&v.to_bits().to_le_bytes());
+        }
+    }
+    bytes
+}
