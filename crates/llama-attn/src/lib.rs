@@ -1,7 +1,26 @@
 //! # llama-attn
 //!
-//! Attention (SPEC.md part 2): tiled causal grouped-query attention for training and prefill with
-//! its backward (FlashAttention-2 style, O(seq) memory), a preallocated KV cache grown in fixed
-//! increments, and decode attention of one new token per sequence against it.
+//! Attention (SPEC.md part 2):
+//! - [`forward`] / [`backward`]: tiled causal grouped-query attention for training and prefill,
+//!   FlashAttention-2 style (online softmax, O(seq) memory, the backward recomputing the
+//!   probabilities from the saved logsumexp), with an optional left-padding mask;
+//! - [`KvCache`]: per-layer keys and values, preallocated and grown in fixed increments;
+//! - [`LlamaAttention`]: the layer — Q/K/V/O projections, RoPE, attention — forward and
+//!   backward (`LlamaAttention_fast_forward`) and one decode step against the cache
+//!   (`LlamaAttention_fast_forward_inference`);
+//! - [`reference`]: the same in f64 with the whole score matrix, for tests.
 //!
-//! Depends on `llama-core`, `llama-rope` and `llama-ops`. Built in step 4 (issue "Step 4 — llama-attn").
+//! Shapes and letters are set out in [`AttnShape`].
+
+mod error;
+mod flash;
+mod kv_cache;
+mod layer;
+pub mod reference;
+mod shape;
+
+pub use error::{AttnError, Result};
+pub use flash::{backward, forward, K_TILE, Q_TILE};
+pub use kv_cache::KvCache;
+pub use layer::{AttentionConfig, AttentionGrads, LlamaAttention, Saved};
+pub use shape::{AttnShape, Mask};

@@ -46,6 +46,30 @@ impl<'a> View<'a> {
     }
 }
 
+/// A row-major matrix as a product operand, used as stored or transposed.
+#[derive(Clone, Copy, Debug)]
+pub enum Operand<'a> {
+    /// `data` is [rows, cols] row-major and enters the product as is.
+    Plain(&'a [f32], usize, usize),
+    /// `data` is [cols, rows] row-major and enters the product transposed, as [rows, cols].
+    Transposed(&'a [f32], usize, usize),
+}
+
+impl<'a> Operand<'a> {
+    fn view(self) -> View<'a> {
+        match self {
+            Operand::Plain(data, rows, cols) => View::row_major(data, rows, cols),
+            Operand::Transposed(data, rows, cols) => View::transposed(data, rows, cols),
+        }
+    }
+}
+
+/// c [M, N] (row-major) = a [M, K] · b [K, N], or c += a · b when `accumulate`. Panics if the
+/// operands do not hold their stated sizes (callers own the shapes; it is an internal helper).
+pub fn gemm(a: Operand, b: Operand, c: &mut [f32], accumulate: bool) {
+    matmul(a.view(), b.view(), c, accumulate)
+}
+
 /// c [M, N] (row-major) = a [M, K] · b [K, N], or c += … when `accumulate`.
 /// Threads: rayon's pool when the product is large enough to share.
 pub(crate) fn matmul(a: View, b: View, c: &mut [f32], accumulate: bool) {

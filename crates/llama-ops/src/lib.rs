@@ -38,3 +38,10 @@ pub use loss::{cross_entropy, cross_entropy_backward, CrossEntropy, CrossEntropy
 pub use matmul::{linear, linear_backward_input, linear_backward_weight, matvec};
 pub use norm::{gemma_rms_norm, layer_norm, layer_norm_backward, rms_norm, rms_norm_backward};
 pub use quant::{quantize, QuantMatrix};
+
+/// Helpers that other crates' hot loops share: a SIMD dot product (AVX2/FMA at run time), a
+/// branch-free `exp` that vectorises, and a small dense f32 product on the `gemm` crate.
+pub mod math {
+    pub use crate::gemm_ffi::{gemm, Operand};
+    pub use crate::simd::{dot, exp, exp_shifted_sum};
+}

@@ -54,6 +54,21 @@ pub(crate) fn has_avx2_fma() -> bool {
 /// 256-bit vector code without being written in intrinsics. The body must call only
 /// `#[inline(always)]` helpers (or code the compiler inlines) to get the wider instructions.
 macro_rules! simd_fn {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma,f16c")]
+            fn avx2($($arg: $ty),*) $(-> $ret)? $body
+            fn portable($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            if $crate::simd::has_avx2_fma() {
+                // SAFETY: the CPU supports AVX2, FMA and F16C (checked just above).
+                return unsafe { avx2($($arg),*) };
+            }
+            portable($($arg),*)
+        }
+    };
     ($(#[$meta:meta])* $vis:vis fn $name:ident<$T:ident>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
         $vis fn $name<$T: llama_core::Element>($($arg: $ty),*) $(-> $ret)? {
@@ -73,7 +88,7 @@ macro_rules! simd_fn {
 pub(crate) use simd_fn;
 
 /// Σ a[i] · b[i] over the common length, in f32 with 4 × LANES partial sums.
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: the CPU supports AVX2 and FMA (checked just above).
@@ -131,7 +146,7 @@ pub(crate) fn reduce(acc: &[[f32; LANES]; 4]) -> f32 {
 /// clamped to [−87.3, 88.3]: the result saturates at the largest finite value and the smallest
 /// normal one instead of going to inf or 0, which no caller here can tell apart.
 #[inline(always)]
-pub(crate) fn exp(x: f32) -> f32 {
+pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
@@ -149,6 +164,27 @@ pub(crate) fn exp(x: f32) -> f32 {
     let p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
     e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+simd_fn! {
+    /// v ← e^(v − shift) for every element, returning their sum (a softmax row's
+    /// denominator), vectorised.
+    pub fn exp_shifted_sum(values: &mut [f32], shift: f32) -> f32 {
+        let mut lanes = [0f32; LANES];
+        let mut body = values.chunks_exact_mut(LANES);
+        for chunk in &mut body {
+            for (lane, v) in lanes.iter_mut().zip(chunk.iter_mut()) {
+                *v = exp(*v - shift);
+                *lane += *v;
+            }
+        }
+        let mut tail = 0f32;
+        for v in body.into_remainder() {
+            *v = exp(*v - shift);
+            tail += *v;
+        }
+        lanes.iter().sum::<f32>() + tail
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,404 @@
+//! Tiled attention on the CPU (FlashAttention-2's algorithm): memory O(Tq + Tk), never a
+//! Tq × Tk matrix. Shapes and the mask as in [`crate::shape`].
+//!
+//! Forward, per query row, over key tiles of K_TILE (online softmax, Milakov & Gimelshein):
+//!   m' = max(m, max_j s_j),  l' = l·e^(m − m') + Σ_j e^(s_j − m'),  o' = o·e^(m − m') + Σ_j e^(s_j − m') v_j
+//! and at the end O = o / l, L = m + ln l (the logsumexp the backward recomputes P from).
+//! Tasks: one per (batch, head, tile of Q_TILE queries); a single query per sequence (decoding)
+//! takes a (batch, kv head) task instead, so the G query heads of a group read their keys once.
+//!
+//! Backward, with Dᵢ = dOᵢ · Oᵢ and P recomputed as e^(s − L):
+//!   pass 1, one task per (batch, kv head, key tile):  dVⱼ = Σᵢ Pᵢⱼ dOᵢ,  dKⱼ = scale Σᵢ dSᵢⱼ Qᵢ
+//!   pass 2, one task per (batch, head, query tile):  dQᵢ = scale Σⱼ dSᵢⱼ Kⱼ
+//! with dSᵢⱼ = Pᵢⱼ (dOᵢ · Vⱼ − Dᵢ): two recomputations of S instead of the atomics a GPU uses.
+
+use llama_ops::math::{dot, exp, exp_shifted_sum, gemm, Operand};
+use rayon::prelude::*;
+
+use crate::error::{shape_error, Result};
+use crate::shape::{AttnShape, Mask};
+
+/// Query positions per forward task and per dQ task.
+pub const Q_TILE: usize = 128;
+/// Key positions per tile (scores of a tile stay in L1).
+pub const K_TILE: usize = 256;
+
+fn scale(s: &AttnShape) -> f32 {
+    1.0 / (s.head_dim as f32).sqrt()
+}
+
+/// Forward: O [B, H, Tq, D] and L [B, H, Tq] (−∞ for a query that sees no key; its O is 0).
+pub fn forward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s: &AttnShape,
+    mask: &Mask,
+    out: &mut [f32],
+    lse: &mut [f32],
+) -> Result<()> {
+    s.check("forward", q.len(), k.len(), v.len())?;
+    mask.check("forward", s)?;
+    if out.len() != s.q_len() || lse.len() != s.q_rows() {
+        return shape_error(
+            "forward",
+            format!(
+                "out/lse hold {}/{} values, need {}/{}",
+                out.len(),
+                lse.len(),
+                s.q_len(),
+                s.q_rows()
+            ),
+        );
+    }
+    if s.q_len() == 0 {
+        return Ok(());
+    }
+    let d = s.head_dim;
+    let rows = Rows { q, k, v, s, mask };
+    if s.seq_q == 1 {
+        // Decoding: the G heads of a kv group are consecutive rows of O and of L.
+        let g = s.group();
+        out.par_chunks_mut(g * d)
+            .zip(lse.par_chunks_mut(g))
+            .enumerate()
+            .for_each(|(bg, (o, l))| {
+                let (b, kv) = (bg / s.kv_heads, bg % s.kv_heads);
+                rows.attend(b, kv * g..(kv + 1) * g, 0..1, o, l);
+            });
+    } else {
+        out.par_chunks_mut(s.seq_q * d)
+            .zip(lse.par_chunks_mut(s.seq_q))
+            .enumerate()
+            .flat_map_iter(|(bh, (o, l))| {
+                o.chunks_mut(Q_TILE * d)
+                    .zip(l.chunks_mut(Q_TILE))
+                    .enumerate()
+                    .map(move |(t, pair)| (bh, t, pair))
+            })
+            .for_each(|(bh, t, (o, l))| {
+                let (b, h) = (bh / s.heads, bh % s.heads);
+                let first = t * Q_TILE;
+                rows.attend(b, h..h + 1, first..(first + Q_TILE).min(s.seq_q), o, l);
+            });
+    }
+    Ok(())
+}
+
+/// The inputs every task reads.
+#[derive(Clone, Copy)]
+struct Rows<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    s: &'a AttnShape,
+    mask: &'a Mask<'a>,
+}
+
+impl Rows<'_> {
+    /// Attention of the query rows (heads × positions) of sequence b, all in kv group
+    /// heads.start / G, into `out` ([heads, positions, D]) and `lse` ([heads, positions]).
+    /// The rows are consecutive in Q (one head's positions, or a group's heads when Tq = 1), so
+    /// each key tile is two small GEMMs: S = (scale · Q) Kᵀ and O += P V.
+    fn attend(
+        &self,
+        b: usize,
+        heads: std::ops::Range<usize>,
+        positions: std::ops::Range<usize>,
+        out: &mut [f32],
+        lse: &mut [f32],
+    ) {
+        let (s, d) = (self.s, self.s.head_dim);
+        let kv = heads.start / s.group();
+        let n = positions.len();
+        let rows = heads.len() * n;
+        let q0 = s.q_row(b, heads.start, positions.start);
+        let scale = scale(s);
+        let q: Vec<f32> = self.q[q0..q0 + rows * d]
+            .iter()
+            .map(|v| v * scale)
+            .collect();
+        let keys: Vec<_> = (0..rows)
+            .map(|r| self.mask.keys(s, b, positions.start + r % n))
+            .collect();
+        let first = keys.iter().map(|k| k.start).min().unwrap_or(0);
+        let last = keys.iter().map(|k| k.end).max().unwrap_or(0);
+        let mut max = vec![f32::NEG_INFINITY; rows];
+        let mut sum = vec![0f32; rows];
+        let mut scores = vec![0f32; rows * K_TILE];
+        out.fill(0.0);
+        for tile in (first..last).step_by(K_TILE) {
+            let width = K_TILE.min(last - tile);
+            let k_tile = &self.k[s.kv_row(b, kv, tile)..][..width * d];
+            let v_tile = &self.v[s.kv_row(b, kv, tile)..][..width * d];
+            let p = &mut scores[..rows * width];
+            gemm(
+                Operand::Plain(&q, rows, d),
+                Operand::Transposed(k_tile, d, width),
+                p,
+                false,
+            );
+            for (r, row) in p.chunks_mut(width).enumerate() {
+                let (lo, hi) = (
+                    keys[r].start.max(tile) - tile,
+                    keys[r].end.min(tile + width).saturating_sub(tile),
+                );
+                if lo >= hi {
+                    row.fill(0.0);
+                    continue;
+                }
+                let tile_max = row[lo..hi]
+                    .iter()
+                    .copied()
+                    .fold(f32::NEG_INFINITY, f32::max);
+                let new_max = max[r].max(tile_max);
+                let rescale = exp(max[r] - new_max);
+                row[..lo].fill(0.0);
+                row[hi..].fill(0.0);
+                let added = exp_shifted_sum(&mut row[lo..hi], new_max);
+                if rescale != 1.0 {
+                    out[r * d..(r + 1) * d]
+                        .iter_mut()
+                        .for_each(|v| *v *= rescale);
+                }
+                sum[r] = sum[r] * rescale + added;
+                max[r] = new_max;
+            }
+            gemm(
+                Operand::Plain(p, rows, width),
+                Operand::Plain(v_tile, width, d),
+                out,
+                true,
+            );
+        }
+        for r in 0..rows {
+            if sum[r] > 0.0 {
+                out[r * d..(r + 1) * d]
+                    .iter_mut()
+                    .for_each(|v| *v /= sum[r]);
+                lse[r] = max[r] + sum[r].ln();
+            } else {
+                lse[r] = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
+/// Backward: dQ [B, H, Tq, D], dK and dV [B, Hkv, S, D] (overwritten; positions ≥ Tk get 0)
+/// from the forward's inputs, its O and L, and dO.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    dout: &[f32],
+    s: &AttnShape,
+    mask: &Mask,
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) -> Result<()> {
+    s.check("backward", q.len(), k.len(), v.len())?;
+    mask.check("backward", s)?;
+    let sizes = [
+        out.len(),
+        dout.len(),
+        dq.len(),
+        lse.len(),
+        dk.len(),
+        dv.len(),
+    ];
+    if sizes
+        != [
+            s.q_len(),
+            s.q_len(),
+            s.q_len(),
+            s.q_rows(),
+            s.kv_len(),
+            s.kv_len(),
+        ]
+    {
+        return shape_error(
+            "backward",
+            format!("out, dout, dq, lse, dk, dv hold {sizes:?} values for {s:?}"),
+        );
+    }
+    let d = s.head_dim;
+    // Dᵢ = dOᵢ · Oᵢ
+    let delta: Vec<f32> = out
+        .par_chunks(d.max(1))
+        .zip(dout.par_chunks(d.max(1)))
+        .map(|(o, g)| dot(o, g))
+        .collect();
+    let grads = Grads {
+        rows: Rows { q, k, v, s, mask },
+        lse,
+        dout,
+        delta: &delta,
+        scale: scale(s),
+    };
+    // Pass 1: dK, dV by (batch, kv head, key tile).
+    let slab = s.kv_stride * d;
+    dk.par_chunks_mut(slab)
+        .zip(dv.par_chunks_mut(slab))
+        .enumerate()
+        .flat_map_iter(|(bg, (dk, dv))| {
+            dk.chunks_mut(K_TILE * d)
+                .zip(dv.chunks_mut(K_TILE * d))
+                .enumerate()
+                .map(move |(t, pair)| (bg, t, pair))
+        })
+        .for_each(|(bg, t, (dk, dv))| {
+            grads.key_tile(bg / s.kv_heads, bg % s.kv_heads, t * K_TILE, dk, dv)
+        });
+    // Pass 2: dQ by (batch, head, query tile).
+    dq.par_chunks_mut(s.seq_q * d)
+        .enumerate()
+        .flat_map_iter(|(bh, dq)| {
+            dq.chunks_mut(Q_TILE * d)
+                .enumerate()
+                .map(move |(t, dq)| (bh, t, dq))
+        })
+        .for_each(|(bh, t, dq)| grads.query_tile(bh / s.heads, bh % s.heads, t * Q_TILE, dq));
+    Ok(())
+}
+
+/// The backward's inputs, shared by the tasks.
+struct Grads<'a> {
+    rows: Rows<'a>,
+    lse: &'a [f32],
+    dout: &'a [f32],
+    delta: &'a [f32],
+    scale: f32,
+}
+
+impl Grads<'_> {
+    /// P and scale · dS of the block of m queries i0.. of (b, h) against the keys tile..tile +
+    /// width, [m, width] each: P = e^(scale · q·k − L) on each query's visible keys (0 elsewhere),
+    /// dS = P ∘ (dO Vᵀ − D).
+    #[allow(clippy::too_many_arguments)]
+    fn block(
+        &self,
+        b: usize,
+        h: usize,
+        i0: usize,
+        m: usize,
+        tile: usize,
+        width: usize,
+        p: &mut [f32],
+        ds: &mut [f32],
+    ) {
+        let Rows { q, k, v, s, mask } = self.rows;
+        let (d, kv) = (s.head_dim, h / s.group());
+        let row0 = (b * s.heads + h) * s.seq_q + i0;
+        let (qi, doi) = (&q[row0 * d..][..m * d], &self.dout[row0 * d..][..m * d]);
+        let (kj, vj) = (
+            &k[s.kv_row(b, kv, tile)..][..width * d],
+            &v[s.kv_row(b, kv, tile)..][..width * d],
+        );
+        gemm(
+            Operand::Plain(qi, m, d),
+            Operand::Transposed(kj, d, width),
+            p,
+            false,
+        );
+        gemm(
+            Operand::Plain(doi, m, d),
+            Operand::Transposed(vj, d, width),
+            ds,
+            false,
+        );
+        for r in 0..m {
+            let keys = mask.keys(s, b, i0 + r);
+            let (lo, hi) = (
+                keys.start.max(tile).min(tile + width) - tile,
+                keys.end.clamp(tile, tile + width) - tile,
+            );
+            let (pr, dr) = (
+                &mut p[r * width..(r + 1) * width],
+                &mut ds[r * width..(r + 1) * width],
+            );
+            let (l, delta) = (self.lse[row0 + r], self.delta[row0 + r]);
+            for c in 0..width {
+                if (lo..hi).contains(&c) {
+                    pr[c] = exp(self.scale * pr[c] - l);
+                    dr[c] = self.scale * pr[c] * (dr[c] - delta);
+                } else {
+                    pr[c] = 0.0;
+                    dr[c] = 0.0;
+                }
+            }
+        }
+    }
+
+    /// dK, dV rows first.. of (b, kv head g): dV += Pᵀ dO and dK += scale · dSᵀ Q over every
+    /// query tile of every head of the group.
+    fn key_tile(&self, b: usize, g: usize, first: usize, dk: &mut [f32], dv: &mut [f32]) {
+        let Rows { q, s, .. } = self.rows;
+        let d = s.head_dim;
+        dk.fill(0.0);
+        dv.fill(0.0);
+        if first >= s.seq_k {
+            return;
+        }
+        let width = (dk.len() / d).min(s.seq_k - first);
+        let (dk, dv) = (&mut dk[..width * d], &mut dv[..width * d]);
+        let mut p = vec![0f32; Q_TILE * width];
+        let mut ds = vec![0f32; Q_TILE * width];
+        // Causal: queries before the tile's first key (in absolute positions) see none of it.
+        let i_start = if self.rows.mask.causal {
+            first.saturating_sub(s.q_offset())
+        } else {
+            0
+        };
+        for h in g * s.group()..(g + 1) * s.group() {
+            for i0 in (i_start..s.seq_q).step_by(Q_TILE) {
+                let m = Q_TILE.min(s.seq_q - i0);
+                let (p, ds) = (&mut p[..m * width], &mut ds[..m * width]);
+                self.block(b, h, i0, m, first, width, p, ds);
+                let row0 = ((b * s.heads + h) * s.seq_q + i0) * d;
+                gemm(
+                    Operand::Transposed(p, width, m),
+                    Operand::Plain(&self.dout[row0..][..m * d], m, d),
+                    dv,
+                    true,
+                );
+                gemm(
+                    Operand::Transposed(ds, width, m),
+                    Operand::Plain(&q[row0..][..m * d], m, d),
+                    dk,
+                    true,
+                );
+            }
+        }
+    }
+
+    /// dQ rows first.. of (b, h): dQ += scale · dS K over the key tiles these queries see.
+    fn query_tile(&self, b: usize, h: usize, first: usize, dq: &mut [f32]) {
+        let Rows { k, s, mask, .. } = self.rows;
+        let d = s.head_dim;
+        let kv = h / s.group();
+        let m = dq.len() / d;
+        dq.fill(0.0);
+        let (lo, hi) = (0..m)
+            .map(|r| mask.keys(s, b, first + r))
+            .fold((usize::MAX, 0), |(lo, hi), k| {
+                (lo.min(k.start), hi.max(k.end))
+            });
+        let mut p = vec![0f32; m * K_TILE];
+        let mut ds = vec![0f32; m * K_TILE];
+        for tile in (lo..hi).step_by(K_TILE) {
+            let width = K_TILE.min(hi - tile);
+            let (p, ds) = (&mut p[..m * width], &mut ds[..m * width]);
+            self.block(b, h, first, m, tile, width, p, ds);
+            gemm(
+                Operand::Plain(ds, m, width),
+                Operand::Plain(&k[s.kv_row(b, kv, tile)..][..width * d], width, d),
+                dq,
+                true,
+            );
+        }
+    }
+}

@@ -1,0 +1,460 @@
+//! The Llama attention layer (HF `LlamaAttention`), forward and backward side by side.
+//! Letters: B batch, T positions, C hidden size, H / Hkv heads, D head_dim.
+//!
+//!   forward:  q = x Wqᵀ, k = x Wkᵀ, v = x Wvᵀ      x [B, T, C] → [B, T, H·D], [B, T, Hkv·D]
+//!             split heads → [B, H, T, D]; RoPE on q, k
+//!             a = attention(q, k, v)               [B, H, T, D]
+//!             out = merge(a) Woᵀ                   [B, T, C]
+//!   backward: dWo = doutᵀ merge(a), da = split(dout Wo)
+//!             dq, dk, dv = attention backward; RoPE backward on dq, dk; merge
+//!             dWq = dqᵀ x (likewise k, v), dx = dq Wq + dk Wk + dv Wv
+//!   decode:   the same forward for the new positions, with k, v appended to a [`KvCache`]
+//!             and attention over all its positions.
+
+use llama_ops::{linear, linear_backward_input, linear_backward_weight};
+use llama_rope::{apply, apply_backward, QkShape, RopeConfig, RotaryEmbedding};
+use serde_json::Value;
+
+use crate::error::{shape_error, AttnError, Result};
+use crate::flash;
+use crate::kv_cache::KvCache;
+use crate::shape::{AttnShape, Mask};
+
+/// The sizes of an attention layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionConfig {
+    pub hidden_size: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl AttentionConfig {
+    /// Checks that the heads fit together.
+    pub fn new(
+        hidden_size: usize,
+        num_heads: usize,
+        num_kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
+        let bad = |field, value: usize, reason: &str| {
+            Err(AttnError::Config {
+                field,
+                value: value.to_string(),
+                reason: reason.into(),
+            })
+        };
+        for (field, value) in [
+            ("hidden_size", hidden_size),
+            ("num_attention_heads", num_heads),
+            ("head_dim", head_dim),
+        ] {
+            if value == 0 {
+                return bad(field, value, "must be at least 1");
+            }
+        }
+        if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+            return bad(
+                "num_key_value_heads",
+                num_kv_heads,
+                &format!("must divide num_attention_heads = {num_heads}"),
+            );
+        }
+        Ok(AttentionConfig {
+            hidden_size,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+        })
+    }
+
+    /// From an HF `config.json` (head_dim defaults to hidden_size / num_attention_heads,
+    /// num_key_value_heads to num_attention_heads).
+    pub fn from_hf_config(config: &Value) -> Result<Self> {
+        let get = |key: &'static str| -> Result<Option<usize>> {
+            match config.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => v
+                    .as_u64()
+                    .map(|v| Some(v as usize))
+                    .ok_or_else(|| AttnError::Config {
+                        field: key,
+                        value: v.to_string(),
+                        reason: "must be a non-negative integer".into(),
+                    }),
+            }
+        };
+        let need = |key: &'static str| -> Result<usize> {
+            get(key)?.ok_or_else(|| AttnError::Config {
+                field: key,
+                value: "missing".into(),
+                reason: "config.json lacks it".into(),
+            })
+        };
+        let hidden = need("hidden_size")?;
+        let heads = need("num_attention_heads")?;
+        let kv_heads = get("num_key_value_heads")?.unwrap_or(heads);
+        let head_dim = get("head_dim")?.unwrap_or(hidden / heads.max(1));
+        AttentionConfig::new(hidden, heads, kv_heads, head_dim)
+    }
+
+    fn q_width(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+
+    fn kv_width(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+}
+
+/// One attention layer in f32: HF's weights ([out, in]) and the rotary embedding.
+pub struct LlamaAttention {
+    pub config: AttentionConfig,
+    pub q_proj: Vec<f32>,
+    pub k_proj: Vec<f32>,
+    pub v_proj: Vec<f32>,
+    pub o_proj: Vec<f32>,
+    rope: RotaryEmbedding,
+}
+
+/// What the forward keeps for the backward.
+pub struct Saved {
+    x: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    lse: Vec<f32>,
+    positions: Vec<u32>,
+    padding: Option<Vec<usize>>,
+    batch: usize,
+    seq: usize,
+}
+
+/// Weight gradients of one backward, [out, in] like the weights.
+#[derive(Clone, Debug)]
+pub struct AttentionGrads {
+    pub q_proj: Vec<f32>,
+    pub k_proj: Vec<f32>,
+    pub v_proj: Vec<f32>,
+    pub o_proj: Vec<f32>,
+}
+
+/// Swaps the T and heads axes of [B, T, heads, D] (split: `to_heads` true, giving
+/// [B, heads, T, D]) or of [B, heads, T, D] (merge: `to_heads` false).
+fn swap_axes(
+    x: &[f32],
+    batch: usize,
+    seq: usize,
+    heads: usize,
+    d: usize,
+    to_heads: bool,
+) -> Vec<f32> {
+    let mut out = vec![0.0; x.len()];
+    for b in 0..batch {
+        for t in 0..seq {
+            for h in 0..heads {
+                let token_major = ((b * seq + t) * heads + h) * d;
+                let head_major = ((b * heads + h) * seq + t) * d;
+                let (src, dst) = if to_heads {
+                    (token_major, head_major)
+                } else {
+                    (head_major, token_major)
+                };
+                out[dst..dst + d].copy_from_slice(&x[src..src + d]);
+            }
+        }
+    }
+    out
+}
+
+/// [B, T, heads·D] → [B, heads, T, D].
+fn split_heads(y: &[f32], batch: usize, seq: usize, heads: usize, d: usize) -> Vec<f32> {
+    swap_axes(y, batch, seq, heads, d, true)
+}
+
+/// [B, heads, T, D] → [B, T, heads·D].
+fn merge_heads(a: &[f32], batch: usize, seq: usize, heads: usize, d: usize) -> Vec<f32> {
+    swap_axes(a, batch, seq, heads, d, false)
+}
+
+impl LlamaAttention {
+    /// A layer from its four weights (HF's [out, in] layout) and RoPE settings.
+    pub fn new(
+        config: AttentionConfig,
+        q_proj: Vec<f32>,
+        k_proj: Vec<f32>,
+        v_proj: Vec<f32>,
+        o_proj: Vec<f32>,
+        rope: RopeConfig,
+    ) -> Result<LlamaAttention> {
+        let c = config.hidden_size;
+        for (name, w, len) in [
+            ("q_proj", &q_proj, config.q_width() * c),
+            ("k_proj", &k_proj, config.kv_width() * c),
+            ("v_proj", &v_proj, config.kv_width() * c),
+            ("o_proj", &o_proj, c * config.q_width()),
+        ] {
+            if w.len() != len {
+                return shape_error(
+                    "LlamaAttention::new",
+                    format!("{name} holds {} values, {config:?} needs {len}", w.len()),
+                );
+            }
+        }
+        Ok(LlamaAttention {
+            config,
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
+            rope: RotaryEmbedding::new(rope),
+        })
+    }
+
+    /// q, k, v of x [B, T, C], split into heads and rotated: [B, H, T, D], [B, Hkv, T, D] × 2.
+    fn qkv(
+        &mut self,
+        x: &[f32],
+        batch: usize,
+        seq: usize,
+        positions: &[u32],
+    ) -> Result<[Vec<f32>; 3]> {
+        let cfg = self.config;
+        let (c, d) = (cfg.hidden_size, cfg.head_dim);
+        let project = |w: &[f32], width: usize| -> Result<Vec<f32>> {
+            let mut y = vec![0.0; batch * seq * width];
+            linear(x, w, c, &mut y)?;
+            Ok(split_heads(&y, batch, seq, width / d, d))
+        };
+        let (mut q, mut k, v) = (
+            project(&self.q_proj, cfg.q_width())?,
+            project(&self.k_proj, cfg.kv_width())?,
+            project(&self.v_proj, cfg.kv_width())?,
+        );
+        let table_len = positions.iter().max().map_or(0, |&p| p as usize + 1);
+        let tables = self.rope.tables(table_len)?;
+        apply(
+            &mut q,
+            QkShape {
+                batch,
+                heads: cfg.num_heads,
+                seq,
+                head_dim: d,
+            },
+            &tables,
+            positions,
+        )?;
+        apply(
+            &mut k,
+            QkShape {
+                batch,
+                heads: cfg.num_kv_heads,
+                seq,
+                head_dim: d,
+            },
+            &tables,
+            positions,
+        )?;
+        Ok([q, k, v])
+    }
+
+    /// out [B, T, C] = merge(a) Woᵀ.
+    fn output(&self, attn: &[f32], batch: usize, seq: usize) -> Result<Vec<f32>> {
+        let cfg = self.config;
+        let merged = merge_heads(attn, batch, seq, cfg.num_heads, cfg.head_dim);
+        let mut out = vec![0.0; batch * seq * cfg.hidden_size];
+        linear(&merged, &self.o_proj, cfg.q_width(), &mut out)?;
+        Ok(out)
+    }
+
+    fn check_input(&self, op: &'static str, x: &[f32], batch: usize) -> Result<usize> {
+        let row = self.config.hidden_size * batch;
+        if batch == 0 || x.len() % row != 0 {
+            return shape_error(
+                op,
+                format!(
+                    "x holds {} values, not [batch {batch}, T, hidden {}]",
+                    x.len(),
+                    self.config.hidden_size
+                ),
+            );
+        }
+        Ok(x.len() / row)
+    }
+
+    /// Training/prefill forward: x [B, T, C] at `positions` (T ids, or B·T for left-padded
+    /// batches), causal, keys before `padding[b]` masked. Returns out [B, T, C] and what the
+    /// backward needs.
+    pub fn forward(
+        &mut self,
+        x: &[f32],
+        batch: usize,
+        positions: &[u32],
+        padding: Option<&[usize]>,
+    ) -> Result<(Vec<f32>, Saved)> {
+        let seq = self.check_input("forward", x, batch)?;
+        let cfg = self.config;
+        let [q, k, v] = self.qkv(x, batch, seq, positions)?;
+        let shape =
+            AttnShape::self_attention(batch, cfg.num_heads, cfg.num_kv_heads, seq, cfg.head_dim);
+        let mask = Mask {
+            causal: true,
+            padding,
+        };
+        let mut attn = vec![0.0; shape.q_len()];
+        let mut lse = vec![0.0; shape.q_rows()];
+        flash::forward(&q, &k, &v, &shape, &mask, &mut attn, &mut lse)?;
+        let out = self.output(&attn, batch, seq)?;
+        let saved = Saved {
+            x: x.to_vec(),
+            q,
+            k,
+            v,
+            attn,
+            lse,
+            positions: positions.to_vec(),
+            padding: padding.map(<[usize]>::to_vec),
+            batch,
+            seq,
+        };
+        Ok((out, saved))
+    }
+
+    /// Backward of [`Self::forward`] for upstream dout [B, T, C]: dx [B, T, C] and the weight
+    /// gradients.
+    pub fn backward(&mut self, saved: &Saved, dout: &[f32]) -> Result<(Vec<f32>, AttentionGrads)> {
+        let cfg = self.config;
+        let (batch, seq, c, d) = (saved.batch, saved.seq, cfg.hidden_size, cfg.head_dim);
+        if dout.len() != saved.x.len() {
+            return shape_error(
+                "backward",
+                format!("dout holds {} values, x held {}", dout.len(), saved.x.len()),
+            );
+        }
+        // out = merge(a) Woᵀ
+        let merged = merge_heads(&saved.attn, batch, seq, cfg.num_heads, d);
+        let mut o_grad = vec![0.0; self.o_proj.len()];
+        linear_backward_weight(dout, &merged, cfg.q_width(), &mut o_grad)?;
+        let mut d_merged = vec![0.0; merged.len()];
+        linear_backward_input(dout, &self.o_proj, cfg.q_width(), &mut d_merged)?;
+        // attention
+        let shape = AttnShape::self_attention(batch, cfg.num_heads, cfg.num_kv_heads, seq, d);
+        let mask = Mask {
+            causal: true,
+            padding: saved.padding.as_deref(),
+        };
+        let d_attn = split_heads(&d_merged, batch, seq, cfg.num_heads, d);
+        let (mut dq, mut dk, mut dv) = (
+            vec![0.0; saved.q.len()],
+            vec![0.0; saved.k.len()],
+            vec![0.0; saved.v.len()],
+        );
+        flash::backward(
+            &saved.q,
+            &saved.k,
+            &saved.v,
+            &saved.attn,
+            &saved.lse,
+            &d_attn,
+            &shape,
+            &mask,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+        )?;
+        // RoPE
+        let table_len = saved.positions.iter().max().map_or(0, |&p| p as usize + 1);
+        let tables = self.rope.tables(table_len)?;
+        apply_backward(
+            &mut dq,
+            QkShape {
+                batch,
+                heads: cfg.num_heads,
+                seq,
+                head_dim: d,
+            },
+            &tables,
+            &saved.positions,
+        )?;
+        apply_backward(
+            &mut dk,
+            QkShape {
+                batch,
+                heads: cfg.num_kv_heads,
+                seq,
+                head_dim: d,
+            },
+            &tables,
+            &saved.positions,
+        )?;
+        // projections
+        let mut dx = vec![0.0; saved.x.len()];
+        let mut grads = AttentionGrads {
+            q_proj: vec![],
+            k_proj: vec![],
+            v_proj: vec![],
+            o_proj: o_grad,
+        };
+        for (g, w, heads, grad) in [
+            (dq, &self.q_proj, cfg.num_heads, &mut grads.q_proj),
+            (dk, &self.k_proj, cfg.num_kv_heads, &mut grads.k_proj),
+            (dv, &self.v_proj, cfg.num_kv_heads, &mut grads.v_proj),
+        ] {
+            let flat = merge_heads(&g, batch, seq, heads, d);
+            *grad = vec![0.0; w.len()];
+            linear_backward_weight(&flat, &saved.x, c, grad)?;
+            let mut part = vec![0.0; dx.len()];
+            linear_backward_input(&flat, w, c, &mut part)?;
+            dx.iter_mut().zip(&part).for_each(|(a, b)| *a += b);
+        }
+        Ok((dx, grads))
+    }
+
+    /// Prefill or decode against a cache: x [B, T, C] are the next T positions of each
+    /// sequence (`positions`: T ids, or B·T with left padding); their keys and values are
+    /// appended to `cache` and they attend to everything it holds. T = 1 is one decode step.
+    pub fn forward_cached(
+        &mut self,
+        x: &[f32],
+        batch: usize,
+        positions: &[u32],
+        cache: &mut KvCache,
+    ) -> Result<Vec<f32>> {
+        let seq = self.check_input("forward_cached", x, batch)?;
+        let cfg = self.config;
+        let [q, k, v] = self.qkv(x, batch, seq, positions)?;
+        cache.append(&k, &v, seq)?;
+        let shape = cache.shape(cfg.num_heads, seq);
+        let mut attn = vec![0.0; shape.q_len()];
+        let mut lse = vec![0.0; shape.q_rows()];
+        flash::forward(
+            &q,
+            cache.keys(),
+            cache.values(),
+            &shape,
+            &cache.mask(),
+            &mut attn,
+            &mut lse,
+        )?;
+        self.output(&attn, batch, seq)
+    }
+
+    /// A cache sized for this layer: `capacity` positions to start, growing by `increment`.
+    pub fn new_cache(
+        &self,
+        batch: usize,
+        capacity: usize,
+        increment: usize,
+        max_len: usize,
+    ) -> Result<KvCache> {
+        KvCache::new(
+            batch,
+            self.config.num_kv_heads,
+            self.config.head_dim,
+            capacity,
+            increment,
+            max_len,
+        )
+    }
+}
