@@ -8,10 +8,12 @@
 //! - [`LlamaAttention`]: the layer — Q/K/V/O projections, RoPE, attention — forward and
 //!   backward (`LlamaAttention_fast_forward`) and one decode step against the cache
 //!   (`LlamaAttention_fast_forward_inference`);
+//! - [`cuda`]: the forward (with split-K decoding) and backward as CUDA kernels;
 //! - [`reference`]: the same in f64 with the whole score matrix, for tests.
 //!
 //! Shapes and letters are set out in [`AttnShape`].
 
+pub mod cuda;
 mod error;
 mod flash;
 mod kv_cache;

@@ -1,0 +1,283 @@
+//! Attention on a CUDA device (`kernels/attention.cu`): the counterparts of [`crate::forward`]
+//! and [`crate::backward`] over device buffers, f32 math for f32/f16/bf16 tensors. A warp owns a
+//! query row (a key row in the dK/dV pass); when there are too few query rows to fill the GPU —
+//! decoding — the keys are split across warps and the partial softmaxes merged
+//! (flash-decoding). head_dim ≤ 256.
+
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use llama_core::cuda::{CudaDevice, KernelSource};
+use llama_ops::cuda::CudaElement;
+
+use crate::error::{shape_error, Result};
+use crate::shape::{AttnShape, Mask};
+
+const ATTENTION: KernelSource = KernelSource {
+    name: "attention",
+    code: include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../kernels/attention.cu"
+    )),
+};
+
+/// Largest head_dim the kernels hold in registers (`ATT_MAX_D`).
+pub const MAX_HEAD_DIM: usize = 256;
+/// Warps per block.
+const WARPS: usize = 8;
+/// Query-row warps below which the forward splits the keys.
+const SPLIT_BELOW_WARPS: usize = 8192;
+/// Keys per split, at least.
+const MIN_SPLIT_KEYS: usize = 128;
+
+/// The kernels' `AttnDims`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct AttnDims {
+    batch: u32,
+    heads: u32,
+    kv_heads: u32,
+    seq_q: u32,
+    seq_k: u32,
+    kv_stride: u32,
+    head_dim: u32,
+    causal: i32,
+}
+
+// SAFETY: AttnDims is #[repr(C)], eight 4-byte integers, exactly the layout of the kernels'
+// `struct AttnDims`, and holds no pointers.
+unsafe impl DeviceRepr for AttnDims {}
+
+fn dims(s: &AttnShape, mask: &Mask) -> Result<AttnDims> {
+    let u = |what: &'static str, v: usize| {
+        u32::try_from(v).map_err(|_| crate::AttnError::Shape {
+            op: "cuda",
+            reason: format!("{what} = {v} exceeds 32 bits"),
+        })
+    };
+    if s.head_dim > MAX_HEAD_DIM {
+        return shape_error(
+            "cuda",
+            format!(
+                "head_dim {} exceeds the kernels' {MAX_HEAD_DIM}",
+                s.head_dim
+            ),
+        );
+    }
+    Ok(AttnDims {
+        batch: u("batch", s.batch)?,
+        heads: u("heads", s.heads)?,
+        kv_heads: u("kv_heads", s.kv_heads)?,
+        seq_q: u("seq_q", s.seq_q)?,
+        seq_k: u("seq_k", s.seq_k)?,
+        kv_stride: u("kv_stride", s.kv_stride)?,
+        head_dim: u("head_dim", s.head_dim)?,
+        causal: i32::from(mask.causal),
+    })
+}
+
+/// A launch of one warp per item.
+fn warps(items: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (items.div_ceil(WARPS).max(1) as u32, 1, 1),
+        block_dim: (32 * WARPS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The padding on the device (None: no padding).
+fn upload_padding(device: &CudaDevice, mask: &Mask) -> Result<Option<CudaSlice<i32>>> {
+    mask.padding
+        .map(|p| {
+            let p: Vec<i32> = p.iter().map(|&v| v.min(i32::MAX as usize) as i32).collect();
+            device.htod(&p).map_err(Into::into)
+        })
+        .transpose()
+}
+
+fn launched<T>(kernel: &str, r: std::result::Result<T, cudarc::driver::DriverError>) -> Result<()> {
+    r.map(|_| ())
+        .map_err(|e| llama_core::Error::cuda(kernel, e).into())
+}
+
+/// Key splits for `rows` query rows over `seq_k` keys: enough warps to fill the GPU.
+fn splits_for(rows: usize, seq_k: usize) -> usize {
+    if rows >= SPLIT_BELOW_WARPS {
+        return 1;
+    }
+    SPLIT_BELOW_WARPS
+        .div_ceil(rows.max(1))
+        .min(seq_k.div_ceil(MIN_SPLIT_KEYS))
+        .max(1)
+}
+
+/// Forward: O [B, H, Tq, D] and L [B, H, Tq] on the device (see [`crate::forward`]).
+#[allow(clippy::too_many_arguments)]
+pub fn forward<T: CudaElement>(
+    device: &CudaDevice,
+    q: &CudaSlice<T>,
+    k: &CudaSlice<T>,
+    v: &CudaSlice<T>,
+    s: &AttnShape,
+    mask: &Mask,
+    out: &mut CudaSlice<T>,
+    lse: &mut CudaSlice<f32>,
+) -> Result<()> {
+    s.check("cuda forward", q.len(), k.len(), v.len())?;
+    mask.check("cuda forward", s)?;
+    if out.len() != s.q_len() || lse.len() != s.q_rows() {
+        return shape_error(
+            "cuda forward",
+            format!(
+                "out/lse hold {}/{} values, need {}/{}",
+                out.len(),
+                lse.len(),
+                s.q_len(),
+                s.q_rows()
+            ),
+        );
+    }
+    let rows = s.q_rows();
+    if rows == 0 {
+        return Ok(());
+    }
+    let d = dims(s, mask)?;
+    let pad = upload_padding(device, mask)?;
+    let splits = splits_for(rows, s.seq_k);
+    let split_len = s.seq_k.div_ceil(splits).max(1) as u32;
+    let (mut part_ml, mut part_o) = if splits > 1 {
+        (
+            device.zeros::<f32>(2 * rows * splits)?,
+            device.zeros::<f32>(rows * splits * s.head_dim)?,
+        )
+    } else {
+        (device.zeros::<f32>(1)?, device.zeros::<f32>(1)?)
+    };
+    let name = format!("attn_forward_{}", T::SUFFIX);
+    let f = device.function(&ATTENTION, &name)?;
+    let (null, splits_u, scale) = (0u64, splits as u32, 1.0 / (s.head_dim as f32).sqrt());
+    let mut launch = device.stream().launch_builder(&f);
+    launch.arg(q).arg(k).arg(v);
+    match &pad {
+        Some(p) => launch.arg(p),
+        None => launch.arg(&null),
+    };
+    launch
+        .arg(&mut *out)
+        .arg(&mut *lse)
+        .arg(&mut part_ml)
+        .arg(&mut part_o)
+        .arg(&d)
+        .arg(&splits_u)
+        .arg(&split_len)
+        .arg(&scale);
+    // SAFETY: q, k, v, out and lse hold the sizes `s` describes (checked); pad holds one entry
+    // per sequence or is null; the partial buffers hold rows · splits entries when splits > 1;
+    // warps past rows · splits return at once.
+    launched(&name, unsafe { launch.launch(warps(rows * splits)) })?;
+    if splits > 1 {
+        let name = format!("attn_merge_{}", T::SUFFIX);
+        let f = device.function(&ATTENTION, &name)?;
+        let dim = s.head_dim as u32;
+        let mut launch = device.stream().launch_builder(&f);
+        launch
+            .arg(&part_ml)
+            .arg(&part_o)
+            .arg(out)
+            .arg(lse)
+            .arg(&rows)
+            .arg(&splits_u)
+            .arg(&dim);
+        // SAFETY: the partials of rows · splits slots written above; out and lse as checked.
+        launched(&name, unsafe { launch.launch(warps(rows)) })?;
+    }
+    Ok(())
+}
+
+/// Backward: dQ, dK, dV on the device from the forward's inputs, O, L and dO (see
+/// [`crate::backward`]); deterministic (no atomics): one warp per query for dQ, one per key
+/// for dK and dV.
+#[allow(clippy::too_many_arguments)]
+pub fn backward<T: CudaElement>(
+    device: &CudaDevice,
+    q: &CudaSlice<T>,
+    k: &CudaSlice<T>,
+    v: &CudaSlice<T>,
+    out: &CudaSlice<T>,
+    lse: &CudaSlice<f32>,
+    dout: &CudaSlice<T>,
+    s: &AttnShape,
+    mask: &Mask,
+    dq: &mut CudaSlice<T>,
+    dk: &mut CudaSlice<T>,
+    dv: &mut CudaSlice<T>,
+) -> Result<()> {
+    s.check("cuda backward", q.len(), k.len(), v.len())?;
+    mask.check("cuda backward", s)?;
+    let sizes = [
+        out.len(),
+        dout.len(),
+        dq.len(),
+        lse.len(),
+        dk.len(),
+        dv.len(),
+    ];
+    if sizes
+        != [
+            s.q_len(),
+            s.q_len(),
+            s.q_len(),
+            s.q_rows(),
+            s.kv_len(),
+            s.kv_len(),
+        ]
+    {
+        return shape_error(
+            "cuda backward",
+            format!("out, dout, dq, lse, dk, dv hold {sizes:?} values for {s:?}"),
+        );
+    }
+    let rows = s.q_rows();
+    let d = dims(s, mask)?;
+    let pad = upload_padding(device, mask)?;
+    let (null, scale, dim) = (0u64, 1.0 / (s.head_dim as f32).sqrt(), s.head_dim as u32);
+    let mut delta = device.zeros::<f32>(rows.max(1))?;
+    if rows > 0 {
+        let name = format!("attn_delta_{}", T::SUFFIX);
+        let f = device.function(&ATTENTION, &name)?;
+        let mut launch = device.stream().launch_builder(&f);
+        launch
+            .arg(out)
+            .arg(dout)
+            .arg(&mut delta)
+            .arg(&rows)
+            .arg(&dim);
+        // SAFETY: out and dout hold rows · D values, delta rows.
+        launched(&name, unsafe { launch.launch(warps(rows)) })?;
+
+        let name = format!("attn_dq_{}", T::SUFFIX);
+        let f = device.function(&ATTENTION, &name)?;
+        let mut launch = device.stream().launch_builder(&f);
+        launch.arg(q).arg(k).arg(v).arg(dout).arg(lse).arg(&delta);
+        match &pad {
+            Some(p) => launch.arg(p),
+            None => launch.arg(&null),
+        };
+        launch.arg(dq).arg(&d).arg(&scale);
+        // SAFETY: sizes as checked above; one warp per query row.
+        launched(&name, unsafe { launch.launch(warps(rows)) })?;
+    }
+    let keys = s.batch * s.kv_heads * s.kv_stride;
+    if keys > 0 {
+        let name = format!("attn_dkv_{}", T::SUFFIX);
+        let f = device.function(&ATTENTION, &name)?;
+        let mut launch = device.stream().launch_builder(&f);
+        launch.arg(q).arg(k).arg(v).arg(dout).arg(lse).arg(&delta);
+        match &pad {
+            Some(p) => launch.arg(p),
+            None => launch.arg(&null),
+        };
+        launch.arg(dk).arg(dv).arg(&d).arg(&scale);
+        // SAFETY: sizes as checked above; one warp per key row, every row of dK and dV written.
+        launched(&name, unsafe { launch.launch(warps(keys)) })?;
+    }
+    Ok(())
+}

@@ -1,0 +1,203 @@
+//! The CUDA attention kernels against the CPU path (suite `attention`): forward and backward on
+//! grouped-query shapes with causal and padding masks, queries that are a suffix of the keys, a
+//! key stride past the keys (a cache), split-K decoding over long contexts, head dims that do
+//! not fill a warp's lanes, and bf16 tensors. Skipped, and counted, without a GPU.
+
+use llama_attn::{cuda, AttnShape, Mask};
+use llama_core::bf16;
+use llama_fixtures::{assert_close, cuda_or_skip, TestRng};
+
+/// (shape, causal, padded)
+fn cases() -> Vec<(AttnShape, bool, bool)> {
+    let s = |batch, heads, kv_heads, seq_q, seq_k, kv_stride, head_dim| AttnShape {
+        batch,
+        heads,
+        kv_heads,
+        seq_q,
+        seq_k,
+        kv_stride,
+        head_dim,
+    };
+    vec![
+        (s(2, 4, 2, 37, 37, 37, 16), true, false),
+        (s(1, 9, 3, 130, 130, 130, 64), true, true),
+        (s(2, 8, 8, 5, 70, 96, 128), true, true),
+        (s(1, 3, 1, 17, 17, 20, 200), false, false),
+        (s(3, 6, 2, 1, 3001, 3100, 128), true, true),
+        (s(1, 32, 8, 1, 513, 513, 128), true, false),
+    ]
+}
+
+#[test]
+fn forward_and_backward_match_the_cpu() {
+    let Some(gpu) = cuda_or_skip!() else { return };
+    let mut rng = TestRng::new(3);
+    for (s, causal, padded) in cases() {
+        let name = format!("{s:?} causal={causal} padded={padded}");
+        let padding: Vec<usize> = (0..s.batch)
+            .map(|b| {
+                if padded {
+                    (b * 7) % (s.seq_k / 2 + 1)
+                } else {
+                    0
+                }
+            })
+            .collect();
+        let mask = Mask {
+            causal,
+            padding: padded.then_some(&padding[..]),
+        };
+        let (q, k, v, dout) = (
+            rng.vec(s.q_len(), 2.0),
+            rng.vec(s.kv_len(), 2.0),
+            rng.vec(s.kv_len(), 1.0),
+            rng.vec(s.q_len(), 1.0),
+        );
+        let (mut out, mut lse) = (vec![0f32; s.q_len()], vec![0f32; s.q_rows()]);
+        llama_attn::forward(&q, &k, &v, &s, &mask, &mut out, &mut lse).unwrap();
+        let (qd, kd, vd) = (
+            gpu.htod(&q).unwrap(),
+            gpu.htod(&k).unwrap(),
+            gpu.htod(&v).unwrap(),
+        );
+        let (mut od, mut ld) = (
+            gpu.zeros::<f32>(s.q_len()).unwrap(),
+            gpu.zeros::<f32>(s.q_rows()).unwrap(),
+        );
+        cuda::forward(&gpu, &qd, &kd, &vd, &s, &mask, &mut od, &mut ld).unwrap();
+        assert_close(
+            &format!("out {name}"),
+            &gpu.dtoh(&od).unwrap(),
+            &out,
+            &[s.q_len()],
+            1e-5,
+        );
+        let finite = |v: Vec<f32>| {
+            v.into_iter()
+                .map(|x| if x.is_finite() { x } else { -1e30 })
+                .collect::<Vec<_>>()
+        };
+        assert_close(
+            &format!("lse {name}"),
+            &finite(gpu.dtoh(&ld).unwrap()),
+            &finite(lse.clone()),
+            &[s.q_rows()],
+            1e-5,
+        );
+
+        let (mut dq, mut dk, mut dv) = (
+            vec![0f32; s.q_len()],
+            vec![0f32; s.kv_len()],
+            vec![0f32; s.kv_len()],
+        );
+        llama_attn::backward(
+            &q, &k, &v, &out, &lse, &dout, &s, &mask, &mut dq, &mut dk, &mut dv,
+        )
+        .unwrap();
+        let dod = gpu.htod(&dout).unwrap();
+        let mut dqd = gpu.zeros::<f32>(s.q_len()).unwrap();
+        let (mut dkd, mut dvd) = (
+            gpu.zeros::<f32>(s.kv_len()).unwrap(),
+            gpu.zeros::<f32>(s.kv_len()).unwrap(),
+        );
+        cuda::backward(
+            &gpu, &qd, &kd, &vd, &od, &ld, &dod, &s, &mask, &mut dqd, &mut dkd, &mut dvd,
+        )
+        .unwrap();
+        assert_close(
+            &format!("dq {name}"),
+            &gpu.dtoh(&dqd).unwrap(),
+            &dq,
+            &[s.q_len()],
+            1e-4,
+        );
+        assert_close(
+            &format!("dk {name}"),
+            &gpu.dtoh(&dkd).unwrap(),
+            &dk,
+            &[s.kv_len()],
+            1e-4,
+        );
+        assert_close(
+            &format!("dv {name}"),
+            &gpu.dtoh(&dvd).unwrap(),
+            &dv,
+            &[s.kv_len()],
+            1e-4,
+        );
+    }
+}
+
+#[test]
+fn bf16_forward_matches_the_cpu_on_the_same_inputs() {
+    let Some(gpu) = cuda_or_skip!() else { return };
+    let mut rng = TestRng::new(4);
+    for (s, causal, padded) in cases() {
+        let padding = vec![1usize; s.batch];
+        let mask = Mask {
+            causal,
+            padding: padded.then_some(&padding[..]),
+        };
+        let round = |v: Vec<f32>| v.into_iter().map(bf16::from_f32).collect::<Vec<bf16>>();
+        let (q, k, v) = (
+            round(rng.vec(s.q_len(), 2.0)),
+            round(rng.vec(s.kv_len(), 2.0)),
+            round(rng.vec(s.kv_len(), 1.0)),
+        );
+        let widen = |v: &[bf16]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+        let (mut out, mut lse) = (vec![0f32; s.q_len()], vec![0f32; s.q_rows()]);
+        llama_attn::forward(
+            &widen(&q),
+            &widen(&k),
+            &widen(&v),
+            &s,
+            &mask,
+            &mut out,
+            &mut lse,
+        )
+        .unwrap();
+        let mut od = gpu.zeros::<bf16>(s.q_len()).unwrap();
+        let mut ld = gpu.zeros::<f32>(s.q_rows()).unwrap();
+        cuda::forward(
+            &gpu,
+            &gpu.htod(&q).unwrap(),
+            &gpu.htod(&k).unwrap(),
+            &gpu.htod(&v).unwrap(),
+            &s,
+            &mask,
+            &mut od,
+            &mut ld,
+        )
+        .unwrap();
+        assert_close(
+            &format!("bf16 out {s:?}"),
+            &widen(&gpu.dtoh(&od).unwrap()),
+            &out,
+            &[s.q_len()],
+            1e-2,
+        );
+    }
+}
+
+#[test]
+fn head_dims_past_the_kernels_limit_are_errors() {
+    let Some(gpu) = cuda_or_skip!() else { return };
+    let s = AttnShape::self_attention(1, 1, 1, 2, 300);
+    let buf = gpu.zeros::<f32>(s.q_len()).unwrap();
+    let (mut out, mut lse) = (
+        gpu.zeros::<f32>(s.q_len()).unwrap(),
+        gpu.zeros::<f32>(s.q_rows()).unwrap(),
+    );
+    let err = cuda::forward(
+        &gpu,
+        &buf,
+        &buf,
+        &buf,
+        &s,
+        &Mask::causal(),
+        &mut out,
+        &mut lse,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("head_dim 300"), "{err}");
+}
