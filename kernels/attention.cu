@@ -42,13 +42,36 @@ __device__ __forceinline__ float lane_dot(const float* a, const float* b) {
     return warp_sum(s);
 }
 
-// Forward, one warp per (query row, key split). With one split the warp writes O and L; with
-// several it writes its partial (max, sum, unnormalised output) for attn_merge.
+// The dot product of a key row (global memory, D elements of T) with q (f32, shared memory),
+// by one lane: 16-byte loads when D is a whole number of packs.
+template <typename T>
+__device__ __forceinline__ float row_dot(const T* row, const float* q, unsigned d) {
+    const unsigned N = Pack<T>::N;
+    float acc = 0.0f;
+    if (d % N == 0) {
+        for (unsigned c = 0; c < d; c += N) {
+            float kv[16 / sizeof(T)];
+            load_pack(row + c, kv);
+#pragma unroll
+            for (unsigned e = 0; e < N; ++e) acc += kv[e] * q[c + e];
+        }
+    } else {
+        for (unsigned c = 0; c < d; ++c) acc += to_f32(row[c]) * q[c];
+    }
+    return acc;
+}
+
+// Forward, one warp per (query row, key split). Keys go 32 at a time: lane l scores key
+// base + l on its own (so 32 key rows load at once), the warp takes the max and the sum of
+// e^(s − m) by shuffles, and then every lane adds the 32 weighted value rows into its head
+// dimensions. With one split the warp writes O and L; with several it writes its partial
+// (max, sum, unnormalised output) for attn_merge.
 template <typename T>
 __device__ void attn_forward_impl(const T* q, const T* k, const T* v, const int* pad, T* out, float* lse,
                                   float* part_ml, float* part_o, AttnDims s, unsigned splits,
                                   unsigned split_len, float scale) {
-    unsigned lane = threadIdx.x & 31u;
+    __shared__ float q_shared[8][ATT_MAX_D];
+    unsigned lane = threadIdx.x & 31u, warp_in_block = threadIdx.x / 32;
     size_t warp = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     size_t rows = (size_t)s.batch * s.heads * s.seq_q;
     if (warp >= rows * splits) return;
@@ -62,26 +85,33 @@ __device__ void attn_forward_impl(const T* q, const T* k, const T* v, const int*
     visible_keys(s, pad, b, i, &lo, &hi);
     lo = max(lo, split * split_len);
     hi = min(hi, (split + 1) * split_len);
-    float qv[ATT_PER_LANE], acc[ATT_PER_LANE], kv[ATT_PER_LANE];
-    load_row(q + row * d, d, qv);
+    float* qs = q_shared[warp_in_block];
+    for (unsigned c = lane; c < d; c += 32) qs[c] = scale * to_f32(q[row * d + c]);
+    __syncwarp();
+    float acc[ATT_PER_LANE];
 #pragma unroll
-    for (unsigned c = 0; c < ATT_PER_LANE; ++c) {
-        qv[c] *= scale;
-        acc[c] = 0.0f;
-    }
+    for (unsigned c = 0; c < ATT_PER_LANE; ++c) acc[c] = 0.0f;
     float m = -POS_INF, l = 0.0f;
     const T* kb = k + ((size_t)b * s.kv_heads + g) * s.kv_stride * d;
     const T* vb = v + ((size_t)b * s.kv_heads + g) * s.kv_stride * d;
-    for (unsigned j = lo; j < hi; ++j) {
-        load_row(kb + (size_t)j * d, d, kv);
-        float sc = lane_dot(qv, kv);
-        float new_m = fmaxf(m, sc);
-        float rescale = expf(m - new_m), p = expf(sc - new_m);
-        load_row(vb + (size_t)j * d, d, kv);
-#pragma unroll
-        for (unsigned c = 0; c < ATT_PER_LANE; ++c) acc[c] = acc[c] * rescale + p * kv[c];
-        l = l * rescale + p;
+    for (unsigned base = lo; base < hi; base += 32) {
+        unsigned j = base + lane;
+        float sc = j < hi ? row_dot(kb + (size_t)j * d, qs, d) : -POS_INF;
+        float new_m = fmaxf(m, warp_max(sc));
+        float p = j < hi ? expf(sc - new_m) : 0.0f;
+        float rescale = expf(m - new_m);
+        l = l * rescale + warp_sum(p);
         m = new_m;
+#pragma unroll
+        for (unsigned c = 0; c < ATT_PER_LANE; ++c) acc[c] *= rescale;
+        unsigned count = min(32u, hi - base);
+        for (unsigned jj = 0; jj < count; ++jj) {
+            float pj = __shfl_sync(0xffffffffu, p, jj);
+            const T* vr = vb + (size_t)(base + jj) * d;
+#pragma unroll
+            for (unsigned c = 0; c < ATT_PER_LANE; ++c)
+                if (lane + 32 * c < d) acc[c] += pj * to_f32(vr[lane + 32 * c]);
+        }
     }
     if (splits == 1) {
         float inv = l > 0.0f ? 1.0f / l : 0.0f;
@@ -216,6 +246,176 @@ __device__ void attn_dkv_impl(const T* q, const T* k, const T* v, const T* dout,
             dv[key * d + lane + 32 * c] = from_f32<T>(dva[c]);
         }
     }
+}
+
+// Tensor-core forward for bf16 and head_dim D ∈ {64, 128} (prefill): a block of 8 warps takes 128
+// query rows of one (b, h), each warp 16 of them; K and V tiles of 64 keys are staged in shared
+// memory (V transposed, so that P·V's operand runs along keys). S = Q Kᵀ and O += P V are
+// mma.sync m16n8k16 bf16 products with f32 accumulators; the online softmax runs on the S
+// fragments (each row's 16 values spread over the 4 lanes of a quad), P is rounded to bf16 for
+// the second product as FlashAttention-2 does. Fragment layouts: PTX ISA, "Matrix fragments for
+// mma.m16n8k16": lane = 4·group + t holds A rows group and group + 8 at columns 2t, 2t + 1 (and
+// + 8), B column group at rows 2t, 2t + 1 (and + 8), C rows group and group + 8 at columns 2t,
+// 2t + 1.
+#define TC_ROWS 128
+#define TC_KEYS 64
+
+__device__ __forceinline__ void mma_bf16(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+    return (unsigned)from_f32<bf16_t>(lo).bits | ((unsigned)from_f32<bf16_t>(hi).bits << 16);
+}
+
+__device__ __forceinline__ unsigned ld_pair(const bf16_t* p) { return *(const unsigned*)p; }
+
+template <int D>
+__device__ void attn_forward_tc_impl(const bf16_t* q, const bf16_t* k, const bf16_t* v, const int* pad,
+                                     bf16_t* out, float* lse, AttnDims s, float scale) {
+    __shared__ __align__(16) unsigned short ks[TC_KEYS][D + 8];
+    __shared__ unsigned short vt[D][TC_KEYS + 8];
+    unsigned warp = threadIdx.x / 32, lane = threadIdx.x & 31u, grp = lane >> 2, t = lane & 3u;
+    unsigned tiles = (s.seq_q + TC_ROWS - 1) / TC_ROWS;
+    // Scores in log2 units, so that the exponentials are exp2: s · scale · log2(e).
+    const float scale_log2 = scale * 1.4426950408889634f;
+    unsigned bh = blockIdx.x / tiles, tile = blockIdx.x % tiles;
+    unsigned b = bh / s.heads, h = bh % s.heads, g = h / (s.heads / s.kv_heads);
+    unsigned first_row = tile * TC_ROWS, row0 = first_row + warp * 16;
+    const bf16_t* qb = q + (size_t)bh * s.seq_q * D;
+    const bf16_t* kb = k + ((size_t)b * s.kv_heads + g) * s.kv_stride * D;
+    const bf16_t* vb = v + ((size_t)b * s.kv_heads + g) * s.kv_stride * D;
+
+    // This lane's two rows: row0 + grp (r = 0) and row0 + grp + 8 (r = 1), and their keys.
+    unsigned rows[2] = {row0 + grp, row0 + grp + 8}, lo[2], hi[2];
+    for (int r = 0; r < 2; ++r) {
+        visible_keys(s, pad, b, min(rows[r], s.seq_q - 1), &lo[r], &hi[r]);
+        if (rows[r] >= s.seq_q) hi[r] = lo[r];
+    }
+    unsigned qa[D / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        unsigned c0 = kk * 16 + 2 * t;
+        qa[kk][0] = rows[0] < s.seq_q ? ld_pair(qb + (size_t)rows[0] * D + c0) : 0u;
+        qa[kk][1] = rows[1] < s.seq_q ? ld_pair(qb + (size_t)rows[1] * D + c0) : 0u;
+        qa[kk][2] = rows[0] < s.seq_q ? ld_pair(qb + (size_t)rows[0] * D + c0 + 8) : 0u;
+        qa[kk][3] = rows[1] < s.seq_q ? ld_pair(qb + (size_t)rows[1] * D + c0 + 8) : 0u;
+    }
+    float o[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    float m[2] = {-POS_INF, -POS_INF}, l[2] = {0.0f, 0.0f};
+
+    // The keys any row of the block sees.
+    unsigned block_lo, block_hi, last_row = min(first_row + TC_ROWS, s.seq_q) - 1;
+    visible_keys(s, pad, b, last_row, &block_lo, &block_hi);
+    for (unsigned kt = block_lo; kt < block_hi; kt += TC_KEYS) {
+        __syncthreads();
+        // 8 bf16 (16 bytes) of a key row per thread and step; V lands transposed.
+        for (unsigned idx = threadIdx.x; idx < TC_KEYS * D / 8; idx += blockDim.x) {
+            unsigned key = idx / (D / 8), c = (idx % (D / 8)) * 8, j = kt + key;
+            uint4 kp = make_uint4(0u, 0u, 0u, 0u), vp = kp;
+            if (j < s.seq_k) {
+                kp = *(const uint4*)(kb + (size_t)j * D + c);
+                vp = *(const uint4*)(vb + (size_t)j * D + c);
+            }
+            *(uint4*)&ks[key][c] = kp;
+            const unsigned short* vh = (const unsigned short*)&vp;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) vt[c + e][key] = vh[e];
+        }
+        __syncthreads();
+        float sc[TC_KEYS / 8][4];
+#pragma unroll
+        for (int n = 0; n < TC_KEYS / 8; ++n) {
+            sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                const unsigned short* kr = &ks[n * 8 + grp][kk * 16 + 2 * t];
+                mma_bf16(sc[n], qa[kk], *(const unsigned*)kr, *(const unsigned*)(kr + 8));
+            }
+        }
+        // Online softmax per row on the fragments; masked entries become p = 0.
+        unsigned pa[TC_KEYS / 16][4];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float mx = -POS_INF;
+#pragma unroll
+            for (int n = 0; n < TC_KEYS / 8; ++n)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    unsigned j = kt + n * 8 + 2 * t + c;
+                    float x = (j >= lo[r] && j < hi[r]) ? sc[n][2 * r + c] * scale_log2 : -POS_INF;
+                    sc[n][2 * r + c] = x;
+                    mx = fmaxf(mx, x);
+                }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            float new_m = fmaxf(m[r], mx);
+            float rescale = new_m == -POS_INF ? 1.0f : exp2f(m[r] - new_m);
+            float sum = 0.0f;
+#pragma unroll
+            for (int n = 0; n < TC_KEYS / 8; ++n)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    float x = sc[n][2 * r + c];
+                    float p = x == -POS_INF ? 0.0f : exp2f(x - new_m);
+                    sc[n][2 * r + c] = p;
+                    sum += p;
+                }
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            l[r] = l[r] * rescale + sum;
+            m[r] = new_m;
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n) {
+                o[n][2 * r] *= rescale;
+                o[n][2 * r + 1] *= rescale;
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < TC_KEYS / 16; ++kk) {
+            pa[kk][0] = pack_bf16(sc[2 * kk][0], sc[2 * kk][1]);
+            pa[kk][1] = pack_bf16(sc[2 * kk][2], sc[2 * kk][3]);
+            pa[kk][2] = pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+            pa[kk][3] = pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+        }
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+            for (int kk = 0; kk < TC_KEYS / 16; ++kk) {
+                const unsigned short* vr = &vt[n * 8 + grp][kk * 16 + 2 * t];
+                mma_bf16(o[n], pa[kk], *(const unsigned*)vr, *(const unsigned*)(vr + 8));
+            }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (rows[r] >= s.seq_q) continue;
+        float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+        bf16_t* orow = out + ((size_t)bh * s.seq_q + rows[r]) * D;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n)
+            *(unsigned*)(orow + n * 8 + 2 * t) = pack_bf16(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
+        // m is in log2 units: L = ln 2 · (m + log2 l).
+        if (t == 0)
+            lse[(size_t)bh * s.seq_q + rows[r]] = l[r] > 0.0f ? 0.6931471805599453f * (m[r] + log2f(l[r])) : -POS_INF;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) attn_forward_tc64_bf16(
+    const bf16_t* q, const bf16_t* k, const bf16_t* v, const int* pad, bf16_t* out, float* lse, AttnDims s,
+    float scale) {
+    attn_forward_tc_impl<64>(q, k, v, pad, out, lse, s, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(256) attn_forward_tc128_bf16(
+    const bf16_t* q, const bf16_t* k, const bf16_t* v, const int* pad, bf16_t* out, float* lse, AttnDims s,
+    float scale) {
+    attn_forward_tc_impl<128>(q, k, v, pad, out, lse, s, scale);
 }
 
 #define ATTN_KERNELS(name, T)                                                                          \

@@ -2,7 +2,8 @@
 //! and [`crate::backward`] over device buffers, f32 math for f32/f16/bf16 tensors. A warp owns a
 //! query row (a key row in the dK/dV pass); when there are too few query rows to fill the GPU —
 //! decoding — the keys are split across warps and the partial softmaxes merged
-//! (flash-decoding). head_dim ≤ 256.
+//! (flash-decoding). Prefill in bf16 at head_dim 64 or 128 runs a tensor-core kernel instead
+//! (mma.sync, K/V tiles in shared memory). head_dim ≤ 256.
 
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use llama_core::cuda::{CudaDevice, KernelSource};
@@ -24,9 +25,13 @@ pub const MAX_HEAD_DIM: usize = 256;
 /// Warps per block.
 const WARPS: usize = 8;
 /// Query-row warps below which the forward splits the keys.
-const SPLIT_BELOW_WARPS: usize = 8192;
+const SPLIT_BELOW_WARPS: usize = 4096;
 /// Keys per split, at least.
-const MIN_SPLIT_KEYS: usize = 128;
+const MIN_SPLIT_KEYS: usize = 64;
+/// Query rows per block of the tensor-core kernel (`TC_ROWS`).
+const TC_ROWS: usize = 128;
+/// Fewer query rows than this go to the warp-per-row kernel.
+const TC_MIN_ROWS: usize = 16;
 
 /// The kernels' `AttnDims`.
 #[repr(C)]
@@ -141,6 +146,28 @@ pub fn forward<T: CudaElement>(
     }
     let d = dims(s, mask)?;
     let pad = upload_padding(device, mask)?;
+    let (null, scale) = (0u64, 1.0 / (s.head_dim as f32).sqrt());
+    // Prefill in bf16 at head_dim 64 or 128: the tensor-core kernel, a block per 128 query rows.
+    if T::SUFFIX == "bf16" && matches!(s.head_dim, 64 | 128) && s.seq_q >= TC_MIN_ROWS {
+        let name = format!("attn_forward_tc{}_bf16", s.head_dim);
+        let f = device.function(&ATTENTION, &name)?;
+        let blocks = s.batch * s.heads * s.seq_q.div_ceil(TC_ROWS);
+        let mut launch = device.stream().launch_builder(&f);
+        launch.arg(q).arg(k).arg(v);
+        match &pad {
+            Some(p) => launch.arg(p),
+            None => launch.arg(&null),
+        };
+        launch.arg(out).arg(lse).arg(&d).arg(&scale);
+        let config = LaunchConfig {
+            grid_dim: (u32::try_from(blocks).unwrap_or(u32::MAX), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: as for the warp kernel below; T is bf16 (the kernel's bf16_t), head_dim is the
+        // kernel's D, and each block writes only the rows of its (b, h) tile below seq_q.
+        return launched(&name, unsafe { launch.launch(config) });
+    }
     let splits = splits_for(rows, s.seq_k);
     let split_len = s.seq_k.div_ceil(splits).max(1) as u32;
     let (mut part_ml, mut part_o) = if splits > 1 {
@@ -151,9 +178,9 @@ pub fn forward<T: CudaElement>(
     } else {
         (device.zeros::<f32>(1)?, device.zeros::<f32>(1)?)
     };
+    let splits_u = splits as u32;
     let name = format!("attn_forward_{}", T::SUFFIX);
     let f = device.function(&ATTENTION, &name)?;
-    let (null, splits_u, scale) = (0u64, splits as u32, 1.0 / (s.head_dim as f32).sqrt());
     let mut launch = device.stream().launch_builder(&f);
     launch.arg(q).arg(k).arg(v);
     match &pad {

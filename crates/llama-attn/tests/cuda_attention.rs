@@ -25,6 +25,10 @@ fn cases() -> Vec<(AttnShape, bool, bool)> {
         (s(1, 3, 1, 17, 17, 20, 200), false, false),
         (s(3, 6, 2, 1, 3001, 3100, 128), true, true),
         (s(1, 32, 8, 1, 513, 513, 128), true, false),
+        // Tensor-core prefill shapes (bf16 at head_dim 64 and 128): partial row and key tiles.
+        (s(2, 4, 2, 150, 150, 150, 64), true, true),
+        (s(1, 8, 2, 70, 200, 210, 128), true, false),
+        (s(1, 2, 1, 64, 64, 64, 128), false, false),
     ]
 }
 
