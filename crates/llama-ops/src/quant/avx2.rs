@@ -1,14 +1,19 @@
-//! AVX2 + FMA row dot products for the GGUF formats of the CPU decode path (Q4_0, Q4_1, Q8_0),
+//! AVX2 + FMA row dot products for the GGUF formats of the CPU decode path (Q4_0, Q4_1, Q8_0,
+//! and the K-quants most GGUF files mix: Q4_K and Q6_K),
 //! written with intrinsics because the generic decode-then-dot loop (matvec.rs) does not
 //! vectorise well for 4-bit unpacking. Each block's 32 codes are widened to f32 lanes and
 //! multiplied into x; the block scale is applied once per block:
 //!   Q4_0: Σ d·(q − 8)·x = d · Σ (q − 8)·x
 //!   Q4_1: Σ (d·q + m)·x = d · Σ q·x + m · Σ x     (Σ x per block precomputed once per call)
 //!   Q8_0: Σ d·q·x      = d · Σ q·x
+//!   Q4_K: Σ (d·sc·q − dmin·m)·x = Σ_sub d·sc · Σ q·x − dmin·m · Σ x   (sub-blocks of 32)
+//!   Q6_K: Σ d·sc·(q − 32)·x = Σ_16 d·sc · Σ (q − 32)·x              (groups of 16)
 //! The products are the dequantised weights' up to rounding order: the tests hold these to
 //! the reference within 1e-5 relative.
 //!
-//! Callers must check that the CPU has AVX2, FMA and F16C (`simd::has_avx2_fma`).
+//! Callers must check that the CPU has AVX2, FMA and F16C (`simd::has_avx2_fma`). No closures
+//! inside the `#[target_feature]` functions: a closure is compiled without the features, and
+//! passing 256-bit vectors through it costs a memory round trip per call.
 
 #![cfg(target_arch = "x86_64")]
 
@@ -64,7 +69,13 @@ pub(crate) fn row_q4_0(row: &[u8], x: &[f32]) -> f32 {
         let eight = _mm256_set1_epi32(8);
         let mut acc = _mm256_setzero_ps();
         for (b, xs) in row.chunks_exact(18).zip(x.chunks_exact(32)) {
-            let q = nibbles(b.as_ptr().add(2)).map(|v| _mm256_sub_epi32(v, eight));
+            let [q0, q1, q2, q3] = nibbles(b.as_ptr().add(2));
+            let q = [
+                _mm256_sub_epi32(q0, eight),
+                _mm256_sub_epi32(q1, eight),
+                _mm256_sub_epi32(q2, eight),
+                _mm256_sub_epi32(q3, eight),
+            ];
             acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b)), dot32(q, xs.as_ptr()), acc);
         }
         hsum(acc)
@@ -95,9 +106,112 @@ pub(crate) fn row_q8_0(row: &[u8], x: &[f32]) -> f32 {
         let mut acc = _mm256_setzero_ps();
         for (b, xs) in row.chunks_exact(34).zip(x.chunks_exact(32)) {
             let qs = b.as_ptr().add(2);
-            let q = [0, 8, 16, 24]
-                .map(|k| _mm256_cvtepi8_epi32(_mm_loadl_epi64(qs.add(k) as *const __m128i)));
+            let q = [
+                _mm256_cvtepi8_epi32(_mm_loadl_epi64(qs as *const __m128i)),
+                _mm256_cvtepi8_epi32(_mm_loadl_epi64(qs.add(8) as *const __m128i)),
+                _mm256_cvtepi8_epi32(_mm_loadl_epi64(qs.add(16) as *const __m128i)),
+                _mm256_cvtepi8_epi32(_mm_loadl_epi64(qs.add(24) as *const __m128i)),
+            ];
             acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b)), dot32(q, xs.as_ptr()), acc);
+        }
+        hsum(acc)
+    }
+}
+
+/// 32 signed bytes as four vectors of 8 i32, in order.
+#[inline(always)]
+unsafe fn widen_i8(v: __m256i) -> [__m256i; 4] {
+    let (lo, hi) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    [
+        _mm256_cvtepi8_epi32(lo),
+        _mm256_cvtepi8_epi32(_mm_srli_si128::<8>(lo)),
+        _mm256_cvtepi8_epi32(hi),
+        _mm256_cvtepi8_epi32(_mm_srli_si128::<8>(hi)),
+    ]
+}
+
+/// One Q4_K row (144-byte super-blocks of 256) · x, with `x_sums` the sums of x over each 32.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn row_q4_k(row: &[u8], x: &[f32], x_sums: &[f32]) -> f32 {
+    // SAFETY: each step reads one 144-byte block and the 256 floats (8 sums) beside it, inside
+    // their chunks; AVX2/FMA/F16C are enabled on this function (callers check the CPU).
+    unsafe {
+        let mask = _mm256_set1_epi8(0x0f);
+        let mut acc = _mm256_setzero_ps();
+        let mut mins = 0f32;
+        for ((b, xs), sums) in row
+            .chunks_exact(144)
+            .zip(x.chunks_exact(256))
+            .zip(x_sums.chunks_exact(8))
+        {
+            let (d, dmin) = (f16_at(b), f16_at(&b[2..]));
+            for pair in 0..4 {
+                let qs = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * pair) as *const __m256i);
+                let nibbles = [
+                    _mm256_and_si256(qs, mask),
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(qs), mask),
+                ];
+                for (half, q) in nibbles.into_iter().enumerate() {
+                    let sub = 2 * pair + half;
+                    let (sc, m) = super::blocks::scale_min_k4(sub, &b[4..16]);
+                    let dot = dot32(widen_i8(q), xs.as_ptr().add(32 * sub));
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * sc as f32), dot, acc);
+                    mins = (dmin * m as f32).mul_add(sums[sub], mins);
+                }
+            }
+        }
+        hsum(acc) - mins
+    }
+}
+
+/// One Q6_K row (210-byte super-blocks of 256) · x.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn row_q6_k(row: &[u8], x: &[f32]) -> f32 {
+    // SAFETY: as in row_q4_k, with 210-byte blocks; the 32-byte loads stay inside ql and qh.
+    unsafe {
+        let (low4, two, thirty_two) = (
+            _mm256_set1_epi8(0x0f),
+            _mm256_set1_epi8(0x03),
+            _mm256_set1_epi8(32),
+        );
+        let mut acc = _mm256_setzero_ps();
+        for (b, xs) in row.chunks_exact(210).zip(x.chunks_exact(256)) {
+            let d = f16_at(&b[208..]);
+            for half in 0..2 {
+                let ql0 = _mm256_loadu_si256(b.as_ptr().add(64 * half) as *const __m256i);
+                let ql1 = _mm256_loadu_si256(b.as_ptr().add(64 * half + 32) as *const __m256i);
+                let qh = _mm256_loadu_si256(b.as_ptr().add(128 + 32 * half) as *const __m256i);
+                // Quarter k: low or high nibbles of ql0/ql1, two bits of qh from bit 2k (no
+                // closure here: it would not inherit this function's target features).
+                let h0 = _mm256_slli_epi16::<4>(_mm256_and_si256(qh, two));
+                let h1 = _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<2>(qh), two));
+                let h2 = _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<4>(qh), two));
+                let h3 = _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(qh), two));
+                let quarters = [
+                    _mm256_or_si256(_mm256_and_si256(ql0, low4), h0),
+                    _mm256_or_si256(_mm256_and_si256(ql1, low4), h1),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low4), h2),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low4), h3),
+                ];
+                for (k, q) in quarters.into_iter().enumerate() {
+                    let w = widen_i8(_mm256_sub_epi8(q, thirty_two));
+                    let xp = xs.as_ptr().add(128 * half + 32 * k);
+                    let scales = b.as_ptr().add(192 + 8 * half + 2 * k) as *const i8;
+                    // Weights 0..16 of the quarter take scale 0, 16..32 scale 1.
+                    let first = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(w[1]),
+                        _mm256_loadu_ps(xp.add(8)),
+                        _mm256_mul_ps(_mm256_cvtepi32_ps(w[0]), _mm256_loadu_ps(xp)),
+                    );
+                    let second = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(w[3]),
+                        _mm256_loadu_ps(xp.add(24)),
+                        _mm256_mul_ps(_mm256_cvtepi32_ps(w[2]), _mm256_loadu_ps(xp.add(16))),
+                    );
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * *scales as f32), first, acc);
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * *scales.add(1) as f32), second, acc);
+                }
+            }
         }
         hsum(acc)
     }
