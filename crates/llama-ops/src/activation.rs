@@ -93,42 +93,57 @@ fn gated_grads<T: Element>(act: GatedAct, g: T, u: T, d: T) -> (T, T) {
     (T::from_f32(d * u.to_f32() * slope), T::from_f32(d * f))
 }
 
+/// One chunk of the forward for one activation (a plain loop, inlined into the callers below).
+#[inline(always)]
+fn forward_loop<T: Element>(act: GatedAct, gate: &[T], up: &[T], h: &mut [T]) {
+    for ((h, &g), &u) in h.iter_mut().zip(gate).zip(up) {
+        *h = gated(act, g, u);
+    }
+}
+
+/// One chunk of the backward for one activation.
+#[inline(always)]
+fn backward_loop<T: Element>(
+    act: GatedAct,
+    gate: &[T],
+    up: &[T],
+    dh: &[T],
+    dgate: &mut [T],
+    dup: &mut [T],
+) {
+    for i in 0..dgate.len() {
+        (dgate[i], dup[i]) = gated_grads(act, gate[i], up[i], dh[i]);
+    }
+}
+
 // One task's chunk of each op. The `match` sits outside the loops so that each loop has one
-// activation and vectorises (SiLU fully; GELU calls erf/tanh per element).
+// activation and vectorises (SiLU fully; GELU calls erf/tanh per element). No closures in
+// these bodies: a closure would not inherit the AVX2 target features.
 simd_fn! {
     fn forward_chunk<T>(act: GatedAct, gate: &[T], up: &[T], h: &mut [T]) {
-        let n = h.len();
-        let (gate, up) = (&gate[..n], &up[..n]);
         match act {
-            GatedAct::Silu => (0..n).for_each(|i| h[i] = gated(GatedAct::Silu, gate[i], up[i])),
-            GatedAct::Gelu(g) => (0..n).for_each(|i| h[i] = gated(GatedAct::Gelu(g), gate[i], up[i])),
+            GatedAct::Silu => forward_loop(GatedAct::Silu, gate, up, h),
+            GatedAct::Gelu(g) => forward_loop(GatedAct::Gelu(g), gate, up, h),
         }
     }
 }
 
 simd_fn! {
     fn in_place_chunk<T>(act: GatedAct, gate: &mut [T], up: &[T]) {
-        let n = gate.len();
-        let up = &up[..n];
-        match act {
-            GatedAct::Silu => (0..n).for_each(|i| gate[i] = gated(GatedAct::Silu, gate[i], up[i])),
-            GatedAct::Gelu(g) => (0..n).for_each(|i| gate[i] = gated(GatedAct::Gelu(g), gate[i], up[i])),
+        for (g, &u) in gate.iter_mut().zip(up) {
+            *g = match act {
+                GatedAct::Silu => gated(GatedAct::Silu, *g, u),
+                GatedAct::Gelu(x) => gated(GatedAct::Gelu(x), *g, u),
+            };
         }
     }
 }
 
 simd_fn! {
     fn backward_chunk<T>(act: GatedAct, gate: &[T], up: &[T], dh: &[T], dgate: &mut [T], dup: &mut [T]) {
-        let n = dgate.len();
-        let (gate, up, dh, dup) = (&gate[..n], &up[..n], &dh[..n], &mut dup[..n]);
-        let mut run = |act: GatedAct| {
-            for i in 0..n {
-                (dgate[i], dup[i]) = gated_grads(act, gate[i], up[i], dh[i]);
-            }
-        };
         match act {
-            GatedAct::Silu => run(GatedAct::Silu),
-            GatedAct::Gelu(g) => run(GatedAct::Gelu(g)),
+            GatedAct::Silu => backward_loop(GatedAct::Silu, gate, up, dh, dgate, dup),
+            GatedAct::Gelu(g) => backward_loop(GatedAct::Gelu(g), gate, up, dh, dgate, dup),
         }
     }
 }
