@@ -418,6 +418,19 @@ extern "C" __global__ void __launch_bounds__(256) attn_forward_tc128_bf16(
     attn_forward_tc_impl<128>(q, k, v, pad, out, lse, s, scale);
 }
 
+// KV cache copies (src/cuda.rs, CudaKvCache): `count` positions of every (b, kv head) slab of
+// src ([slabs, src_stride, D]) into dst ([slabs, dst_stride, D]) from position `at` on — an
+// append of new tokens, or the move into a larger allocation when the cache grows.
+template <typename T>
+__device__ void kv_copy_impl(const T* src, T* dst, size_t slabs, unsigned count, unsigned src_stride,
+                             unsigned dst_stride, unsigned at, unsigned d) {
+    size_t per_slab = (size_t)count * d;
+    GRID_STRIDE_LOOP(i, slabs * per_slab) {
+        size_t slab = i / per_slab, within = i % per_slab;
+        dst[(slab * dst_stride + at) * d + within] = src[slab * src_stride * d + within];
+    }
+}
+
 #define ATTN_KERNELS(name, T)                                                                          \
     extern "C" __global__ void attn_forward_##name(const T* q, const T* k, const T* v, const int* pad,   \
                                                    T* out, float* lse, float* part_ml, float* part_o,   \
@@ -437,6 +450,11 @@ extern "C" __global__ void __launch_bounds__(256) attn_forward_tc128_bf16(
                                               const float* lse, const float* delta, const int* pad,      \
                                               T* dq, AttnDims s, float scale) {                          \
         attn_dq_impl(q, k, v, dout, lse, delta, pad, dq, s, scale);                                      \
+    }                                                                                                   \
+    extern "C" __global__ void kv_copy_##name(const T* src, T* dst, size_t slabs, unsigned count,        \
+                                              unsigned src_stride, unsigned dst_stride, unsigned at,     \
+                                              unsigned d) {                                             \
+        kv_copy_impl(src, dst, slabs, count, src_stride, dst_stride, at, d);                             \
     }                                                                                                   \
     extern "C" __global__ void attn_dkv_##name(const T* q, const T* k, const T* v, const T* dout,        \
                                                const float* lse, const float* delta, const int* pad,     \

@@ -3,13 +3,15 @@
 //! query row (a key row in the dK/dV pass); when there are too few query rows to fill the GPU —
 //! decoding — the keys are split across warps and the partial softmaxes merged
 //! (flash-decoding). Prefill in bf16 at head_dim 64 or 128 runs a tensor-core kernel instead
-//! (mma.sync, K/V tiles in shared memory). head_dim ≤ 256.
+//! (mma.sync, K/V tiles in shared memory). head_dim ≤ 256. [`CudaKvCache`] keeps a layer's
+//! keys and values on the device, grown in increments like the host cache.
 
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use llama_core::cuda::{CudaDevice, KernelSource};
 use llama_ops::cuda::CudaElement;
 
 use crate::error::{shape_error, Result};
+use crate::kv_cache::CacheLayout;
 use crate::shape::{AttnShape, Mask};
 
 const ATTENTION: KernelSource = KernelSource {
@@ -307,4 +309,153 @@ pub fn backward<T: CudaElement>(
         launched(&name, unsafe { launch.launch(warps(keys)) })?;
     }
     Ok(())
+}
+
+/// A KV cache in device memory: the same layout and growth policy as [`crate::KvCache`]
+/// (through [`CacheLayout`]), its keys and values in T; appends and growth are kernel copies.
+pub struct CudaKvCache<T: CudaElement> {
+    layout: CacheLayout,
+    k: CudaSlice<T>,
+    v: CudaSlice<T>,
+}
+
+impl<T: CudaElement> std::ops::Deref for CudaKvCache<T> {
+    type Target = CacheLayout;
+    fn deref(&self) -> &CacheLayout {
+        &self.layout
+    }
+}
+
+impl<T: CudaElement> std::ops::DerefMut for CudaKvCache<T> {
+    fn deref_mut(&mut self) -> &mut CacheLayout {
+        &mut self.layout
+    }
+}
+
+impl<T: CudaElement> CudaKvCache<T> {
+    /// An empty cache on `device` (see [`crate::KvCache::new`]).
+    pub fn new(
+        device: &CudaDevice,
+        batch: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        capacity: usize,
+        increment: usize,
+        max_len: usize,
+    ) -> Result<Self> {
+        let layout = CacheLayout::new(batch, kv_heads, head_dim, capacity, increment, max_len)?;
+        let size = layout.elements(capacity).max(1);
+        Ok(CudaKvCache {
+            k: device.zeros(size)?,
+            v: device.zeros(size)?,
+            layout,
+        })
+    }
+
+    /// Keys, [B, Hkv, capacity, D].
+    pub fn keys(&self) -> &CudaSlice<T> {
+        &self.k
+    }
+
+    /// Values, [B, Hkv, capacity, D].
+    pub fn values(&self) -> &CudaSlice<T> {
+        &self.v
+    }
+
+    /// Device bytes held by keys and values.
+    pub fn memory_bytes(&self) -> usize {
+        (self.k.len() + self.v.len()) * std::mem::size_of::<T>()
+    }
+
+    /// Appends `tokens` positions: k_new and v_new are [B, Hkv, tokens, D] on the device.
+    pub fn append(
+        &mut self,
+        device: &CudaDevice,
+        k_new: &CudaSlice<T>,
+        v_new: &CudaSlice<T>,
+        tokens: usize,
+    ) -> Result<()> {
+        if let Some(capacity) = self.layout.plan_append(tokens, k_new.len(), v_new.len())? {
+            let mut k = device.zeros::<T>(self.layout.elements(capacity))?;
+            let mut v = device.zeros::<T>(self.layout.elements(capacity))?;
+            let (len, old) = (self.layout.len, self.layout.capacity);
+            copy(device, &self.layout, &self.k, &mut k, len, old, capacity, 0)?;
+            copy(device, &self.layout, &self.v, &mut v, len, old, capacity, 0)?;
+            (self.k, self.v) = (k, v);
+            self.layout.grown(capacity);
+        }
+        let (len, cap) = (self.layout.len, self.layout.capacity);
+        copy(
+            device,
+            &self.layout,
+            k_new,
+            &mut self.k,
+            tokens,
+            tokens,
+            cap,
+            len,
+        )?;
+        copy(
+            device,
+            &self.layout,
+            v_new,
+            &mut self.v,
+            tokens,
+            tokens,
+            cap,
+            len,
+        )?;
+        self.layout.len += tokens;
+        Ok(())
+    }
+}
+
+/// `count` positions of every slab of `src` (stride `src_stride`) into `dst` (stride
+/// `dst_stride`) from position `at` on.
+#[allow(clippy::too_many_arguments)]
+fn copy<T: CudaElement>(
+    device: &CudaDevice,
+    layout: &CacheLayout,
+    src: &CudaSlice<T>,
+    dst: &mut CudaSlice<T>,
+    count: usize,
+    src_stride: usize,
+    dst_stride: usize,
+    at: usize,
+) -> Result<()> {
+    let slabs = layout.batch * layout.kv_heads;
+    let n = slabs * count * layout.head_dim;
+    if n == 0 {
+        return Ok(());
+    }
+    let name = format!("kv_copy_{}", T::SUFFIX);
+    let f = device.function(&ATTENTION, &name)?;
+    let u = |v: usize| v as u32;
+    let (count, src_stride, dst_stride, at, d) = (
+        u(count),
+        u(src_stride),
+        u(dst_stride),
+        u(at),
+        u(layout.head_dim),
+    );
+    let mut launch = device.stream().launch_builder(&f);
+    launch
+        .arg(src)
+        .arg(dst)
+        .arg(&slabs)
+        .arg(&count)
+        .arg(&src_stride)
+        .arg(&dst_stride)
+        .arg(&at)
+        .arg(&d);
+    let config = LaunchConfig {
+        grid_dim: (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: src holds slabs · src_stride · D elements of which the first `count` positions per
+    // slab are read (plan_append checked the new tokens' size; a growth reads the filled
+    // positions of the old allocation), and dst holds slabs · dst_stride · D with
+    // at + count ≤ dst_stride (the capacity was grown to fit first).
+    launched(&name, unsafe { launch.launch(config) })
 }

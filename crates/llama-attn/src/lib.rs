@@ -23,6 +23,6 @@ mod shape;
 
 pub use error::{AttnError, Result};
 pub use flash::{backward, forward, K_TILE, Q_TILE};
-pub use kv_cache::KvCache;
+pub use kv_cache::{CacheLayout, KvCache};
 pub use layer::{AttentionConfig, AttentionGrads, LlamaAttention, Saved};
 pub use shape::{AttnShape, Mask};

@@ -3,7 +3,8 @@
 //! key stride past the keys (a cache), split-K decoding over long contexts, head dims that do
 //! not fill a warp's lanes, and bf16 tensors. Skipped, and counted, without a GPU.
 
-use llama_attn::{cuda, AttnShape, Mask};
+use llama_attn::cuda::CudaKvCache;
+use llama_attn::{cuda, AttnShape, KvCache, Mask};
 use llama_core::bf16;
 use llama_fixtures::{assert_close, cuda_or_skip, TestRng};
 
@@ -204,4 +205,84 @@ fn head_dims_past_the_kernels_limit_are_errors() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("head_dim 300"), "{err}");
+}
+
+#[test]
+fn the_device_cache_matches_the_host_cache_and_decodes_alike() {
+    let Some(gpu) = cuda_or_skip!() else { return };
+    let mut rng = TestRng::new(5);
+    let (batch, heads, kv_heads, d) = (2, 6, 2, 64);
+    let mut host = KvCache::new(batch, kv_heads, d, 3, 5, 64).unwrap();
+    let mut device = CudaKvCache::<f32>::new(&gpu, batch, kv_heads, d, 3, 5, 64).unwrap();
+    for padded in [&mut *host as &mut llama_attn::CacheLayout, &mut *device] {
+        padded.set_padding(vec![0, 2]).unwrap();
+    }
+    // A 4-token prefill, then single tokens: the caches grow at 5, 10, 15 positions.
+    for tokens in [4usize, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1] {
+        let n = batch * kv_heads * tokens * d;
+        let (k, v) = (rng.vec(n, 1.0), rng.vec(n, 1.0));
+        host.append(&k, &v, tokens).unwrap();
+        device
+            .append(&gpu, &gpu.htod(&k).unwrap(), &gpu.htod(&v).unwrap(), tokens)
+            .unwrap();
+        assert_eq!(
+            (device.len(), device.capacity(), device.grows()),
+            (host.len(), host.capacity(), host.grows())
+        );
+        let slabs = batch * kv_heads;
+        let filled = |all: &[f32]| -> Vec<f32> {
+            (0..slabs)
+                .flat_map(|s| all[s * host.capacity() * d..][..host.len() * d].to_vec())
+                .collect()
+        };
+        assert_eq!(
+            filled(&gpu.dtoh(device.keys()).unwrap()),
+            filled(host.keys()),
+            "keys after {} positions",
+            host.len()
+        );
+        assert_eq!(
+            filled(&gpu.dtoh(device.values()).unwrap()),
+            filled(host.values()),
+            "values"
+        );
+        // One decode query per head against each cache.
+        let s = host.shape(heads, 1);
+        let q = rng.vec(s.q_len(), 1.0);
+        let (mut out, mut lse) = (vec![0f32; s.q_len()], vec![0f32; s.q_rows()]);
+        llama_attn::forward(
+            &q,
+            host.keys(),
+            host.values(),
+            &s,
+            &host.mask(),
+            &mut out,
+            &mut lse,
+        )
+        .unwrap();
+        let (mut od, mut ld) = (
+            gpu.zeros::<f32>(s.q_len()).unwrap(),
+            gpu.zeros::<f32>(s.q_rows()).unwrap(),
+        );
+        cuda::forward(
+            &gpu,
+            &gpu.htod(&q).unwrap(),
+            device.keys(),
+            device.values(),
+            &device.shape(heads, 1),
+            &device.mask(),
+            &mut od,
+            &mut ld,
+        )
+        .unwrap();
+        assert_close(
+            &format!("decode at {} positions", host.len()),
+            &gpu.dtoh(&od).unwrap(),
+            &out,
+            &[s.q_len()],
+            1e-5,
+        );
+    }
+    assert_eq!(host.grows(), 3);
+    assert_eq!(device.memory_bytes(), host.memory_bytes());
 }
