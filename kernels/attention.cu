@@ -431,6 +431,20 @@ __device__ void kv_copy_impl(const T* src, T* dst, size_t slabs, unsigned count,
     }
 }
 
+// [B, T, H, D] ↔ [B, H, T, D] (the attention layer's head split and merge): to_heads = 1 reads
+// token-major and writes head-major, 0 the reverse.
+template <typename T>
+__device__ void swap_axes_impl(const T* src, T* dst, unsigned batch, unsigned seq, unsigned heads, unsigned d,
+                               int to_heads) {
+    GRID_STRIDE_LOOP(i, (size_t)batch * seq * heads * d) {
+        size_t c = i % d, rest = i / d;
+        size_t h = rest % heads, t = (rest / heads) % seq, b = rest / ((size_t)heads * seq);
+        size_t token_major = i, head_major = (((b * heads + h) * seq + t) * d) + c;
+        if (to_heads) dst[head_major] = src[token_major];
+        else dst[token_major] = src[head_major];
+    }
+}
+
 #define ATTN_KERNELS(name, T)                                                                          \
     extern "C" __global__ void attn_forward_##name(const T* q, const T* k, const T* v, const int* pad,   \
                                                    T* out, float* lse, float* part_ml, float* part_o,   \
@@ -450,6 +464,10 @@ __device__ void kv_copy_impl(const T* src, T* dst, size_t slabs, unsigned count,
                                               const float* lse, const float* delta, const int* pad,      \
                                               T* dq, AttnDims s, float scale) {                          \
         attn_dq_impl(q, k, v, dout, lse, delta, pad, dq, s, scale);                                      \
+    }                                                                                                   \
+    extern "C" __global__ void swap_axes_##name(const T* src, T* dst, unsigned batch, unsigned seq,      \
+                                                unsigned heads, unsigned d, int to_heads) {             \
+        swap_axes_impl(src, dst, batch, seq, heads, d, to_heads);                                        \
     }                                                                                                   \
     extern "C" __global__ void kv_copy_##name(const T* src, T* dst, size_t slabs, unsigned count,        \
                                               unsigned src_stride, unsigned dst_stride, unsigned at,     \

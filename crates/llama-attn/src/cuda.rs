@@ -14,7 +14,7 @@ use crate::error::{shape_error, Result};
 use crate::kv_cache::CacheLayout;
 use crate::shape::{AttnShape, Mask};
 
-const ATTENTION: KernelSource = KernelSource {
+pub(crate) const ATTENTION: KernelSource = KernelSource {
     name: "attention",
     code: include_str!(concat!(
         env!("CARGO_MANIFEST_DIR"),

@@ -440,6 +440,11 @@ impl LlamaAttention {
         self.output(&attn, batch, seq)
     }
 
+    /// The rotary embedding's settings.
+    pub fn rope_config(&self) -> &RopeConfig {
+        self.rope.config()
+    }
+
     /// A cache sized for this layer: `capacity` positions to start, growing by `increment`.
     pub fn new_cache(
         &self,

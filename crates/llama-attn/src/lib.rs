@@ -14,6 +14,7 @@
 //! Shapes and letters are set out in [`AttnShape`].
 
 pub mod cuda;
+mod cuda_layer;
 mod error;
 mod flash;
 mod kv_cache;
@@ -21,6 +22,7 @@ mod layer;
 pub mod reference;
 mod shape;
 
+pub use cuda_layer::CudaLlamaAttention;
 pub use error::{AttnError, Result};
 pub use flash::{backward, forward, K_TILE, Q_TILE};
 pub use kv_cache::{CacheLayout, KvCache};

@@ -4,9 +4,12 @@
 //! not fill a warp's lanes, and bf16 tensors. Skipped, and counted, without a GPU.
 
 use llama_attn::cuda::CudaKvCache;
-use llama_attn::{cuda, AttnShape, KvCache, Mask};
+use llama_attn::{
+    cuda, AttentionConfig, AttnShape, CudaLlamaAttention, KvCache, LlamaAttention, Mask,
+};
 use llama_core::bf16;
 use llama_fixtures::{assert_close, cuda_or_skip, TestRng};
+use llama_rope::RopeConfig;
 
 /// (shape, causal, padded)
 fn cases() -> Vec<(AttnShape, bool, bool)> {
@@ -285,4 +288,88 @@ fn the_device_cache_matches_the_host_cache_and_decodes_alike() {
     }
     assert_eq!(host.grows(), 3);
     assert_eq!(device.memory_bytes(), host.memory_bytes());
+}
+
+#[test]
+fn the_layer_on_the_gpu_prefills_and_decodes_like_the_cpu() {
+    let Some(gpu) = cuda_or_skip!() else { return };
+    let mut rng = TestRng::new(6);
+    let (hidden, heads, kv_heads, d) = (128, 4, 2, 32);
+    let config = AttentionConfig::new(hidden, heads, kv_heads, d).unwrap();
+    let w = |rng: &mut TestRng, rows: usize| rng.vec(rows * hidden, 0.2);
+    let (wq, wk, wv, wo) = (
+        w(&mut rng, heads * d),
+        w(&mut rng, kv_heads * d),
+        w(&mut rng, kv_heads * d),
+        w(&mut rng, hidden),
+    );
+    let mut cpu = LlamaAttention::new(
+        config,
+        wq,
+        wk,
+        wv,
+        wo,
+        RopeConfig::new(10000.0, d, 1024).unwrap(),
+    )
+    .unwrap();
+    let mut gpu_f32 = CudaLlamaAttention::<f32>::upload(&gpu, &cpu).unwrap();
+    let mut gpu_bf16 = CudaLlamaAttention::<bf16>::upload(&gpu, &cpu).unwrap();
+    let (batch, prompt) = (2, 9);
+    let padding = vec![0usize, 3];
+    let mut host = cpu.new_cache(batch, 4, 4, 64).unwrap();
+    let mut dev32 = CudaKvCache::<f32>::new(&gpu, batch, kv_heads, d, 4, 4, 64).unwrap();
+    let mut dev16 = CudaKvCache::<bf16>::new(&gpu, batch, kv_heads, d, 4, 4, 64).unwrap();
+    host.set_padding(padding.clone()).unwrap();
+    dev32.set_padding(padding.clone()).unwrap();
+    dev16.set_padding(padding.clone()).unwrap();
+    for (step, tokens) in [prompt, 1, 1, 1, 1].into_iter().enumerate() {
+        let x = rng.vec(batch * tokens * hidden, 1.0);
+        let start = if step == 0 { 0 } else { prompt + step - 1 };
+        let ids: Vec<u32> = (0..batch)
+            .flat_map(|b| {
+                (start..start + tokens)
+                    .map(move |t| t.saturating_sub(if b == 1 { 3 } else { 0 }) as u32)
+            })
+            .collect();
+        let expected = cpu.forward_cached(&x, batch, &ids, &mut host).unwrap();
+        let got = gpu_f32
+            .forward_cached(&gpu.htod(&x).unwrap(), batch, &ids, &mut dev32)
+            .unwrap();
+        let dims = [batch, tokens, hidden];
+        // Left-padding rows attend to nothing: compare the real tokens only.
+        let pads = &padding;
+        let real = |v: &[f32]| -> Vec<f32> {
+            let mut kept = Vec::new();
+            for (b, &pad) in pads.iter().enumerate() {
+                for t in (0..tokens).filter(|&t| start + t >= pad) {
+                    kept.extend_from_slice(&v[(b * tokens + t) * hidden..][..hidden]);
+                }
+            }
+            kept
+        };
+        assert_close(
+            &format!("f32 step {step}"),
+            &real(&gpu.dtoh(&got).unwrap()),
+            &real(&expected),
+            &dims,
+            1e-5,
+        );
+        let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+        let got16 = gpu_bf16
+            .forward_cached(&gpu.htod(&xb).unwrap(), batch, &ids, &mut dev16)
+            .unwrap();
+        let got16: Vec<f32> = gpu
+            .dtoh(&got16)
+            .unwrap()
+            .iter()
+            .map(|v| v.to_f32())
+            .collect();
+        assert_close(
+            &format!("bf16 step {step}"),
+            &real(&got16),
+            &real(&expected),
+            &dims,
+            3e-2,
+        );
+    }
 }
