@@ -59,13 +59,18 @@ pub fn forward(
     if s.seq_q == 1 {
         // Decoding: the G heads of a kv group are consecutive rows of O and of L.
         let g = s.group();
-        out.par_chunks_mut(g * d)
-            .zip(lse.par_chunks_mut(g))
-            .enumerate()
-            .for_each(|(bg, (o, l))| {
-                let (b, kv) = (bg / s.kv_heads, bg % s.kv_heads);
-                rows.attend(b, kv * g..(kv + 1) * g, 0..1, o, l);
-            });
+        let splits = decode_splits(s);
+        if splits == 1 {
+            out.par_chunks_mut(g * d)
+                .zip(lse.par_chunks_mut(g))
+                .enumerate()
+                .for_each(|(bg, (o, l))| {
+                    let (b, kv) = (bg / s.kv_heads, bg % s.kv_heads);
+                    rows.attend(b, kv * g..(kv + 1) * g, 0..1, 0..s.seq_k, o, l);
+                });
+        } else {
+            rows.decode_split(splits, out, lse);
+        }
     } else {
         out.par_chunks_mut(s.seq_q * d)
             .zip(lse.par_chunks_mut(s.seq_q))
@@ -79,7 +84,14 @@ pub fn forward(
             .for_each(|(bh, t, (o, l))| {
                 let (b, h) = (bh / s.heads, bh % s.heads);
                 let first = t * Q_TILE;
-                rows.attend(b, h..h + 1, first..(first + Q_TILE).min(s.seq_q), o, l);
+                rows.attend(
+                    b,
+                    h..h + 1,
+                    first..(first + Q_TILE).min(s.seq_q),
+                    0..s.seq_k,
+                    o,
+                    l,
+                );
             });
     }
     Ok(())
@@ -97,14 +109,17 @@ struct Rows<'a> {
 
 impl Rows<'_> {
     /// Attention of the query rows (heads × positions) of sequence b, all in kv group
-    /// heads.start / G, into `out` ([heads, positions, D]) and `lse` ([heads, positions]).
+    /// heads.start / G, over the keys in `key_range` that the mask lets them see, into `out`
+    /// ([heads, positions, D]) and `lse` ([heads, positions]).
     /// The rows are consecutive in Q (one head's positions, or a group's heads when Tq = 1), so
     /// each key tile is two small GEMMs: S = (scale · Q) Kᵀ and O += P V.
+    #[allow(clippy::too_many_arguments)]
     fn attend(
         &self,
         b: usize,
         heads: std::ops::Range<usize>,
         positions: std::ops::Range<usize>,
+        key_range: std::ops::Range<usize>,
         out: &mut [f32],
         lse: &mut [f32],
     ) {
@@ -119,7 +134,11 @@ impl Rows<'_> {
             .map(|v| v * scale)
             .collect();
         let keys: Vec<_> = (0..rows)
-            .map(|r| self.mask.keys(s, b, positions.start + r % n))
+            .map(|r| {
+                let visible = self.mask.keys(s, b, positions.start + r % n);
+                let start = visible.start.max(key_range.start);
+                start..visible.end.min(key_range.end).max(start)
+            })
             .collect();
         let first = keys.iter().map(|k| k.start).min().unwrap_or(0);
         let last = keys.iter().map(|k| k.end).max().unwrap_or(0);
@@ -181,6 +200,64 @@ impl Rows<'_> {
                 lse[r] = f32::NEG_INFINITY;
             }
         }
+    }
+}
+
+/// Key splits for decoding: enough (sequence, kv group, split) tasks for every thread twice
+/// over, each split at least four key tiles (shorter splits cost more to merge than they save).
+fn decode_splits(s: &AttnShape) -> usize {
+    let tasks = s.batch * s.kv_heads;
+    let wanted = (2 * rayon::current_num_threads()).div_ceil(tasks.max(1));
+    wanted.min(s.seq_k / (4 * K_TILE)).max(1)
+}
+
+impl Rows<'_> {
+    /// Decoding with the keys split across tasks (flash-decoding on the CPU): each split
+    /// attends to its keys, then a row's splits merge by their logsumexps:
+    ///   L = log Σₛ e^(Lₛ),  O = Σₛ e^(Lₛ − L) Oₛ
+    fn decode_split(&self, splits: usize, out: &mut [f32], lse: &mut [f32]) {
+        let s = self.s;
+        let (g, d) = (s.group(), s.head_dim);
+        let split_len = s.seq_k.div_ceil(splits);
+        let mut part_o = vec![0f32; out.len() * splits];
+        let mut part_l = vec![0f32; lse.len() * splits];
+        part_o
+            .par_chunks_mut(g * d)
+            .zip(part_l.par_chunks_mut(g))
+            .enumerate()
+            .for_each(|(task, (o, l))| {
+                let (bg, split) = (task / splits, task % splits);
+                let (b, kv) = (bg / s.kv_heads, bg % s.kv_heads);
+                let keys = split * split_len..((split + 1) * split_len).min(s.seq_k);
+                self.attend(b, kv * g..(kv + 1) * g, 0..1, keys, o, l);
+            });
+        out.par_chunks_mut(g * d)
+            .zip(lse.par_chunks_mut(g))
+            .enumerate()
+            .for_each(|(bg, (o, l))| {
+                for r in 0..g {
+                    let part = |split: usize| (bg * splits + split) * g + r;
+                    let max = (0..splits)
+                        .map(|sp| part_l[part(sp)])
+                        .fold(f32::NEG_INFINITY, f32::max);
+                    let row = &mut o[r * d..(r + 1) * d];
+                    row.fill(0.0);
+                    if max == f32::NEG_INFINITY {
+                        l[r] = f32::NEG_INFINITY;
+                        continue;
+                    }
+                    let weights: Vec<f32> =
+                        (0..splits).map(|sp| exp(part_l[part(sp)] - max)).collect();
+                    let total: f32 = weights.iter().sum();
+                    for (sp, w) in weights.iter().enumerate() {
+                        let src = &part_o[part(sp) * d..(part(sp) + 1) * d];
+                        row.iter_mut()
+                            .zip(src)
+                            .for_each(|(o, v)| *o += w / total * v);
+                    }
+                    l[r] = max + total.ln();
+                }
+            });
     }
 }
 
