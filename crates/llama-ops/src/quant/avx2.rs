@@ -1,5 +1,5 @@
 //! AVX2 + FMA row dot products for the GGUF formats of the CPU decode path (Q4_0, Q4_1, Q8_0,
-//! and the K-quants most GGUF files mix: Q4_K and Q6_K),
+//! the K-quants most GGUF files mix, Q4_K and Q6_K, and QLoRA's NF4),
 //! written with intrinsics because the generic decode-then-dot loop (matvec.rs) does not
 //! vectorise well for 4-bit unpacking. Each block's 32 codes are widened to f32 lanes and
 //! multiplied into x; the block scale is applied once per block:
@@ -8,6 +8,7 @@
 //!   Q8_0: Σ d·q·x      = d · Σ q·x
 //!   Q4_K: Σ (d·sc·q − dmin·m)·x = Σ_sub d·sc · Σ q·x − dmin·m · Σ x   (sub-blocks of 32)
 //!   Q6_K: Σ d·sc·(q − 32)·x = Σ_16 d·sc · Σ (q − 32)·x              (groups of 16)
+//!   NF4:  Σ NF4[c]·absmax·x = absmax · Σ NF4[c]·x                    (table lookups by permute)
 //! The products are the dequantised weights' up to rounding order: the tests hold these to
 //! the reference within 1e-5 relative.
 //!
@@ -212,6 +213,46 @@ pub(crate) fn row_q6_k(row: &[u8], x: &[f32]) -> f32 {
                     acc = _mm256_fmadd_ps(_mm256_set1_ps(d * *scales.add(1) as f32), second, acc);
                 }
             }
+        }
+        hsum(acc)
+    }
+}
+
+/// One NF4 row (36-byte blocks of 64: 32 code bytes, high nibble first, then the f32 absmax) · x.
+/// Eight codes at a time become table values through two 8-entry permutes and a blend on bit 3.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn row_nf4(row: &[u8], x: &[f32]) -> f32 {
+    // SAFETY: each step reads one 36-byte block and the 64 floats beside it, inside their
+    // chunks (4-byte reads at offsets 0..28 of the codes); AVX2/FMA are enabled on this function.
+    unsafe {
+        let table = super::nf4::NF4_TABLE.as_ptr();
+        let (low_half, high_half) = (_mm256_loadu_ps(table), _mm256_loadu_ps(table.add(8)));
+        let low4 = _mm_set1_epi8(0x0f);
+        let mut acc = _mm256_setzero_ps();
+        for (b, xs) in row.chunks_exact(36).zip(x.chunks_exact(64)) {
+            let mut block = _mm256_setzero_ps();
+            for k in 0..8 {
+                let bytes = _mm_cvtsi32_si128(i32::from_le_bytes([
+                    b[4 * k],
+                    b[4 * k + 1],
+                    b[4 * k + 2],
+                    b[4 * k + 3],
+                ]));
+                let high = _mm_and_si128(_mm_srli_epi16::<4>(bytes), low4);
+                let low = _mm_and_si128(bytes, low4);
+                // Weight 2j is the high nibble of byte j, weight 2j + 1 the low one.
+                let codes = _mm256_cvtepu8_epi32(_mm_unpacklo_epi8(high, low));
+                let from_low = _mm256_permutevar8x32_ps(low_half, codes);
+                let from_high = _mm256_permutevar8x32_ps(high_half, codes);
+                let values = _mm256_blendv_ps(
+                    from_low,
+                    from_high,
+                    _mm256_castsi256_ps(_mm256_slli_epi32::<28>(codes)),
+                );
+                block = _mm256_fmadd_ps(values, _mm256_loadu_ps(xs.as_ptr().add(8 * k)), block);
+            }
+            let absmax = f32::from_le_bytes([b[32], b[33], b[34], b[35]]);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(absmax), block, acc);
         }
         hsum(acc)
     }

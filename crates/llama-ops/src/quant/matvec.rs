@@ -47,6 +47,7 @@ fn row_dot<F: Block>(row: &[u8], x: &[f32], x_sums: &[f32]) -> f32 {
                 DType::Q8_0 => avx2::row_q8_0(row, x),
                 DType::Q4K => avx2::row_q4_k(row, x, x_sums),
                 DType::Q6K => avx2::row_q6_k(row, x),
+                DType::Nf4 => avx2::row_nf4(row, x),
                 _ => row_dot_avx2::<F>(row, x),
             };
         }
