@@ -179,7 +179,7 @@ fn quantised(c: &mut Criterion) {
         if hidden % 256 != 0 {
             continue;
         }
-        for dtype in [DType::Q4K, DType::Q6K] {
+        for dtype in [DType::Q4K, DType::Q5K, DType::Q6K] {
             let bytes: Vec<u8> = (0..dtype.storage_bytes(inter * hidden).unwrap())
                 .map(|i| (i * 13) as u8)
                 .collect();

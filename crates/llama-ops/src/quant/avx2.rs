@@ -1,12 +1,12 @@
 //! AVX2 + FMA row dot products for the GGUF formats of the CPU decode path (Q4_0, Q4_1, Q8_0,
-//! the K-quants most GGUF files mix, Q4_K and Q6_K, and QLoRA's NF4),
+//! the K-quants Q4_K, Q5_K and Q6_K that GGUF files mix, and QLoRA's NF4),
 //! written with intrinsics because the generic decode-then-dot loop (matvec.rs) does not
 //! vectorise well for 4-bit unpacking. Each block's 32 codes are widened to f32 lanes and
 //! multiplied into x; the block scale is applied once per block:
 //!   Q4_0: Σ d·(q − 8)·x = d · Σ (q − 8)·x
 //!   Q4_1: Σ (d·q + m)·x = d · Σ q·x + m · Σ x     (Σ x per block precomputed once per call)
 //!   Q8_0: Σ d·q·x      = d · Σ q·x
-//!   Q4_K: Σ (d·sc·q − dmin·m)·x = Σ_sub d·sc · Σ q·x − dmin·m · Σ x   (sub-blocks of 32)
+//!   Q4_K, Q5_K: Σ (d·sc·q − dmin·m)·x = Σ_sub d·sc · Σ q·x − dmin·m · Σ x   (sub-blocks of 32)
 //!   Q6_K: Σ d·sc·(q − 32)·x = Σ_16 d·sc · Σ (q − 32)·x              (groups of 16)
 //!   NF4:  Σ NF4[c]·absmax·x = absmax · Σ NF4[c]·x                    (table lookups by permute)
 //! The products are the dequantised weights' up to rounding order: the tests hold these to
@@ -136,33 +136,59 @@ unsafe fn widen_i8(v: __m256i) -> [__m256i; 4] {
 pub(crate) fn row_q4_k(row: &[u8], x: &[f32], x_sums: &[f32]) -> f32 {
     // SAFETY: each step reads one 144-byte block and the 256 floats (8 sums) beside it, inside
     // their chunks; AVX2/FMA/F16C are enabled on this function (callers check the CPU).
-    unsafe {
-        let mask = _mm256_set1_epi8(0x0f);
-        let mut acc = _mm256_setzero_ps();
-        let mut mins = 0f32;
-        for ((b, xs), sums) in row
-            .chunks_exact(144)
-            .zip(x.chunks_exact(256))
-            .zip(x_sums.chunks_exact(8))
-        {
-            let (d, dmin) = (f16_at(b), f16_at(&b[2..]));
-            for pair in 0..4 {
-                let qs = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * pair) as *const __m256i);
-                let nibbles = [
-                    _mm256_and_si256(qs, mask),
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(qs), mask),
-                ];
-                for (half, q) in nibbles.into_iter().enumerate() {
-                    let sub = 2 * pair + half;
-                    let (sc, m) = super::blocks::scale_min_k4(sub, &b[4..16]);
-                    let dot = dot32(widen_i8(q), xs.as_ptr().add(32 * sub));
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * sc as f32), dot, acc);
-                    mins = (dmin * m as f32).mul_add(sums[sub], mins);
+    unsafe { row_k4_k5::<144>(row, x, x_sums) }
+}
+
+/// One Q5_K row (176-byte super-blocks of 256: Q4_K's layout plus 32 bytes of fifth bits) · x.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn row_q5_k(row: &[u8], x: &[f32], x_sums: &[f32]) -> f32 {
+    // SAFETY: as row_q4_k, with 176-byte blocks (qh at 16..48, qs at 48..176).
+    unsafe { row_k4_k5::<176>(row, x, x_sums) }
+}
+
+/// Q4_K (BYTES = 144) and Q5_K (BYTES = 176): sub-block s of a super-block takes nibbles of
+/// qs[32·(s/2)..] (low for even s, high for odd) and, for Q5_K, bit s of qh[l] as 16.
+/// Safety: only called (inlined) from the `#[target_feature]` functions above, on whole blocks.
+#[inline(always)]
+unsafe fn row_k4_k5<const BYTES: usize>(row: &[u8], x: &[f32], x_sums: &[f32]) -> f32 {
+    let five_bit = BYTES == 176;
+    let qs_at = if five_bit { 48 } else { 16 };
+    let mask = _mm256_set1_epi8(0x0f);
+    let one = _mm256_set1_epi8(0x01);
+    let mut acc = _mm256_setzero_ps();
+    let mut mins = 0f32;
+    for ((b, xs), sums) in row
+        .chunks_exact(BYTES)
+        .zip(x.chunks_exact(256))
+        .zip(x_sums.chunks_exact(8))
+    {
+        let (d, dmin) = (f16_at(b), f16_at(&b[2..]));
+        let qh = if five_bit {
+            _mm256_loadu_si256(b.as_ptr().add(16) as *const __m256i)
+        } else {
+            _mm256_setzero_si256()
+        };
+        for pair in 0..4 {
+            let qs = _mm256_loadu_si256(b.as_ptr().add(qs_at + 32 * pair) as *const __m256i);
+            let nibbles = [
+                _mm256_and_si256(qs, mask),
+                _mm256_and_si256(_mm256_srli_epi16::<4>(qs), mask),
+            ];
+            for (half, mut q) in nibbles.into_iter().enumerate() {
+                let sub = 2 * pair + half;
+                if five_bit {
+                    let bit =
+                        _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(sub as i32)), one);
+                    q = _mm256_or_si256(q, _mm256_slli_epi16::<4>(bit));
                 }
+                let (sc, m) = super::blocks::scale_min_k4(sub, &b[4..16]);
+                let dot = dot32(widen_i8(q), xs.as_ptr().add(32 * sub));
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(d * sc as f32), dot, acc);
+                mins = (dmin * m as f32).mul_add(sums[sub], mins);
             }
         }
-        hsum(acc) - mins
     }
+    hsum(acc) - mins
 }
 
 /// One Q6_K row (210-byte super-blocks of 256) · x.

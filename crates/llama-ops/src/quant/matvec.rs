@@ -17,8 +17,8 @@ const MAX_BLOCK: usize = 256;
 
 /// y[r] = Σ_k decode(W)[r, k] · x[k] for every row r; `row_bytes` bytes per row.
 pub(crate) fn matvec<F: Block>(w: &[u8], row_bytes: usize, x: &[f32], y: &mut [f32]) {
-    // Q4_1's and Q4_K's minimums multiply Σ x over each 32 weights: computed once for all rows.
-    let x_sums: Vec<f32> = if matches!(F::DTYPE, DType::Q4_1 | DType::Q4K) {
+    // Q4_1's and the K-quants' minimums multiply Σ x over each 32 weights: computed once for all rows.
+    let x_sums: Vec<f32> = if matches!(F::DTYPE, DType::Q4_1 | DType::Q4K | DType::Q5K) {
         x.chunks_exact(32).map(|c| c.iter().sum()).collect()
     } else {
         Vec::new()
@@ -46,6 +46,7 @@ fn row_dot<F: Block>(row: &[u8], x: &[f32], x_sums: &[f32]) -> f32 {
                 DType::Q4_1 => avx2::row_q4_1(row, x, x_sums),
                 DType::Q8_0 => avx2::row_q8_0(row, x),
                 DType::Q4K => avx2::row_q4_k(row, x, x_sums),
+                DType::Q5K => avx2::row_q5_k(row, x, x_sums),
                 DType::Q6K => avx2::row_q6_k(row, x),
                 DType::Nf4 => avx2::row_nf4(row, x),
                 _ => row_dot_avx2::<F>(row, x),
