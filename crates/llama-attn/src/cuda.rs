@@ -128,20 +128,15 @@ pub fn forward<T: CudaElement>(
     out: &mut CudaSlice<T>,
     lse: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    s.check("cuda forward", q.len(), k.len(), v.len())?;
+    s.check_forward(
+        "cuda forward",
+        q.len(),
+        k.len(),
+        v.len(),
+        out.len(),
+        lse.len(),
+    )?;
     mask.check("cuda forward", s)?;
-    if out.len() != s.q_len() || lse.len() != s.q_rows() {
-        return shape_error(
-            "cuda forward",
-            format!(
-                "out/lse hold {}/{} values, need {}/{}",
-                out.len(),
-                lse.len(),
-                s.q_len(),
-                s.q_rows()
-            ),
-        );
-    }
     let rows = s.q_rows();
     if rows == 0 {
         return Ok(());
@@ -172,15 +167,16 @@ pub fn forward<T: CudaElement>(
     }
     let splits = splits_for(rows, s.seq_k);
     let split_len = s.seq_k.div_ceil(splits).max(1) as u32;
-    let (mut part_ml, mut part_o) = if splits > 1 {
-        (
+    let splits_u = splits as u32;
+    // With one split the kernel writes O and L itself and the partial buffers stay null.
+    let mut parts = if splits > 1 {
+        Some((
             device.zeros::<f32>(2 * rows * splits)?,
             device.zeros::<f32>(rows * splits * s.head_dim)?,
-        )
+        ))
     } else {
-        (device.zeros::<f32>(1)?, device.zeros::<f32>(1)?)
+        None
     };
-    let splits_u = splits as u32;
     let name = format!("attn_forward_{}", T::SUFFIX);
     let f = device.function(&ATTENTION, &name)?;
     let mut launch = device.stream().launch_builder(&f);
@@ -189,27 +185,24 @@ pub fn forward<T: CudaElement>(
         Some(p) => launch.arg(p),
         None => launch.arg(&null),
     };
-    launch
-        .arg(&mut *out)
-        .arg(&mut *lse)
-        .arg(&mut part_ml)
-        .arg(&mut part_o)
-        .arg(&d)
-        .arg(&splits_u)
-        .arg(&split_len)
-        .arg(&scale);
+    launch.arg(&mut *out).arg(&mut *lse);
+    match &mut parts {
+        Some((ml, o)) => launch.arg(ml).arg(o),
+        None => launch.arg(&null).arg(&null),
+    };
+    launch.arg(&d).arg(&splits_u).arg(&split_len).arg(&scale);
     // SAFETY: q, k, v, out and lse hold the sizes `s` describes (checked); pad holds one entry
-    // per sequence or is null; the partial buffers hold rows · splits entries when splits > 1;
-    // warps past rows · splits return at once.
+    // per sequence or is null; the partial buffers hold rows · splits entries when splits > 1
+    // and are only touched then; warps past rows · splits return at once.
     launched(&name, unsafe { launch.launch(warps(rows * splits)) })?;
-    if splits > 1 {
+    if let Some((part_ml, part_o)) = &parts {
         let name = format!("attn_merge_{}", T::SUFFIX);
         let f = device.function(&ATTENTION, &name)?;
         let dim = s.head_dim as u32;
         let mut launch = device.stream().launch_builder(&f);
         launch
-            .arg(&part_ml)
-            .arg(&part_o)
+            .arg(part_ml)
+            .arg(part_o)
             .arg(out)
             .arg(lse)
             .arg(&rows)
@@ -241,29 +234,17 @@ pub fn backward<T: CudaElement>(
 ) -> Result<()> {
     s.check("cuda backward", q.len(), k.len(), v.len())?;
     mask.check("cuda backward", s)?;
-    let sizes = [
-        out.len(),
-        dout.len(),
-        dq.len(),
-        lse.len(),
-        dk.len(),
-        dv.len(),
-    ];
-    if sizes
-        != [
-            s.q_len(),
-            s.q_len(),
-            s.q_len(),
-            s.q_rows(),
-            s.kv_len(),
-            s.kv_len(),
-        ]
-    {
-        return shape_error(
-            "cuda backward",
-            format!("out, dout, dq, lse, dk, dv hold {sizes:?} values for {s:?}"),
-        );
-    }
+    s.check_backward(
+        "cuda backward",
+        [
+            out.len(),
+            dout.len(),
+            dq.len(),
+            lse.len(),
+            dk.len(),
+            dv.len(),
+        ],
+    )?;
     let rows = s.q_rows();
     let d = dims(s, mask)?;
     let pad = upload_padding(device, mask)?;
@@ -430,13 +411,17 @@ fn copy<T: CudaElement>(
     }
     let name = format!("kv_copy_{}", T::SUFFIX);
     let f = device.function(&ATTENTION, &name)?;
-    let u = |v: usize| v as u32;
+    let u = |what: &'static str, v: usize| {
+        u32::try_from(v).map_err(|_| {
+            crate::AttnError::Cache(format!("{what} = {v} exceeds the kernels' 32 bits"))
+        })
+    };
     let (count, src_stride, dst_stride, at, d) = (
-        u(count),
-        u(src_stride),
-        u(dst_stride),
-        u(at),
-        u(layout.head_dim),
+        u("tokens", count)?,
+        u("stride", src_stride)?,
+        u("capacity", dst_stride)?,
+        u("position", at)?,
+        u("head_dim", layout.head_dim)?,
     );
     let mut launch = device.stream().launch_builder(&f);
     launch

@@ -11,7 +11,7 @@ use llama_rope::cuda::{apply, DeviceTables, RopeElement};
 use llama_rope::{QkShape, RotaryEmbedding};
 
 use crate::cuda::{forward, CudaKvCache, ATTENTION};
-use crate::error::{shape_error, Result};
+use crate::error::Result;
 use crate::layer::{AttentionConfig, LlamaAttention};
 
 /// A [`LlamaAttention`] whose weights live on a device, in T.
@@ -25,6 +25,43 @@ pub struct CudaLlamaAttention<T: CudaElement + RopeElement> {
     rope: RotaryEmbedding,
     /// The cos/sin tables on the device, with the rope generation and length they cover.
     tables: Option<(u64, usize, DeviceTables)>,
+    /// The intermediates of the last call, reused while the token count stays the same (as it
+    /// does from one decode step to the next), so that a step allocates only its output.
+    scratch: Option<Scratch<T>>,
+}
+
+/// The intermediate buffers of one [`CudaLlamaAttention::forward_cached`] over `tokens` = B·T.
+struct Scratch<T: CudaElement> {
+    tokens: usize,
+    /// The q projection [B, T, H·D]; reused for the merged attention output before o_proj.
+    q_lin: CudaSlice<T>,
+    k_lin: CudaSlice<T>,
+    v_lin: CudaSlice<T>,
+    /// q, k, v split into heads: [B, H, T, D] and [B, Hkv, T, D] × 2.
+    q: CudaSlice<T>,
+    k: CudaSlice<T>,
+    v: CudaSlice<T>,
+    /// The attention output [B, H, T, D] and its logsumexp [B, H, T].
+    attn: CudaSlice<T>,
+    lse: CudaSlice<f32>,
+}
+
+impl<T: CudaElement> Scratch<T> {
+    fn new(device: &CudaDevice, tokens: usize, config: &AttentionConfig) -> Result<Self> {
+        let q = tokens * config.num_heads * config.head_dim;
+        let kv = tokens * config.num_kv_heads * config.head_dim;
+        Ok(Scratch {
+            tokens,
+            q_lin: device.zeros(q)?,
+            k_lin: device.zeros(kv)?,
+            v_lin: device.zeros(kv)?,
+            q: device.zeros(q)?,
+            k: device.zeros(kv)?,
+            v: device.zeros(kv)?,
+            attn: device.zeros(q)?,
+            lse: device.zeros(tokens * config.num_heads)?,
+        })
+    }
 }
 
 impl<T: CudaElement + RopeElement> CudaLlamaAttention<T> {
@@ -43,66 +80,64 @@ impl<T: CudaElement + RopeElement> CudaLlamaAttention<T> {
             o_proj: up(&layer.o_proj)?,
             rope: RotaryEmbedding::new(layer.rope_config().clone()),
             tables: None,
+            scratch: None,
         })
     }
 
     /// The device's cos/sin tables, uploaded again only when positions past them are needed.
     fn tables(&mut self, positions: &[u32]) -> Result<&DeviceTables> {
         let needed = positions.iter().max().map_or(0, |&p| p as usize + 1);
-        let stale = match &self.tables {
-            Some((generation, len, _)) => *generation != self.rope.generation() || *len < needed,
-            None => true,
+        let generation = self.rope.generation();
+        let entry = match self.tables.take() {
+            Some(entry) if entry.0 == generation && entry.1 >= needed => entry,
+            _ => {
+                let host = self.rope.tables(needed)?;
+                let (len, uploaded) = (host.len, DeviceTables::upload(&self.device, &host)?);
+                // Growing the host tables may have moved the generation on.
+                (self.rope.generation(), len, uploaded)
+            }
         };
-        if stale {
-            let host = self.rope.tables(needed)?;
-            let len = host.len;
-            let device_tables = DeviceTables::upload(&self.device, &host)?;
-            self.tables = Some((self.rope.generation(), len, device_tables));
-        }
-        Ok(&self.tables.as_ref().expect("set above").2)
+        Ok(&self.tables.insert(entry).2)
     }
 
-    /// [B, T, heads·D] → [B, heads, T, D] (`to_heads`) or back.
+    /// [B, T, heads·D] → [B, heads, T, D] (`to_heads`) or back, into `out` (same length).
     fn swap_axes(
         &self,
         x: &CudaSlice<T>,
-        batch: usize,
-        seq: usize,
-        heads: usize,
+        out: &mut CudaSlice<T>,
+        (batch, seq, heads): (usize, usize, usize),
         to_heads: bool,
-    ) -> Result<CudaSlice<T>> {
-        let d = self.config.head_dim;
-        let mut out = self.device.zeros::<T>(x.len().max(1))?;
+    ) -> Result<()> {
         if x.is_empty() {
-            return Ok(out);
+            return Ok(());
         }
         let name = format!("swap_axes_{}", T::SUFFIX);
         let f = self.device.function(&ATTENTION, &name)?;
-        let (b, t, h, d32, flag) = (
+        let (b, t, h, d) = (
             batch as u32,
             seq as u32,
             heads as u32,
-            d as u32,
-            i32::from(to_heads),
+            self.config.head_dim as u32,
         );
+        let flag = i32::from(to_heads);
         let mut launch = self.device.stream().launch_builder(&f);
         launch
             .arg(x)
-            .arg(&mut out)
+            .arg(out)
             .arg(&b)
             .arg(&t)
             .arg(&h)
-            .arg(&d32)
+            .arg(&d)
             .arg(&flag);
         let config = LaunchConfig {
             grid_dim: (x.len().div_ceil(256).clamp(1, 65_535) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: x and out hold batch · seq · heads · D elements (x by the callers' shapes,
-        // out allocated so); the kernel indexes below that.
+        // SAFETY: x and out both hold batch · seq · heads · D elements (scratch buffers sized
+        // from the same batch and seq); the kernel indexes below that.
         unsafe { launch.launch(config) }.map_err(|e| llama_core::Error::cuda(&name, e))?;
-        Ok(out)
+        Ok(())
     }
 
     /// x [B, T, C] (on the device) are the next T positions of each sequence at `positions`
@@ -117,75 +152,60 @@ impl<T: CudaElement + RopeElement> CudaLlamaAttention<T> {
     ) -> Result<CudaSlice<T>> {
         let cfg = self.config;
         let (c, d) = (cfg.hidden_size, cfg.head_dim);
-        if batch == 0 || x.len() % (batch * c) != 0 {
-            return shape_error(
-                "cuda forward_cached",
-                format!("x holds {} values, not [batch {batch}, T, {c}]", x.len()),
-            );
-        }
-        let seq = x.len() / (batch * c);
-        let device = self.device.clone();
-        let project = |w: &CudaSlice<T>, heads: usize| -> Result<CudaSlice<T>> {
-            let mut y = device.zeros::<T>(batch * seq * heads * d)?;
-            linear(&device, x, w, c, &mut y)?;
-            Ok(y)
+        let seq = cfg.positions_in("cuda forward_cached", x.len(), batch)?;
+        let mut bufs = match self.scratch.take() {
+            Some(bufs) if bufs.tokens == batch * seq => bufs,
+            _ => Scratch::new(&self.device, batch * seq, &cfg)?,
         };
-        let (q_lin, k_lin, v_lin) = (
-            project(&self.q_proj, cfg.num_heads)?,
-            project(&self.k_proj, cfg.num_kv_heads)?,
-            project(&self.v_proj, cfg.num_kv_heads)?,
-        );
-        let mut q = self.swap_axes(&q_lin, batch, seq, cfg.num_heads, true)?;
-        let mut k = self.swap_axes(&k_lin, batch, seq, cfg.num_kv_heads, true)?;
-        let v = self.swap_axes(&v_lin, batch, seq, cfg.num_kv_heads, true)?;
+        for (w, lin, split, heads) in [
+            (&self.q_proj, &mut bufs.q_lin, &mut bufs.q, cfg.num_heads),
+            (&self.k_proj, &mut bufs.k_lin, &mut bufs.k, cfg.num_kv_heads),
+            (&self.v_proj, &mut bufs.v_lin, &mut bufs.v, cfg.num_kv_heads),
+        ] {
+            linear(&self.device, x, w, c, lin)?;
+            self.swap_axes(lin, split, (batch, seq, heads), true)?;
+        }
         let tables = self.tables(positions)?;
-        apply(
-            &mut q,
-            QkShape {
+        for (buf, heads) in [
+            (&mut bufs.q, cfg.num_heads),
+            (&mut bufs.k, cfg.num_kv_heads),
+        ] {
+            let shape = QkShape {
                 batch,
-                heads: cfg.num_heads,
+                heads,
                 seq,
                 head_dim: d,
-            },
-            tables,
-            positions,
-            false,
-        )?;
-        apply(
-            &mut k,
-            QkShape {
-                batch,
-                heads: cfg.num_kv_heads,
-                seq,
-                head_dim: d,
-            },
-            tables,
-            positions,
-            false,
-        )?;
-        cache.append(&self.device, &k, &v, seq)?;
+            };
+            apply(buf, shape, tables, positions, false)?;
+        }
+        cache.append(&self.device, &bufs.k, &bufs.v, seq)?;
         let shape = cache.shape(cfg.num_heads, seq);
-        let mut attn = self.device.zeros::<T>(shape.q_len())?;
-        let mut lse = self.device.zeros::<f32>(shape.q_rows())?;
         forward(
             &self.device,
-            &q,
+            &bufs.q,
             cache.keys(),
             cache.values(),
             &shape,
             &cache.mask(),
-            &mut attn,
-            &mut lse,
+            &mut bufs.attn,
+            &mut bufs.lse,
         )?;
-        let merged = self.swap_axes(&attn, batch, seq, cfg.num_heads, false)?;
+        // merge(attn) into the q projection's buffer, then o_proj.
+        self.swap_axes(
+            &bufs.attn,
+            &mut bufs.q_lin,
+            (batch, seq, cfg.num_heads),
+            false,
+        )?;
         let mut out = self.device.zeros::<T>(batch * seq * c)?;
         linear(
             &self.device,
-            &merged,
+            &bufs.q_lin,
             &self.o_proj,
             cfg.num_heads * d,
             &mut out,
         )?;
+        self.scratch = Some(bufs);
         Ok(out)
     }
 }

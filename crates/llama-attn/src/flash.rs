@@ -15,7 +15,7 @@
 use llama_ops::math::{dot, exp, exp_shifted_sum, gemm, Operand};
 use rayon::prelude::*;
 
-use crate::error::{shape_error, Result};
+use crate::error::Result;
 use crate::shape::{AttnShape, Mask};
 
 /// Query positions per forward task and per dQ task.
@@ -37,20 +37,8 @@ pub fn forward(
     out: &mut [f32],
     lse: &mut [f32],
 ) -> Result<()> {
-    s.check("forward", q.len(), k.len(), v.len())?;
+    s.check_forward("forward", q.len(), k.len(), v.len(), out.len(), lse.len())?;
     mask.check("forward", s)?;
-    if out.len() != s.q_len() || lse.len() != s.q_rows() {
-        return shape_error(
-            "forward",
-            format!(
-                "out/lse hold {}/{} values, need {}/{}",
-                out.len(),
-                lse.len(),
-                s.q_len(),
-                s.q_rows()
-            ),
-        );
-    }
     if s.q_len() == 0 {
         return Ok(());
     }
@@ -279,29 +267,17 @@ pub fn backward(
 ) -> Result<()> {
     s.check("backward", q.len(), k.len(), v.len())?;
     mask.check("backward", s)?;
-    let sizes = [
-        out.len(),
-        dout.len(),
-        dq.len(),
-        lse.len(),
-        dk.len(),
-        dv.len(),
-    ];
-    if sizes
-        != [
-            s.q_len(),
-            s.q_len(),
-            s.q_len(),
-            s.q_rows(),
-            s.kv_len(),
-            s.kv_len(),
-        ]
-    {
-        return shape_error(
-            "backward",
-            format!("out, dout, dq, lse, dk, dv hold {sizes:?} values for {s:?}"),
-        );
-    }
+    s.check_backward(
+        "backward",
+        [
+            out.len(),
+            dout.len(),
+            dq.len(),
+            lse.len(),
+            dk.len(),
+            dv.len(),
+        ],
+    )?;
     let d = s.head_dim;
     // Dᵢ = dOᵢ · Oᵢ
     let delta: Vec<f32> = out

@@ -98,6 +98,21 @@ impl AttentionConfig {
         AttentionConfig::new(hidden, heads, kv_heads, head_dim)
     }
 
+    /// T, the positions per sequence of an input x [B, T, C] of `len` values, or a shape error.
+    pub(crate) fn positions_in(&self, op: &'static str, len: usize, batch: usize) -> Result<usize> {
+        let row = self.hidden_size * batch;
+        if batch == 0 || len % row != 0 {
+            return shape_error(
+                op,
+                format!(
+                    "x holds {len} values, not [batch {batch}, T, hidden {}]",
+                    self.hidden_size
+                ),
+            );
+        }
+        Ok(len / row)
+    }
+
     fn q_width(&self) -> usize {
         self.num_heads * self.head_dim
     }
@@ -268,21 +283,6 @@ impl LlamaAttention {
         Ok(out)
     }
 
-    fn check_input(&self, op: &'static str, x: &[f32], batch: usize) -> Result<usize> {
-        let row = self.config.hidden_size * batch;
-        if batch == 0 || x.len() % row != 0 {
-            return shape_error(
-                op,
-                format!(
-                    "x holds {} values, not [batch {batch}, T, hidden {}]",
-                    x.len(),
-                    self.config.hidden_size
-                ),
-            );
-        }
-        Ok(x.len() / row)
-    }
-
     /// Training/prefill forward: x [B, T, C] at `positions` (T ids, or B·T for left-padded
     /// batches), causal, keys before `padding[b]` masked. Returns out [B, T, C] and what the
     /// backward needs.
@@ -293,7 +293,7 @@ impl LlamaAttention {
         positions: &[u32],
         padding: Option<&[usize]>,
     ) -> Result<(Vec<f32>, Saved)> {
-        let seq = self.check_input("forward", x, batch)?;
+        let seq = self.config.positions_in("forward", x.len(), batch)?;
         let cfg = self.config;
         let [q, k, v] = self.qkv(x, batch, seq, positions)?;
         let shape =
@@ -421,7 +421,7 @@ impl LlamaAttention {
         positions: &[u32],
         cache: &mut KvCache,
     ) -> Result<Vec<f32>> {
-        let seq = self.check_input("forward_cached", x, batch)?;
+        let seq = self.config.positions_in("forward_cached", x.len(), batch)?;
         let cfg = self.config;
         let [q, k, v] = self.qkv(x, batch, seq, positions)?;
         cache.append(&k, &v, seq)?;

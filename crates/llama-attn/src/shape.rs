@@ -105,6 +105,42 @@ impl AttnShape {
         Ok(())
     }
 
+    /// Checks the forward's buffers: Q, K, V as in [`Self::check`], O like Q, L one per row.
+    pub fn check_forward(
+        &self,
+        op: &'static str,
+        q: usize,
+        k: usize,
+        v: usize,
+        out: usize,
+        lse: usize,
+    ) -> Result<()> {
+        self.check(op, q, k, v)?;
+        if out != self.q_len() || lse != self.q_rows() {
+            return shape_error(
+                op,
+                format!(
+                    "out/lse hold {out}/{lse} values, need {}/{}",
+                    self.q_len(),
+                    self.q_rows()
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// Checks the backward's further buffers, `[O, dO, dQ, L, dK, dV]` lengths in that order.
+    pub fn check_backward(&self, op: &'static str, sizes: [usize; 6]) -> Result<()> {
+        let (q, kv) = (self.q_len(), self.kv_len());
+        if sizes != [q, q, q, self.q_rows(), kv, kv] {
+            return shape_error(
+                op,
+                format!("out, dout, dq, lse, dk, dv hold {sizes:?} values for {self:?}"),
+            );
+        }
+        Ok(())
+    }
+
     /// Offset of query row (b, h, i) in Q.
     #[inline]
     pub(crate) fn q_row(&self, b: usize, h: usize, i: usize) -> usize {

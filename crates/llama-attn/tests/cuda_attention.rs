@@ -3,13 +3,12 @@
 //! key stride past the keys (a cache), split-K decoding over long contexts, head dims that do
 //! not fill a warp's lanes, and bf16 tensors. Skipped, and counted, without a GPU.
 
+mod common;
+
 use llama_attn::cuda::CudaKvCache;
-use llama_attn::{
-    cuda, AttentionConfig, AttnShape, CudaLlamaAttention, KvCache, LlamaAttention, Mask,
-};
+use llama_attn::{cuda, AttnShape, CudaLlamaAttention, KvCache, Mask};
 use llama_core::bf16;
 use llama_fixtures::{assert_close, cuda_or_skip, TestRng};
-use llama_rope::RopeConfig;
 
 /// (shape, causal, padded)
 fn cases() -> Vec<(AttnShape, bool, bool)> {
@@ -295,23 +294,7 @@ fn the_layer_on_the_gpu_prefills_and_decodes_like_the_cpu() {
     let Some(gpu) = cuda_or_skip!() else { return };
     let mut rng = TestRng::new(6);
     let (hidden, heads, kv_heads, d) = (128, 4, 2, 32);
-    let config = AttentionConfig::new(hidden, heads, kv_heads, d).unwrap();
-    let w = |rng: &mut TestRng, rows: usize| rng.vec(rows * hidden, 0.2);
-    let (wq, wk, wv, wo) = (
-        w(&mut rng, heads * d),
-        w(&mut rng, kv_heads * d),
-        w(&mut rng, kv_heads * d),
-        w(&mut rng, hidden),
-    );
-    let mut cpu = LlamaAttention::new(
-        config,
-        wq,
-        wk,
-        wv,
-        wo,
-        RopeConfig::new(10000.0, d, 1024).unwrap(),
-    )
-    .unwrap();
+    let mut cpu = common::random_layer(&mut rng, hidden, heads, kv_heads, 1024);
     let mut gpu_f32 = CudaLlamaAttention::<f32>::upload(&gpu, &cpu).unwrap();
     let mut gpu_bf16 = CudaLlamaAttention::<bf16>::upload(&gpu, &cpu).unwrap();
     let (batch, prompt) = (2, 9);

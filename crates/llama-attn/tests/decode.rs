@@ -3,29 +3,16 @@
 //! cache; and the cache grows once per increment, truncates, resets and refuses to pass the
 //! context.
 
-use llama_attn::{AttentionConfig, KvCache, LlamaAttention};
-use llama_fixtures::{assert_close, TestRng};
-use llama_rope::RopeConfig;
+mod common;
 
-fn layer(rng: &mut TestRng, hidden: usize, heads: usize, kv_heads: usize) -> LlamaAttention {
-    let d = hidden / heads;
-    let config = AttentionConfig::new(hidden, heads, kv_heads, d).unwrap();
-    let rope = RopeConfig::new(10000.0, d, 4096).unwrap();
-    let w = |rng: &mut TestRng, rows: usize| rng.vec(rows * hidden, 0.3);
-    let (q, k, v, o) = (
-        w(rng, heads * d),
-        w(rng, kv_heads * d),
-        w(rng, kv_heads * d),
-        w(rng, hidden),
-    );
-    LlamaAttention::new(config, q, k, v, o, rope).unwrap()
-}
+use llama_attn::KvCache;
+use llama_fixtures::{assert_close, TestRng};
 
 #[test]
 fn left_padded_batch_decodes_like_each_sequence_alone() {
     let mut rng = TestRng::new(1);
     let (hidden, heads, kv_heads) = (48, 6, 2);
-    let mut attn = layer(&mut rng, hidden, heads, kv_heads);
+    let mut attn = common::random_layer(&mut rng, hidden, heads, kv_heads, 4096);
     let (prompt_lens, new_tokens) = ([7usize, 3, 5], 4);
     let batch = prompt_lens.len();
     let longest = *prompt_lens.iter().max().unwrap();

@@ -4,9 +4,10 @@
 //! f64 reference forward and backward at those sizes, and that decoding with the cache after a
 //! half-length prefill reproduces the layer's output row by row.
 
-use llama_attn::{reference, AttentionConfig, AttnShape, LlamaAttention, Mask};
+mod common;
+
+use llama_attn::{reference, AttnShape, Mask};
 use llama_fixtures::{assert_close, param, to_f32, to_f64, Suite, TestRng};
-use llama_rope::RopeConfig;
 
 #[test]
 fn attention_at_the_tuned_sizes() {
@@ -59,23 +60,7 @@ fn attention_at_the_tuned_sizes() {
     assert_close("dk", &dk, &to_f32(&rk), &[batch, kv_heads, seq, d], 1e-4);
     assert_close("dv", &dv, &to_f32(&rv), &[batch, kv_heads, seq, d], 1e-4);
 
-    let config = AttentionConfig::new(hidden, heads, kv_heads, d).unwrap();
-    let w = |rng: &mut TestRng, rows: usize| rng.vec(rows * hidden, 0.3);
-    let (wq, wk, wv, wo) = (
-        w(&mut rng, heads * d),
-        w(&mut rng, kv_heads * d),
-        w(&mut rng, kv_heads * d),
-        w(&mut rng, hidden),
-    );
-    let mut layer = LlamaAttention::new(
-        config,
-        wq,
-        wk,
-        wv,
-        wo,
-        RopeConfig::new(10000.0, d, seq.max(1) * 2).unwrap(),
-    )
-    .unwrap();
+    let mut layer = common::random_layer(&mut rng, hidden, heads, kv_heads, seq.max(1) * 2);
     let x = rng.vec(batch * seq * hidden, 1.0);
     let ids: Vec<u32> = (0..seq as u32).collect();
     let (full, _) = layer.forward(&x, batch, &ids, None).unwrap();

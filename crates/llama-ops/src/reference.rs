@@ -3,11 +3,12 @@
 //! the tests hold the fast CPU and CUDA paths to these, and these to HF's fixtures. Shapes are
 //! those of the fast functions of the same name.
 
-use llama_core::{DType, Element};
+use llama_core::Element;
 
 use crate::activation::{GatedAct, Gelu};
 use crate::loss::CrossEntropyOptions;
 use crate::quant::blocks::{with_block, Block};
+use crate::quant::QuantMatrix;
 
 /// 1 / sqrt(mean(x²) + eps).
 fn rms_scale(x: &[f64], eps: f64) -> f64 {
@@ -235,8 +236,8 @@ pub fn linear(x: &[f64], w: &[f64], k: usize) -> Vec<f64> {
     y
 }
 
-/// Dequantises blocks of any quantised dtype, one block after another.
-pub fn dequantize(dtype: DType, bytes: &[u8]) -> Vec<f32> {
+/// Dequantises a quantised matrix block after block, in one loop (no threads, no SIMD).
+pub fn dequantize(w: &QuantMatrix) -> Vec<f32> {
     fn blocks<F: Block>(bytes: &[u8]) -> Vec<f32> {
         let mut out = vec![0f32; bytes.len() / F::BYTES * F::LEN];
         for (b, o) in bytes
@@ -247,5 +248,6 @@ pub fn dequantize(dtype: DType, bytes: &[u8]) -> Vec<f32> {
         }
         out
     }
-    with_block!(dtype, F => blocks::<F>(bytes), float => panic!("{dtype} is not quantised"))
+    // QuantMatrix::new refuses the float dtypes.
+    with_block!(w.dtype(), F => blocks::<F>(w.bytes()), float => unreachable!("QuantMatrix holds quantised kinds"))
 }

@@ -53,11 +53,7 @@ fn decoding_equals_gguf_py_bit_for_bit() {
         for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
             assert_eq!(g.to_bits(), e.to_bits(), "{dtype} value {i}: {g} vs {e}");
         }
-        assert_eq!(
-            reference::dequantize(dtype, &bytes),
-            got,
-            "{dtype} reference"
-        );
+        assert_eq!(reference::dequantize(&w), got, "{dtype} reference");
     }
 }
 
@@ -164,7 +160,7 @@ fn fused_products_equal_dequantise_then_multiply() {
             let cols = blocks_per_row * dtype.block_len();
             let bytes = random_blocks(dtype, rows * blocks_per_row, &mut rng);
             let w = QuantMatrix::new(dtype, rows, cols, &bytes).unwrap();
-            let dense = to_f64(&reference::dequantize(dtype, &bytes));
+            let dense = to_f64(&reference::dequantize(&w));
             let x = rng.vec(m * cols, 1.0);
             let expected: Vec<f32> = reference::linear(&to_f64(&x), &dense, cols)
                 .iter()
@@ -256,7 +252,13 @@ fn double_quantisation_keeps_absmax_close_and_saves_memory() {
         .map(|_| rng.uniform() * (1.0 + rng.uniform()))
         .collect();
     let blocks = quantize(DType::Nf4, &w, cols).unwrap();
-    let dq = Nf4DoubleQuant::compress(&blocks);
+    let dq = Nf4DoubleQuant::compress(&QuantMatrix::new(DType::Nf4, rows, cols, &blocks).unwrap())
+        .unwrap();
+    let q4 = QuantMatrix::new(DType::Q4_0, 1, 32, &[0; 18]).unwrap();
+    assert!(
+        Nf4DoubleQuant::compress(&q4).is_err(),
+        "only NF4 compresses"
+    );
     assert_eq!(dq.absmax_scales.len(), 3);
     // 33 bytes per block instead of 36, plus one f32 scale per group and the offset.
     assert_eq!(dq.bytes(), 600 * 33 + 3 * 4 + 4);
@@ -307,7 +309,7 @@ proptest! {
         let cols = blocks * dtype.block_len();
         let bytes = random_blocks(dtype, rows * blocks, &mut rng);
         let w = QuantMatrix::new(dtype, rows, cols, &bytes).unwrap();
-        let dense = to_f64(&reference::dequantize(dtype, &bytes));
+        let dense = to_f64(&reference::dequantize(&w));
         let x = rng.vec(m * cols, 1.0);
         let expected: Vec<f32> =
             reference::linear(&to_f64(&x), &dense, cols).iter().map(|&v| v as f32).collect();

@@ -102,7 +102,7 @@ impl<'a> QuantMatrix<'a> {
     pub fn dequantize_rows(&self, first: usize, out: &mut [f32]) -> Result<()> {
         let op = "QuantMatrix::dequantize_rows";
         let n = rows_of(op, "out", out.len(), self.cols)?;
-        if first + n > self.rows {
+        if first.checked_add(n).is_none_or(|end| end > self.rows) {
             return Err(OpsError::Shape {
                 op,
                 reason: format!("rows {first}..{} of {}", first + n, self.rows),

@@ -3,7 +3,11 @@
 //! (8-bit codes of bitsandbytes' signed dynamic map in blocks of 256, after subtracting their
 //! mean), as `bnb.functional.quantize_4bit(quant_type="nf4", compress_statistics=True)` does.
 
+use llama_core::DType;
+
 use super::blocks::{Block, Nf4};
+use super::QuantMatrix;
+use crate::error::{OpsError, Result};
 
 /// The NF4 code values (bitsandbytes `get_4bit_type("nf4")`): quantiles of N(0, 1) scaled to
 /// [−1, 1], with an exact 0.
@@ -72,12 +76,23 @@ pub struct Nf4DoubleQuant {
 }
 
 impl Nf4DoubleQuant {
-    /// Compresses NF4 blocks (36 bytes each) of a whole tensor.
-    pub fn compress(blocks: &[u8]) -> Nf4DoubleQuant {
+    /// Compresses an NF4 matrix (36-byte blocks with f32 absmaxes).
+    pub fn compress(w: &QuantMatrix) -> Result<Nf4DoubleQuant> {
+        if w.dtype() != DType::Nf4 {
+            return Err(OpsError::UnsupportedDType {
+                op: "Nf4DoubleQuant::compress",
+                dtype: w.dtype(),
+                supported: "NF4",
+            });
+        }
+        let blocks = w.bytes();
         let n = blocks.len() / Nf4::BYTES;
         let block = |i: usize| &blocks[i * Nf4::BYTES..(i + 1) * Nf4::BYTES];
         let absmax: Vec<f32> = (0..n)
-            .map(|i| f32::from_le_bytes(block(i)[32..36].try_into().expect("4 bytes")))
+            .map(|i| {
+                let b = block(i);
+                f32::from_le_bytes([b[32], b[33], b[34], b[35]])
+            })
             .collect();
         let codes = (0..n)
             .flat_map(|i| block(i)[..32].iter().copied())
@@ -96,12 +111,12 @@ impl Nf4DoubleQuant {
             absmax_scales.push(scale);
             absmax_codes.extend(group.iter().map(|a| nearest_in(&map, (a - offset) * inv)));
         }
-        Nf4DoubleQuant {
+        Ok(Nf4DoubleQuant {
             codes,
             absmax_codes,
             absmax_scales,
             offset,
-        }
+        })
     }
 
     /// The absmax of block `i`: map[code] · scale + offset.
@@ -146,6 +161,7 @@ pub fn dynamic_map() -> [f32; 256] {
     values.push(0.0);
     values.push(1.0);
     values.sort_by(f32::total_cmp);
+    // 2 · (1 + 2 + … + 64) = 254 fraction values, plus 0 and 1: always 256.
     values.try_into().expect("the dynamic map has 256 entries")
 }
 
