@@ -7,6 +7,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use llama_core::cuda::CudaDevice;
 use llama_ops::cuda::{linear, CudaElement};
+use llama_ops::Weight;
 use llama_rope::cuda::{apply, DeviceTables, RopeElement};
 use llama_rope::{QkShape, RotaryEmbedding};
 
@@ -67,8 +68,8 @@ impl<T: CudaElement> Scratch<T> {
 impl<T: CudaElement + RopeElement> CudaLlamaAttention<T> {
     /// Copies `layer`'s weights to `device`, rounded to T.
     pub fn upload(device: &Arc<CudaDevice>, layer: &LlamaAttention) -> Result<Self> {
-        let up = |w: &[f32]| -> Result<CudaSlice<T>> {
-            let rounded: Vec<T> = w.iter().map(|&v| T::from_f32(v)).collect();
+        let up = |w: &Weight| -> Result<CudaSlice<T>> {
+            let rounded: Vec<T> = w.to_f32()?.iter().map(|&v| T::from_f32(v)).collect();
             Ok(device.htod(&rounded)?)
         };
         Ok(CudaLlamaAttention {

@@ -11,7 +11,7 @@
 //!   decode:   the same forward for the new positions, with k, v appended to a [`KvCache`]
 //!             and attention over all its positions.
 
-use llama_ops::{linear, linear_backward_input, linear_backward_weight};
+use llama_ops::{linear_backward_weight, Weight};
 use llama_rope::{apply, apply_backward, QkShape, RopeConfig, RotaryEmbedding};
 use serde_json::Value;
 
@@ -122,13 +122,14 @@ impl AttentionConfig {
     }
 }
 
-/// One attention layer in f32: HF's weights ([out, in]) and the rotary embedding.
+/// One attention layer: HF's weights ([out, in], dense or quantised), activations in f32, and
+/// the rotary embedding.
 pub struct LlamaAttention {
     pub config: AttentionConfig,
-    pub q_proj: Vec<f32>,
-    pub k_proj: Vec<f32>,
-    pub v_proj: Vec<f32>,
-    pub o_proj: Vec<f32>,
+    pub q_proj: Weight,
+    pub k_proj: Weight,
+    pub v_proj: Weight,
+    pub o_proj: Weight,
     rope: RotaryEmbedding,
 }
 
@@ -194,7 +195,7 @@ fn merge_heads(a: &[f32], batch: usize, seq: usize, heads: usize, d: usize) -> V
 }
 
 impl LlamaAttention {
-    /// A layer from its four weights (HF's [out, in] layout) and RoPE settings.
+    /// A layer from its four f32 weights (HF's [out, in] layout) and RoPE settings.
     pub fn new(
         config: AttentionConfig,
         q_proj: Vec<f32>,
@@ -203,20 +204,38 @@ impl LlamaAttention {
         o_proj: Vec<f32>,
         rope: RopeConfig,
     ) -> Result<LlamaAttention> {
-        let c = config.hidden_size;
-        for (name, w, len) in [
-            ("q_proj", &q_proj, config.q_width() * c),
-            ("k_proj", &k_proj, config.kv_width() * c),
-            ("v_proj", &v_proj, config.kv_width() * c),
-            ("o_proj", &o_proj, c * config.q_width()),
-        ] {
-            if w.len() != len {
+        let (c, q, kv) = (config.hidden_size, config.q_width(), config.kv_width());
+        let dense = |w: Vec<f32>, rows: usize, cols: usize| Weight::dense(w, rows, cols);
+        LlamaAttention::with_weights(
+            config,
+            [
+                dense(q_proj, q, c)?,
+                dense(k_proj, kv, c)?,
+                dense(v_proj, kv, c)?,
+                dense(o_proj, c, q)?,
+            ],
+            rope,
+        )
+    }
+
+    /// A layer from its weights `[q_proj, k_proj, v_proj, o_proj]`, each dense or quantised.
+    pub fn with_weights(
+        config: AttentionConfig,
+        weights: [Weight; 4],
+        rope: RopeConfig,
+    ) -> Result<LlamaAttention> {
+        let (c, q, kv) = (config.hidden_size, config.q_width(), config.kv_width());
+        let names = ["q_proj", "k_proj", "v_proj", "o_proj"];
+        let shapes = [(q, c), (kv, c), (kv, c), (c, q)];
+        for ((name, w), shape) in names.iter().zip(&weights).zip(shapes) {
+            if w.shape() != shape {
                 return shape_error(
-                    "LlamaAttention::new",
-                    format!("{name} holds {} values, {config:?} needs {len}", w.len()),
+                    "LlamaAttention::with_weights",
+                    format!("{name} is {:?}, {config:?} needs {shape:?}", w.shape()),
                 );
             }
         }
+        let [q_proj, k_proj, v_proj, o_proj] = weights;
         Ok(LlamaAttention {
             config,
             q_proj,
@@ -236,10 +255,10 @@ impl LlamaAttention {
         positions: &[u32],
     ) -> Result<[Vec<f32>; 3]> {
         let cfg = self.config;
-        let (c, d) = (cfg.hidden_size, cfg.head_dim);
-        let project = |w: &[f32], width: usize| -> Result<Vec<f32>> {
+        let d = cfg.head_dim;
+        let project = |w: &Weight, width: usize| -> Result<Vec<f32>> {
             let mut y = vec![0.0; batch * seq * width];
-            linear(x, w, c, &mut y)?;
+            w.forward(x, &mut y)?;
             Ok(split_heads(&y, batch, seq, width / d, d))
         };
         let (mut q, mut k, v) = (
@@ -279,7 +298,7 @@ impl LlamaAttention {
         let cfg = self.config;
         let merged = merge_heads(attn, batch, seq, cfg.num_heads, cfg.head_dim);
         let mut out = vec![0.0; batch * seq * cfg.hidden_size];
-        linear(&merged, &self.o_proj, cfg.q_width(), &mut out)?;
+        self.o_proj.forward(&merged, &mut out)?;
         Ok(out)
     }
 
@@ -334,10 +353,10 @@ impl LlamaAttention {
         }
         // out = merge(a) Woᵀ
         let merged = merge_heads(&saved.attn, batch, seq, cfg.num_heads, d);
-        let mut o_grad = vec![0.0; self.o_proj.len()];
+        let mut o_grad = vec![0.0; c * cfg.q_width()];
         linear_backward_weight(dout, &merged, cfg.q_width(), &mut o_grad)?;
         let mut d_merged = vec![0.0; merged.len()];
-        linear_backward_input(dout, &self.o_proj, cfg.q_width(), &mut d_merged)?;
+        self.o_proj.backward_input(dout, &mut d_merged)?;
         // attention
         let shape = AttnShape::self_attention(batch, cfg.num_heads, cfg.num_kv_heads, seq, d);
         let mask = Mask {
@@ -402,10 +421,10 @@ impl LlamaAttention {
             (dv, &self.v_proj, cfg.num_kv_heads, &mut grads.v_proj),
         ] {
             let flat = merge_heads(&g, batch, seq, heads, d);
-            *grad = vec![0.0; w.len()];
+            *grad = vec![0.0; heads * d * c];
             linear_backward_weight(&flat, &saved.x, c, grad)?;
             let mut part = vec![0.0; dx.len()];
-            linear_backward_input(&flat, w, c, &mut part)?;
+            w.backward_input(&flat, &mut part)?;
             dx.iter_mut().zip(&part).for_each(|(a, b)| *a += b);
         }
         Ok((dx, grads))

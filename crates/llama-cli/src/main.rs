@@ -1,6 +1,9 @@
 //! `fastllama`: the command-line front end. Library crates return values and errors; this
 //! binary is the only place that prints.
 
+mod commands;
+mod model_args;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -20,6 +23,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Generate text after a prompt, streaming it as it comes.
+    Generate(commands::GenerateArgs),
+    /// Write the logits of every position of a prompt to a safetensors file.
+    Logits(commands::LogitsArgs),
+    /// Print the token ids of a text as a JSON list.
+    Tokenize(commands::TokenizeArgs),
+    /// Describe a model: architecture, sizes, dtypes, quantisation, context, RoPE.
+    Info(commands::InfoArgs),
     /// Show the compute devices fastllama can use: CPU SIMD features and threads, CUDA devices
     /// (or why there are none), and the cache directory.
     Devices,
@@ -27,12 +38,26 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Devices => devices(),
+    let result = match &cli.command {
+        Command::Generate(args) => commands::generate_cmd(args),
+        Command::Logits(args) => commands::logits_cmd(args),
+        Command::Tokenize(args) => commands::tokenize_cmd(args),
+        Command::Info(args) => commands::info_cmd(args),
+        Command::Devices => {
+            devices();
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
     }
 }
 
-fn devices() -> ExitCode {
+fn devices() {
     println!(
         "cpu: {} threads; {}",
         rayon::current_num_threads(),
@@ -56,7 +81,6 @@ fn devices() -> ExitCode {
         Err(e) => println!("cuda: {e}"),
     }
     println!("cache: {}", cache_dir().display());
-    ExitCode::SUCCESS
 }
 
 fn gib(bytes: usize) -> f64 {

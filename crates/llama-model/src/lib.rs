@@ -1,7 +1,34 @@
 //! # llama-model
 //!
-//! The assembled model (SPEC.md parts 3–5): `LlamaConfig`, safetensors and GGUF loading, the
-//! tokenizer and chat template, the decoder layers, `CausalLM_fast_forward`, generation,
-//! training, and the `FastLlamaModel` API.
+//! The assembled model (SPEC.md parts 3–5): [`LlamaConfig`] from HF `config.json` or GGUF
+//! metadata, weights from safetensors directories or GGUF files ([`load`]), the [`Tokenizer`]
+//! and chat template, the decoder ([`LlamaModel`]: forward, logits, loss, cached decoding) and
+//! [`generate`].
 //!
-//! Depends on every library crate below it. Built in step 5 (issue "Step 5 — llama-model").
+//! ```text
+//! config.rs     LlamaConfig                    gguf.rs      GGUF v2/v3 reader and writer
+//! source.rs     tensors by HF name             loader.rs    a path → LoadedModel
+//! tokenizer.rs  tokenizers + chat templates    model.rs     MLP → layer → model → loss
+//! generate.rs   sampling and generation        fetch.rs     the default model, via pip
+//! ```
+
+mod config;
+mod error;
+mod fetch;
+pub mod generate;
+pub mod gguf;
+mod loader;
+mod mmap;
+mod model;
+mod source;
+mod tokenizer;
+
+pub use config::LlamaConfig;
+pub use error::{ModelError, Result};
+pub use fetch::{resolve_model, DEFAULT_MODEL};
+pub use generate::{
+    generate, FinishReason, Generation, GenerationConfig, SamplingConfig, TextStream,
+};
+pub use loader::{load, LoadedModel, ModelFormat, Precision};
+pub use model::{shift_labels, DecoderLayer, Hidden, LlamaMlp, LlamaModel, ModelCache};
+pub use tokenizer::{ChatMessage, Tokenizer};

@@ -31,6 +31,7 @@ pub mod quant;
 pub mod reference;
 mod rows;
 mod simd;
+mod weight;
 
 pub use activation::{gated_backward, gated_forward, gated_forward_in_place, GatedAct, Gelu};
 pub use error::{OpsError, Result};
@@ -38,6 +39,7 @@ pub use loss::{cross_entropy, cross_entropy_backward, CrossEntropy, CrossEntropy
 pub use matmul::{linear, linear_backward_input, linear_backward_weight, matvec};
 pub use norm::{gemma_rms_norm, layer_norm, layer_norm_backward, rms_norm, rms_norm_backward};
 pub use quant::{quantize, QuantMatrix};
+pub use weight::Weight;
 
 /// Helpers that other crates' hot loops share: a SIMD dot product (AVX2/FMA at run time), a
 /// branch-free `exp` that vectorises, and a small dense f32 product on the `gemm` crate.

@@ -159,6 +159,39 @@ impl<'a> QuantMatrix<'a> {
     }
 }
 
+impl QuantMatrix<'_> {
+    /// dx [M, K] = dy [M, N] · W, the input gradient of [`Self::matmul`]: W is dequantised a
+    /// tile of rows at a time and each tile's product accumulated, so the f32 weight is never
+    /// whole in memory.
+    pub fn backward_input(&self, dy: &[f32], dx: &mut [f32]) -> Result<()> {
+        let op = "QuantMatrix::backward_input";
+        let (n, k) = (self.rows, self.cols);
+        let m = rows_of(op, "dy", dy.len(), n)?;
+        check_len(op, "dx", dx.len(), m * k)?;
+        dx.fill(0.0);
+        let mut tile = vec![0f32; MATMUL_TILE_ROWS.min(n) * k];
+        for first in (0..n).step_by(MATMUL_TILE_ROWS) {
+            let rows = MATMUL_TILE_ROWS.min(n - first);
+            self.dequantize_rows(first, &mut tile[..rows * k])?;
+            // dy[:, first..first + rows], a strided view of dy's columns.
+            let dy_cols = View {
+                data: &dy[first..],
+                rows: m,
+                cols: rows,
+                row_stride: n,
+                col_stride: 1,
+            };
+            matmul(
+                dy_cols,
+                View::row_major(&tile[..rows * k], rows, k),
+                dx,
+                true,
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Decodes consecutive blocks in parallel.
 fn decode_all<F: Block>(src: &[u8], out: &mut [f32]) {
     out.par_chunks_mut(F::LEN)

@@ -1,0 +1,255 @@
+//! The model commands: generate, logits, tokenize, info.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use llama_model::{
+    generate, GenerationConfig, LoadedModel, ModelFormat, SamplingConfig, TextStream,
+};
+use serde_json::json;
+
+use crate::model_args::{prompt_ids, ModelArgs, PromptArgs};
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    prompt: PromptArgs,
+    /// Render the prompt through the model's chat template as one user turn.
+    #[arg(long)]
+    chat: bool,
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Keep the k most likely tokens (0: off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when the text contains this string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Print one JSON object with the ids, the text and the speeds instead of streaming.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn generate_cmd(args: &GenerateArgs) -> Result<(), String> {
+    let mut loaded = args.model.load()?;
+    let prompt_ids = args.prompt.ids(&loaded, args.chat)?;
+    let config = GenerationConfig {
+        max_new_tokens: args.max_new_tokens,
+        sampling: SamplingConfig {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            min_p: args.min_p,
+            repetition_penalty: args.repeat_penalty,
+            seed: args.seed,
+        },
+        eos_token_ids: loaded.model.config.eos_token_ids.clone(),
+    };
+    let LoadedModel {
+        model, tokenizer, ..
+    } = &mut loaded;
+    let tokenizer = tokenizer.as_ref().ok();
+    let mut stream = tokenizer.map(|t| TextStream::new(t, &args.stop));
+    let mut stdout = std::io::stdout();
+    let mut stream_error = None;
+    let out = generate(model, std::slice::from_ref(&prompt_ids), &config, &mut |_, id| {
+        let Some(stream) = stream.as_mut() else {
+            return true;
+        };
+        match stream.push(id) {
+            Ok(piece) if !args.json => {
+                let _ = write!(stdout, "{piece}");
+                let _ = stdout.flush();
+            }
+            Ok(_) => {}
+            Err(e) => stream_error = Some(e.to_string()),
+        }
+        !stream.stopped()
+    })
+    .map_err(|e| e.to_string())?;
+    if let Some(e) = stream_error {
+        return Err(e);
+    }
+    let text = match &stream {
+        Some(s) => s.text().map_err(|e| e.to_string())?,
+        None => String::new(),
+    };
+    let prefill_tps = out.prefill_tokens as f64 / out.prefill_seconds.max(1e-9);
+    let decode_tps = out.decode_tokens as f64 / out.decode_seconds.max(1e-9);
+    if args.json {
+        let object = json!({
+            "prompt_ids": prompt_ids,
+            "ids": out.ids[0],
+            "text": text,
+            "prefill_tokens_per_s": prefill_tps,
+            "decode_tokens_per_s": decode_tps,
+        });
+        println!("{object}");
+    } else {
+        if stream.is_none() {
+            println!("{:?}", out.ids[0]);
+        } else {
+            println!();
+        }
+        eprintln!(
+            "prefill: {} tokens at {prefill_tps:.1} tok/s; decode: {} tokens at {decode_tps:.1} tok/s; stopped by {:?}",
+            out.prefill_tokens, out.decode_tokens, out.finish[0]
+        );
+    }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct LogitsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    prompt: PromptArgs,
+    /// The safetensors file to write: `ids` (i64 [T]) and `logits` (f32 [T, vocab]).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn logits_cmd(args: &LogitsArgs) -> Result<(), String> {
+    let mut loaded = args.model.load()?;
+    let ids = args.prompt.ids(&loaded, false)?;
+    let logits = loaded.model.forward(&ids, 1).map_err(|e| e.to_string())?;
+    write_logits(&args.out, &ids, &logits, loaded.model.config.vocab_size)?;
+    eprintln!(
+        "wrote {} positions × {} logits to {}",
+        ids.len(),
+        loaded.model.config.vocab_size,
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// A safetensors file of `ids` [T] (i64) and `logits` [T, V] (f32), written atomically.
+fn write_logits(path: &Path, ids: &[u32], logits: &[f32], vocab: usize) -> Result<(), String> {
+    let ids_bytes = ids.len() * 8;
+    let header = json!({
+        "ids": {"dtype": "I64", "shape": [ids.len()], "data_offsets": [0, ids_bytes]},
+        "logits": {"dtype": "F32", "shape": [ids.len(), vocab], "data_offsets": [ids_bytes, ids_bytes + logits.len() * 4]},
+    })
+    .to_string();
+    let mut header = header.into_bytes();
+    header.resize(header.len().next_multiple_of(8), b' ');
+    let mut bytes = Vec::with_capacity(8 + header.len() + ids_bytes + logits.len() * 4);
+    bytes.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&header);
+    ids.iter()
+        .for_each(|&i| bytes.extend_from_slice(&i64::from(i).to_le_bytes()));
+    logits
+        .iter()
+        .for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
+    llama_core::write_atomic(path, &bytes).map_err(|e| e.to_string())
+}
+
+#[derive(Args, Debug)]
+pub struct TokenizeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long)]
+    text: String,
+    /// Render the text through the chat template as one user turn first.
+    #[arg(long)]
+    chat: bool,
+}
+
+pub fn tokenize_cmd(args: &TokenizeArgs) -> Result<(), String> {
+    let loaded = args.model.load()?;
+    println!("{}", json!(prompt_ids(&loaded, &args.text, args.chat)?));
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+pub fn info_cmd(args: &InfoArgs) -> Result<(), String> {
+    let loaded = args.model.load()?;
+    let m = &loaded.model;
+    let c = &m.config;
+    let format = match loaded.format {
+        ModelFormat::Gguf => "GGUF",
+        ModelFormat::Safetensors => "safetensors",
+    };
+    let mut dtypes = std::collections::BTreeMap::<String, usize>::new();
+    for layer in &m.layers {
+        let a = &layer.self_attn;
+        for w in [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &layer.mlp.gate_proj,
+            &layer.mlp.up_proj,
+            &layer.mlp.down_proj,
+        ] {
+            *dtypes.entry(w.dtype().to_string()).or_default() += 1;
+        }
+    }
+    let dtypes: Vec<String> = dtypes.iter().map(|(d, n)| format!("{n} × {d}")).collect();
+    println!("model:          {} ({format})", loaded.path.display());
+    println!("architecture:   {}", c.architecture);
+    println!("parameters:     {:.1} M", c.parameter_count() as f64 / 1e6);
+    println!(
+        "layers:         {}, hidden {}, intermediate {}",
+        c.num_hidden_layers, c.hidden_size, c.intermediate_size
+    );
+    println!(
+        "heads:          {} query, {} key/value, head_dim {}",
+        c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    );
+    println!("vocabulary:     {}", c.vocab_size);
+    println!("context:        {} positions", c.max_position_embeddings);
+    println!(
+        "rope:           {} (theta {})",
+        c.rope.scaling.rope_type(),
+        c.rope.theta
+    );
+    println!("norm eps:       {}", c.rms_norm_eps);
+    println!("tied embedding: {}", c.tie_word_embeddings);
+    println!(
+        "weights:        {}; embeddings {}; lm_head {}",
+        dtypes.join(", "),
+        m.embed_tokens.dtype(),
+        m.lm_head().dtype()
+    );
+    println!(
+        "memory:         {:.1} MiB",
+        m.memory_bytes() as f64 / (1 << 20) as f64
+    );
+    println!("precision:      {}", loaded.precision);
+    println!("device:         cpu");
+    match &loaded.tokenizer {
+        Ok(t) => println!(
+            "tokenizer:      {} tokens, chat template: {}",
+            t.vocab_size(),
+            if t.chat_template().is_some() {
+                "yes"
+            } else {
+                "no"
+            }
+        ),
+        Err(e) => println!("tokenizer:      none ({e})"),
+    }
+    println!("eos ids:        {:?}", c.eos_token_ids);
+    Ok(())
+}

@@ -1,0 +1,450 @@
+//! The Llama decoder (HF `LlamaForCausalLM`), read top to bottom as the paper draws it:
+//! MLP → decoder layer → model → language-model head and loss.
+//! Letters: B batch, T positions, N = B·T rows, C hidden, F intermediate, V vocabulary.
+//!
+//!   h₀ = embed(ids)                                          [N, C]
+//!   for each layer:  h += attn(rms_norm(h))                   (llama-attn)
+//!                    h += down(act(gate(rms_norm(h))) · up(rms_norm(h)))
+//!   logits = rms_norm(h) · lm_headᵀ                           [N, V]
+//!
+//! Activations are f32; weights are [`Weight`]s (dense or quantised, dequantised inside the
+//! products). Decoding runs the same layers over per-layer [`KvCache`]s.
+
+use llama_attn::{KvCache, LlamaAttention};
+use llama_ops::{
+    cross_entropy, gated_forward_in_place, rms_norm, CrossEntropyOptions, GatedAct, Weight,
+};
+
+use crate::config::LlamaConfig;
+use crate::error::{ModelError, Result};
+use crate::source::TensorSource;
+
+/// The gated MLP: down(act(x · gateᵀ) ⊙ (x · upᵀ)).
+pub struct LlamaMlp {
+    pub gate_proj: Weight,
+    pub up_proj: Weight,
+    pub down_proj: Weight,
+    pub act: GatedAct,
+}
+
+impl LlamaMlp {
+    /// x [N, C] → [N, C].
+    pub fn forward(&self, x: &[f32]) -> Result<Vec<f32>> {
+        let (f, c) = self.gate_proj.shape();
+        let n = x.len() / c;
+        let mut gate = vec![0f32; n * f];
+        let mut up = vec![0f32; n * f];
+        self.gate_proj.forward(x, &mut gate)?;
+        self.up_proj.forward(x, &mut up)?;
+        gated_forward_in_place(self.act, &mut gate, &up)?;
+        let mut out = vec![0f32; n * c];
+        self.down_proj.forward(&gate, &mut out)?;
+        Ok(out)
+    }
+}
+
+/// One decoder layer: pre-norm attention and pre-norm MLP, each added to the residual stream.
+pub struct DecoderLayer {
+    pub input_layernorm: Vec<f32>,
+    pub self_attn: LlamaAttention,
+    pub post_attention_layernorm: Vec<f32>,
+    pub mlp: LlamaMlp,
+}
+
+/// Where a layer's attention gets its keys: the sequence itself, or a cache it appends to.
+enum AttnInput<'a> {
+    Sequence { padding: Option<&'a [usize]> },
+    Cached(&'a mut KvCache),
+}
+
+impl DecoderLayer {
+    /// h [N, C] ← h + attn(norm(h)); h ← h + mlp(norm(h)).
+    fn forward(
+        &mut self,
+        h: &mut [f32],
+        batch: usize,
+        positions: &[u32],
+        eps: f32,
+        input: AttnInput,
+    ) -> Result<()> {
+        let mut normed = vec![0f32; h.len()];
+        rms_norm(h, &self.input_layernorm, eps, &mut normed)?;
+        let attn = match input {
+            AttnInput::Sequence { padding } => {
+                self.self_attn
+                    .forward(&normed, batch, positions, padding)?
+                    .0
+            }
+            AttnInput::Cached(cache) => self
+                .self_attn
+                .forward_cached(&normed, batch, positions, cache)?,
+        };
+        add_into(h, &attn);
+        rms_norm(h, &self.post_attention_layernorm, eps, &mut normed)?;
+        add_into(h, &self.mlp.forward(&normed)?);
+        Ok(())
+    }
+}
+
+fn add_into(h: &mut [f32], delta: &[f32]) {
+    h.iter_mut().zip(delta).for_each(|(h, d)| *h += d);
+}
+
+/// The KV caches of every layer for one batch of sequences.
+pub struct ModelCache {
+    pub layers: Vec<KvCache>,
+}
+
+impl ModelCache {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, |c| c.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes held by all layers' keys and values.
+    pub fn memory_bytes(&self) -> usize {
+        self.layers.iter().map(KvCache::memory_bytes).sum()
+    }
+
+    /// Forgets everything (keeps the memory).
+    pub fn reset(&mut self) {
+        self.layers.iter_mut().for_each(|c| c.reset());
+    }
+
+    /// Forgets positions from `len` on.
+    pub fn truncate(&mut self, len: usize) {
+        self.layers.iter_mut().for_each(|c| c.truncate(len));
+    }
+
+    fn padding(&self) -> Option<&[usize]> {
+        self.layers.first().and_then(|c| c.padding())
+    }
+}
+
+/// Hidden states of a forward pass.
+pub struct Hidden {
+    /// After the final norm, [N, C].
+    pub last: Vec<f32>,
+    /// When asked for, HF's `hidden_states`: the embeddings, each layer's output, and the last
+    /// layer's after the final norm (L + 1 entries of [N, C]).
+    pub states: Vec<Vec<f32>>,
+}
+
+/// A Llama model with its language-model head.
+pub struct LlamaModel {
+    pub config: LlamaConfig,
+    pub embed_tokens: Weight,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: Vec<f32>,
+    /// None when tied to the embeddings.
+    pub lm_head: Option<Weight>,
+    /// The longest sequence accepted (the model's context unless set otherwise).
+    pub max_seq_length: usize,
+}
+
+/// The KV cache grows by this many positions at a time.
+const CACHE_INCREMENT: usize = 256;
+
+impl LlamaModel {
+    /// Reads every weight from `source`; `progress(done, total)` is called after each layer.
+    pub(crate) fn load(
+        config: LlamaConfig,
+        source: &dyn TensorSource,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<LlamaModel> {
+        let (c, f, v) = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.vocab_size,
+        );
+        let attn = config.attention();
+        let (q, kv) = (
+            attn.num_heads * attn.head_dim,
+            attn.num_kv_heads * attn.head_dim,
+        );
+        let total = config.num_hidden_layers + 1;
+        let embed_tokens = source.matrix("model.embed_tokens.weight", v, c)?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let name = |part: &str| format!("model.layers.{i}.{part}.weight");
+            let matrix = |part: &str, rows, cols| source.matrix(&name(part), rows, cols);
+            let self_attn = LlamaAttention::with_weights(
+                attn,
+                [
+                    matrix("self_attn.q_proj", q, c)?,
+                    matrix("self_attn.k_proj", kv, c)?,
+                    matrix("self_attn.v_proj", kv, c)?,
+                    matrix("self_attn.o_proj", c, q)?,
+                ],
+                config.rope.clone(),
+            )?;
+            layers.push(DecoderLayer {
+                input_layernorm: source.vector(&name("input_layernorm"), c)?,
+                self_attn,
+                post_attention_layernorm: source.vector(&name("post_attention_layernorm"), c)?,
+                mlp: LlamaMlp {
+                    gate_proj: matrix("mlp.gate_proj", f, c)?,
+                    up_proj: matrix("mlp.up_proj", f, c)?,
+                    down_proj: matrix("mlp.down_proj", c, f)?,
+                    act: config.hidden_act,
+                },
+            });
+            progress(i + 1, total);
+        }
+        let norm = source.vector("model.norm.weight", c)?;
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(source.matrix("lm_head.weight", v, c)?)
+        };
+        progress(total, total);
+        Ok(LlamaModel {
+            max_seq_length: config.max_position_embeddings,
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+
+    /// The lm_head matrix, [V, C] (the embeddings when tied).
+    pub fn lm_head(&self) -> &Weight {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// Bytes held by the weights.
+    pub fn memory_bytes(&self) -> usize {
+        let vec_bytes = |v: &[f32]| std::mem::size_of_val(v);
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let a = &l.self_attn;
+                [
+                    &a.q_proj,
+                    &a.k_proj,
+                    &a.v_proj,
+                    &a.o_proj,
+                    &l.mlp.gate_proj,
+                    &l.mlp.up_proj,
+                    &l.mlp.down_proj,
+                ]
+                .iter()
+                .map(|w| w.memory_bytes())
+                .sum::<usize>()
+                    + vec_bytes(&l.input_layernorm)
+                    + vec_bytes(&l.post_attention_layernorm)
+            })
+            .sum();
+        layers
+            + self.embed_tokens.memory_bytes()
+            + vec_bytes(&self.norm)
+            + self.lm_head.as_ref().map_or(0, Weight::memory_bytes)
+    }
+
+    /// Embeddings of `ids`, [N, C]; an id outside the vocabulary is an error.
+    pub fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let c = self.config.hidden_size;
+        let mut h = vec![0f32; ids.len() * c];
+        for (row, &id) in h.chunks_exact_mut(c).zip(ids) {
+            if id as usize >= self.config.vocab_size {
+                return Err(ModelError::input(
+                    "input_ids",
+                    format!(
+                        "token id {id} is outside the vocabulary of {}",
+                        self.config.vocab_size
+                    ),
+                ));
+            }
+            self.embed_tokens.row(id as usize, row)?;
+        }
+        Ok(h)
+    }
+
+    /// The positions of T new tokens per sequence after `start` cached ones: T ids, or B·T
+    /// when sequences are left-padded (HF's cumsum(attention_mask) − 1, padding at 1).
+    fn positions(
+        &self,
+        batch: usize,
+        seq: usize,
+        start: usize,
+        padding: Option<&[usize]>,
+    ) -> Result<Vec<u32>> {
+        let end = start + seq;
+        if end > self.max_seq_length {
+            return Err(ModelError::input(
+                "input_ids",
+                format!(
+                    "{end} positions do not fit the context of {} (max_seq_length)",
+                    self.max_seq_length
+                ),
+            ));
+        }
+        Ok(match padding {
+            None => (start..end).map(|p| p as u32).collect(),
+            Some(pads) => (0..batch)
+                .flat_map(|b| {
+                    (start..end).map(move |p| p.checked_sub(pads[b]).map_or(1, |p| p as u32))
+                })
+                .collect(),
+        })
+    }
+
+    /// The batch's sequence length T for `ids` [B, T].
+    fn seq_len(&self, ids: &[u32], batch: usize) -> Result<usize> {
+        if batch == 0 || ids.is_empty() || ids.len() % batch != 0 {
+            return Err(ModelError::input(
+                "input_ids",
+                format!(
+                    "{} ids do not form {batch} sequences of equal length ≥ 1",
+                    ids.len()
+                ),
+            ));
+        }
+        Ok(ids.len() / batch)
+    }
+
+    /// Training/prefill forward of `ids` [B, T] (causal; keys before `padding[b]` masked):
+    /// the hidden states after the final norm, and every layer's when `keep_states`.
+    pub fn forward_hidden(
+        &mut self,
+        ids: &[u32],
+        batch: usize,
+        padding: Option<&[usize]>,
+        keep_states: bool,
+    ) -> Result<Hidden> {
+        let seq = self.seq_len(ids, batch)?;
+        if let Some(p) = padding.filter(|p| p.len() != batch) {
+            return Err(ModelError::input(
+                "padding",
+                format!("{} lengths for {batch} sequences", p.len()),
+            ));
+        }
+        let positions = self.positions(batch, seq, 0, padding)?;
+        let mut h = self.embed(ids)?;
+        let mut states = Vec::new();
+        let eps = self.config.rms_norm_eps;
+        for layer in &mut self.layers {
+            if keep_states {
+                states.push(h.clone());
+            }
+            layer.forward(
+                &mut h,
+                batch,
+                &positions,
+                eps,
+                AttnInput::Sequence { padding },
+            )?;
+        }
+        let last = self.final_norm(&h)?;
+        if keep_states {
+            states.push(last.clone());
+        }
+        Ok(Hidden { last, states })
+    }
+
+    fn final_norm(&self, h: &[f32]) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; h.len()];
+        rms_norm(h, &self.norm, self.config.rms_norm_eps, &mut out)?;
+        Ok(out)
+    }
+
+    /// Logits of normed hidden states [N, C] → [N, V].
+    pub fn logits(&self, hidden: &[f32]) -> Result<Vec<f32>> {
+        let n = hidden.len() / self.config.hidden_size;
+        let mut logits = vec![0f32; n * self.config.vocab_size];
+        self.lm_head().forward(hidden, &mut logits)?;
+        Ok(logits)
+    }
+
+    /// Logits of every position of `ids` [B, T]: [B, T, V].
+    pub fn forward(&mut self, ids: &[u32], batch: usize) -> Result<Vec<f32>> {
+        let hidden = self.forward_hidden(ids, batch, None, false)?;
+        self.logits(&hidden.last)
+    }
+
+    /// HF's causal-LM loss: logits[:, :-1] against labels[:, 1:], mean over the labels that
+    /// are not −100 in the whole batch.
+    pub fn loss(&mut self, ids: &[u32], labels: &[i64], batch: usize) -> Result<f32> {
+        if labels.len() != ids.len() {
+            return Err(ModelError::input(
+                "labels",
+                format!("{} labels for {} ids", labels.len(), ids.len()),
+            ));
+        }
+        let logits = self.forward(ids, batch)?;
+        let targets = shift_labels(labels, ids.len() / batch);
+        Ok(cross_entropy(&logits, &targets, &CrossEntropyOptions::default())?.loss)
+    }
+
+    /// Empty caches for `batch` sequences, with room for `capacity` positions to start.
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<ModelCache> {
+        let capacity = capacity.clamp(1, self.max_seq_length);
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.self_attn
+                    .new_cache(batch, capacity, CACHE_INCREMENT, self.max_seq_length)
+            })
+            .collect::<std::result::Result<_, _>>()?;
+        Ok(ModelCache { layers })
+    }
+
+    /// Runs `ids` [B, T] — the next T tokens of each sequence — through every layer over the
+    /// caches (appending their keys and values), and returns the logits of the last position
+    /// of each sequence, [B, V]. With an empty cache this is the prefill; T = 1 is a decode
+    /// step (`LlamaModel_fast_forward_inference`).
+    pub fn forward_cached(
+        &mut self,
+        ids: &[u32],
+        batch: usize,
+        cache: &mut ModelCache,
+    ) -> Result<Vec<f32>> {
+        let seq = self.seq_len(ids, batch)?;
+        if cache.layers.len() != self.layers.len() {
+            return Err(ModelError::input(
+                "cache",
+                format!(
+                    "{} layer caches for {} layers",
+                    cache.layers.len(),
+                    self.layers.len()
+                ),
+            ));
+        }
+        let padding = cache.padding().map(<[usize]>::to_vec);
+        let positions = self.positions(batch, seq, cache.len(), padding.as_deref())?;
+        let mut h = self.embed(ids)?;
+        let eps = self.config.rms_norm_eps;
+        for (layer, layer_cache) in self.layers.iter_mut().zip(&mut cache.layers) {
+            layer.forward(
+                &mut h,
+                batch,
+                &positions,
+                eps,
+                AttnInput::Cached(layer_cache),
+            )?;
+        }
+        let c = self.config.hidden_size;
+        let last_rows: Vec<f32> = h
+            .chunks_exact(seq * c)
+            .flat_map(|s| &s[(seq - 1) * c..])
+            .copied()
+            .collect();
+        self.logits(&self.final_norm(&last_rows)?)
+    }
+}
+
+/// labels [B, T] → targets [B, T]: position t is scored against label t + 1, the last position
+/// of each sequence against nothing (−100).
+pub fn shift_labels(labels: &[i64], seq: usize) -> Vec<i64> {
+    labels
+        .chunks_exact(seq)
+        .flat_map(|row| row[1..].iter().copied().chain(std::iter::once(-100)))
+        .collect()
+}

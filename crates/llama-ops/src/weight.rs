@@ -1,0 +1,152 @@
+//! [`Weight`]: the owned weight of a linear layer, [N, K] in HF's [out, in] layout, dense f32
+//! or block-quantised. Layers hold `Weight`s and call [`Weight::forward`] without caring which
+//! kind they hold: a quantised weight stays quantised and is dequantised inside the product.
+
+use std::borrow::Cow;
+
+use llama_core::DType;
+
+use crate::error::{check_len, OpsError, Result};
+use crate::matmul::{linear, linear_backward_input};
+use crate::quant::{quantize, QuantMatrix};
+
+/// A [N, K] linear weight.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Weight {
+    /// Row-major f32 values.
+    Dense {
+        data: Vec<f32>,
+        rows: usize,
+        cols: usize,
+    },
+    /// Blocks of a quantised dtype along each row (see [`QuantMatrix`]).
+    Quant {
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        bytes: Vec<u8>,
+    },
+}
+
+impl Weight {
+    /// A dense [rows, cols] weight; `data` must hold rows · cols values.
+    pub fn dense(data: Vec<f32>, rows: usize, cols: usize) -> Result<Weight> {
+        check_len("Weight::dense", "data", data.len(), rows * cols)?;
+        Ok(Weight::Dense { data, rows, cols })
+    }
+
+    /// A quantised [rows, cols] weight; `bytes` must hold exactly its blocks.
+    pub fn quantized(dtype: DType, rows: usize, cols: usize, bytes: Vec<u8>) -> Result<Weight> {
+        QuantMatrix::new(dtype, rows, cols, &bytes)?;
+        Ok(Weight::Quant {
+            dtype,
+            rows,
+            cols,
+            bytes,
+        })
+    }
+
+    /// (N, K).
+    pub fn shape(&self) -> (usize, usize) {
+        match self {
+            Weight::Dense { rows, cols, .. } | Weight::Quant { rows, cols, .. } => (*rows, *cols),
+        }
+    }
+
+    /// F32 for dense weights, else the block dtype.
+    pub fn dtype(&self) -> DType {
+        match self {
+            Weight::Dense { .. } => DType::F32,
+            Weight::Quant { dtype, .. } => *dtype,
+        }
+    }
+
+    /// Bytes held.
+    pub fn memory_bytes(&self) -> usize {
+        match self {
+            Weight::Dense { data, .. } => std::mem::size_of_val(data.as_slice()),
+            Weight::Quant { bytes, .. } => bytes.len(),
+        }
+    }
+
+    /// The quantised view, for quantised weights.
+    pub fn as_quant(&self) -> Option<QuantMatrix<'_>> {
+        self.quant().ok()
+    }
+
+    /// The quantised view (its sizes were checked when the weight was built).
+    fn quant(&self) -> Result<QuantMatrix<'_>> {
+        match self {
+            Weight::Dense { .. } => Err(OpsError::UnsupportedDType {
+                op: "Weight::quant",
+                dtype: DType::F32,
+                supported: "quantised dtypes",
+            }),
+            Weight::Quant {
+                dtype,
+                rows,
+                cols,
+                bytes,
+            } => QuantMatrix::new(*dtype, *rows, *cols, bytes),
+        }
+    }
+
+    /// The values in f32, [N, K]: borrowed when dense, dequantised when quantised.
+    pub fn to_f32(&self) -> Result<Cow<'_, [f32]>> {
+        Ok(match self {
+            Weight::Dense { data, .. } => Cow::Borrowed(data),
+            Weight::Quant { .. } => Cow::Owned(self.quant()?.dequantize()),
+        })
+    }
+
+    /// The same weight stored as `dtype`: F32 dequantises, a block dtype quantises the f32
+    /// values (Q4_0, Q4_1, Q8_0, NF4; see [`quantize`]).
+    pub fn convert(&self, dtype: DType) -> Result<Weight> {
+        let (rows, cols) = self.shape();
+        if dtype == self.dtype() {
+            return Ok(self.clone());
+        }
+        let values = self.to_f32()?;
+        match dtype {
+            DType::F32 => Weight::dense(values.into_owned(), rows, cols),
+            _ => Weight::quantized(dtype, rows, cols, quantize(dtype, &values, cols)?),
+        }
+    }
+
+    /// y [M, N] = x [M, K] · Wᵀ.
+    pub fn forward(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
+        match self {
+            Weight::Dense { data, cols, .. } => linear(x, data, *cols, y),
+            Weight::Quant { .. } => self.quant()?.matmul(x, y),
+        }
+    }
+
+    /// dx [M, K] = dy [M, N] · W, the input gradient of [`Self::forward`].
+    pub fn backward_input(&self, dy: &[f32], dx: &mut [f32]) -> Result<()> {
+        match self {
+            Weight::Dense { data, cols, .. } => linear_backward_input(dy, data, *cols, dx),
+            Weight::Quant { .. } => self.quant()?.backward_input(dy, dx),
+        }
+    }
+
+    /// Row `index` in f32 into `out` [K]: an embedding lookup.
+    pub fn row(&self, index: usize, out: &mut [f32]) -> Result<()> {
+        let (rows, cols) = self.shape();
+        check_len("Weight::row", "out", out.len(), cols)?;
+        if index >= rows {
+            return Err(OpsError::InvalidArgument {
+                op: "Weight::row",
+                arg: "index",
+                value: index.to_string(),
+                reason: "past the last row",
+            });
+        }
+        match self {
+            Weight::Dense { data, .. } => {
+                out.copy_from_slice(&data[index * cols..(index + 1) * cols]);
+                Ok(())
+            }
+            Weight::Quant { .. } => self.quant()?.dequantize_rows(index, out),
+        }
+    }
+}
