@@ -2,9 +2,12 @@
 //!
 //! - `cargo xtask test [--suite …] [--cpu] [--set key=value …] [--list]` runs the test suites
 //!   and ends with cargo's summary line;
+//! - `cargo xtask bench` times SmolLM2 prefill and decode beside llama.cpp;
+//! - `cargo xtask fetch-model` fetches the default model into the cache ahead of time;
 //! - `cargo xtask gpu-bundle` builds every CUDA test and bench binary plus `fastllama` into
 //!   `target/gpu-bundle/` with the kernels, the fixtures and a `run.sh` for the GPU machine.
 
+mod bench;
 mod bundle;
 mod cargo;
 // The parameter table shared with the tests; `param` itself is only for the tests.
@@ -34,12 +37,18 @@ enum Command {
     Test(test::TestArgs),
     /// Build the CUDA tests, benches and `fastllama` into target/gpu-bundle/ with a run.sh.
     GpuBundle(bundle::BundleArgs),
+    /// Benchmark SmolLM2 on the CPU beside llama.cpp (prefill, decode, peak memory).
+    Bench(bench::BenchArgs),
+    /// Fetch the default model (SmolLM2-135M-Instruct) into the cache ahead of first use.
+    FetchModel,
 }
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Test(args) => test::run(args),
         Command::GpuBundle(args) => bundle::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::FetchModel => fetch_model(),
     };
     match result {
         Ok(code) => code,
@@ -48,4 +57,17 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// `fastllama fetch`, built and run by cargo (the xtask itself stays free of model code).
+fn fetch_model() -> Result<ExitCode, String> {
+    let status = cargo::command()
+        .args(["run", "--release", "-p", "llama-cli", "--", "fetch"])
+        .status()
+        .map_err(|e| format!("running cargo: {e}"))?;
+    Ok(if status.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -66,20 +66,25 @@ pub fn generate_cmd(args: &GenerateArgs) -> Result<(), String> {
     let mut stream = tokenizer.map(|t| TextStream::new(t, &args.stop));
     let mut stdout = std::io::stdout();
     let mut stream_error = None;
-    let out = generate(model, std::slice::from_ref(&prompt_ids), &config, &mut |_, id| {
-        let Some(stream) = stream.as_mut() else {
-            return true;
-        };
-        match stream.push(id) {
-            Ok(piece) if !args.json => {
-                let _ = write!(stdout, "{piece}");
-                let _ = stdout.flush();
+    let out = generate(
+        model,
+        std::slice::from_ref(&prompt_ids),
+        &config,
+        &mut |_, id| {
+            let Some(stream) = stream.as_mut() else {
+                return true;
+            };
+            match stream.push(id) {
+                Ok(piece) if !args.json => {
+                    let _ = write!(stdout, "{piece}");
+                    let _ = stdout.flush();
+                }
+                Ok(_) => {}
+                Err(e) => stream_error = Some(e.to_string()),
             }
-            Ok(_) => {}
-            Err(e) => stream_error = Some(e.to_string()),
-        }
-        !stream.stopped()
-    })
+            !stream.stopped()
+        },
+    )
     .map_err(|e| e.to_string())?;
     if let Some(e) = stream_error {
         return Err(e);
@@ -251,5 +256,100 @@ pub fn info_cmd(args: &InfoArgs) -> Result<(), String> {
         Err(e) => println!("tokenizer:      none ({e})"),
     }
     println!("eos ids:        {:?}", c.eos_token_ids);
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt tokens processed in one prefill.
+    #[arg(long, default_value_t = 512)]
+    prompt_tokens: usize,
+    /// Tokens generated one decode step at a time after the prefill.
+    #[arg(long, default_value_t = 128)]
+    gen_tokens: usize,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Timed repetitions; the best is reported.
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), in bytes.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+pub fn bench_cmd(args: &BenchArgs) -> Result<(), String> {
+    if let Some(n) = args.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .map_err(|e| e.to_string())?;
+    }
+    let mut loaded = args.model.load()?;
+    let model = &mut loaded.model;
+    // Token ids drawn from the ordinary part of the vocabulary, the same every run.
+    let mut rng = llama_model::generate::Rng::new(7);
+    let vocab = model.config.vocab_size as u64;
+    let prompt: Vec<u32> = (0..args.prompt_tokens)
+        .map(|_| (100 + rng.next_u64() % (vocab - 100)) as u32)
+        .collect();
+    let (mut best_prefill, mut best_decode) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..args.repeats.max(1) {
+        let mut cache = model
+            .new_cache(1, args.prompt_tokens + args.gen_tokens)
+            .map_err(|e| e.to_string())?;
+        let start = std::time::Instant::now();
+        let mut logits = model
+            .forward_cached(&prompt, 1, &mut cache)
+            .map_err(|e| e.to_string())?;
+        best_prefill = best_prefill.min(start.elapsed().as_secs_f64());
+        let start = std::time::Instant::now();
+        for _ in 0..args.gen_tokens {
+            let next = llama_model::generate::argmax(&logits) as u32;
+            logits = model
+                .forward_cached(&[next], 1, &mut cache)
+                .map_err(|e| e.to_string())?;
+        }
+        best_decode = best_decode.min(start.elapsed().as_secs_f64());
+    }
+    let prefill_tps = args.prompt_tokens as f64 / best_prefill;
+    let decode_tps = args.gen_tokens as f64 / best_decode;
+    let peak_mib = peak_rss().map(|b| b as f64 / (1 << 20) as f64);
+    let threads = rayon::current_num_threads();
+    if args.json {
+        let object = json!({
+            "engine": "fastllama",
+            "model": loaded.path.display().to_string(),
+            "precision": loaded.precision.to_string(),
+            "threads": threads,
+            "prompt_tokens": args.prompt_tokens,
+            "gen_tokens": args.gen_tokens,
+            "prefill_tokens_per_s": prefill_tps,
+            "decode_tokens_per_s": decode_tps,
+            "peak_rss_mib": peak_mib,
+        });
+        println!("{object}");
+    } else {
+        println!(
+            "| engine | threads | precision | prefill {} tok/s | decode {} tok/s | peak RSS MiB |",
+            args.prompt_tokens, args.gen_tokens
+        );
+        println!("| --- | --- | --- | --- | --- | --- |");
+        println!(
+            "| fastllama | {threads} | {} | {prefill_tps:.1} | {decode_tps:.1} | {} |",
+            loaded.precision,
+            peak_mib.map_or("?".into(), |m| format!("{m:.0}"))
+        );
+    }
     Ok(())
 }

@@ -31,6 +31,14 @@ enum Command {
     Tokenize(commands::TokenizeArgs),
     /// Describe a model: architecture, sizes, dtypes, quantisation, context, RoPE.
     Info(commands::InfoArgs),
+    /// Time prefill and decode (tokens/s) and report the peak memory.
+    Bench(commands::BenchArgs),
+    /// Fetch a model by name into the cache (the default model unless --model names another)
+    /// and print its path.
+    Fetch {
+        #[arg(long, default_value = llama_model::DEFAULT_MODEL)]
+        model: String,
+    },
     /// Show the compute devices fastllama can use: CPU SIMD features and threads, CUDA devices
     /// (or why there are none), and the cache directory.
     Devices,
@@ -43,6 +51,10 @@ fn main() -> ExitCode {
         Command::Logits(args) => commands::logits_cmd(args),
         Command::Tokenize(args) => commands::tokenize_cmd(args),
         Command::Info(args) => commands::info_cmd(args),
+        Command::Bench(args) => commands::bench_cmd(args),
+        Command::Fetch { model } => {
+            model_args::fetch(model).map(|path| println!("{}", path.display()))
+        }
         Command::Devices => {
             devices();
             Ok(())

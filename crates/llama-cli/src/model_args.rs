@@ -1,6 +1,7 @@
 //! The arguments every model command shares (--model, --device, --precision, the prompt) and
 //! loading with progress bars.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
@@ -53,6 +54,15 @@ fn spinner(message: String) -> ProgressBar {
     let bar = ProgressBar::new_spinner().with_message(message);
     bar.enable_steady_tick(Duration::from_millis(120));
     bar
+}
+
+/// The path of `model`, fetched first (with a spinner) when it is the default model's name.
+pub fn fetch(model: &str) -> Result<PathBuf, String> {
+    let bar = spinner(format!("locating {model}"));
+    let path = resolve_model(model, &mut |stage| bar.set_message(stage.to_string()))
+        .map_err(|e| e.to_string());
+    bar.finish_and_clear();
+    path
 }
 
 impl ModelArgs {

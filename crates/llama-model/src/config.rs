@@ -160,12 +160,20 @@ impl LlamaConfig {
             .and_then(|v| v.as_f64())
             .unwrap_or(10000.0);
         let mut rope = RopeConfig::new(theta, head_dim, context)?;
-        if get("rope.scaling.type").and_then(|v| v.as_str()) == Some("linear") {
-            let factor = get("rope.scaling.factor")
-                .and_then(|v| v.as_f64())
-                .unwrap_or(1.0);
-            rope.scaling = RopeScaling::Linear { factor };
-        }
+        let scaling = |k: &str| get(&format!("rope.scaling.{k}")).and_then(|v| v.as_f64());
+        let factor = scaling("factor").unwrap_or(1.0);
+        rope.scaling = match get("rope.scaling.type").and_then(|v| v.as_str()) {
+            Some("linear") => RopeScaling::Linear { factor },
+            // Written by fastllama's exporter (llama.cpp keeps llama3 factors in a tensor).
+            Some("llama3") => RopeScaling::Llama3 {
+                factor,
+                low_freq_factor: scaling("low_freq_factor").unwrap_or(1.0),
+                high_freq_factor: scaling("high_freq_factor").unwrap_or(4.0),
+                original_max_position_embeddings: scaling("original_context_length")
+                    .map_or(context, |v| v as usize),
+            },
+            _ => RopeScaling::Default,
+        };
         let token = |k: &str| {
             file.get(&format!("tokenizer.ggml.{k}"))
                 .and_then(|v| v.as_u64())

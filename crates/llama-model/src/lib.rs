@@ -10,10 +10,12 @@
 //! source.rs     tensors by HF name             loader.rs    a path → LoadedModel
 //! tokenizer.rs  tokenizers + chat templates    model.rs     MLP → layer → model → loss
 //! generate.rs   sampling and generation        fetch.rs     the default model, via pip
+//! export.rs     a model → GGUF
 //! ```
 
 mod config;
 mod error;
+mod export;
 mod fetch;
 pub mod generate;
 pub mod gguf;
@@ -25,6 +27,7 @@ mod tokenizer;
 
 pub use config::LlamaConfig;
 pub use error::{ModelError, Result};
+pub use export::save_gguf;
 pub use fetch::{resolve_model, DEFAULT_MODEL};
 pub use generate::{
     generate, FinishReason, Generation, GenerationConfig, SamplingConfig, TextStream,

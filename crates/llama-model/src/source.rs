@@ -199,7 +199,7 @@ impl GgufSource {
 }
 
 /// llama.cpp's name for an HF tensor name.
-fn gguf_name(hf: &str) -> Option<String> {
+pub(crate) fn gguf_name(hf: &str) -> Option<String> {
     let fixed = match hf {
         "model.embed_tokens.weight" => Some("token_embd.weight"),
         "model.norm.weight" => Some("output_norm.weight"),
@@ -226,18 +226,26 @@ fn gguf_name(hf: &str) -> Option<String> {
     Some(format!("blk.{layer}.{part}.weight"))
 }
 
-/// Undoes llama.cpp's `permute` of q/k rows: within each of `heads` heads of D rows, stored
-/// row 2i + j holds HF's row j·D/2 + i (i < D/2, j ∈ {0, 1}). Rows move whole, so this works
-/// on quantised rows of `row_bytes` bytes as well.
-fn unpermute_rows(bytes: &[u8], rows: usize, heads: usize, row_bytes: usize) -> Vec<u8> {
+/// llama.cpp's converter `permute`s q/k rows for its interleaved RoPE: within each of `heads`
+/// heads of D rows, GGUF row 2i + j holds HF's row j·D/2 + i (i < D/2, j ∈ {0, 1}). Rows move
+/// whole, so this works on quantised rows of `row_bytes` bytes as well. `to_hf` undoes the
+/// permutation; otherwise it is applied.
+pub(crate) fn permute_rows(
+    bytes: &[u8],
+    rows: usize,
+    heads: usize,
+    row_bytes: usize,
+    to_hf: bool,
+) -> Vec<u8> {
     let d = rows / heads;
     let half = d / 2;
     let mut out = vec![0u8; bytes.len()];
     for h in 0..heads {
         for i in 0..half {
             for j in 0..2 {
-                let src = (h * d + 2 * i + j) * row_bytes;
-                let dst = (h * d + j * half + i) * row_bytes;
+                let gguf = (h * d + 2 * i + j) * row_bytes;
+                let hf = (h * d + j * half + i) * row_bytes;
+                let (src, dst) = if to_hf { (gguf, hf) } else { (hf, gguf) };
                 out[dst..dst + row_bytes].copy_from_slice(&bytes[src..src + row_bytes]);
             }
         }
@@ -284,7 +292,7 @@ impl TensorSource for GgufSource {
         };
         let bytes = match heads {
             Some(h) if rows % (2 * h) == 0 => {
-                unpermute_rows(stored, rows, h, stored.len() / rows.max(1))
+                permute_rows(stored, rows, h, stored.len() / rows.max(1), true)
             }
             Some(h) => {
                 return Err(ModelError::TensorMismatch {

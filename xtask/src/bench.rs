@@ -1,0 +1,201 @@
+//! `cargo xtask bench`: SmolLM2-135M-Instruct Q4_1 on the CPU — prefill and decode tokens/s and
+//! peak memory of `fastllama bench`, side by side with llama.cpp (llama-cpp-python, built for
+//! this CPU in a venv under target/) on the same file, in the same run, as a Markdown table.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use clap::Args;
+use serde_json::Value;
+
+use crate::cargo;
+
+/// llama-cpp-python's version, and the CMake flags that keep its build off the AMX units
+/// (its default native build segfaults on these machines' AMX).
+const LLAMA_CPP_PYTHON: &str = "llama-cpp-python==0.3.36";
+const CMAKE_ARGS: &str = "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF";
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[arg(long, default_value_t = 512)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    gen_tokens: usize,
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Leave out the llama.cpp peer.
+    #[arg(long)]
+    no_peer: bool,
+}
+
+fn run_json(cmd: &mut Command, what: &str) -> Result<Value, String> {
+    let out = cmd.output().map_err(|e| format!("{what}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{what} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or("");
+    serde_json::from_str(line).map_err(|e| format!("{what}: no JSON result ({e}): {stdout}"))
+}
+
+/// target/bench-venv with llama-cpp-python, created on first use (a few minutes of C++).
+fn peer_python(root: &Path) -> Result<PathBuf, String> {
+    let venv = root.join("target/bench-venv");
+    let python = venv.join("bin/python");
+    let ready = Command::new(&python)
+        .args(["-c", "import llama_cpp, numpy"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ready {
+        return Ok(python);
+    }
+    eprintln!(
+        "building {LLAMA_CPP_PYTHON} into {} (once; several minutes)",
+        venv.display()
+    );
+    let ok = |status: std::io::Result<std::process::ExitStatus>| status.is_ok_and(|s| s.success());
+    if !ok(Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status())
+    {
+        return Err("python3 -m venv failed".into());
+    }
+    let installed = Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            "numpy",
+            LLAMA_CPP_PYTHON,
+        ])
+        .env("CMAKE_ARGS", CMAKE_ARGS)
+        .env("CMAKE_BUILD_PARALLEL_LEVEL", "2")
+        .status();
+    if !ok(installed) {
+        return Err(format!("pip install {LLAMA_CPP_PYTHON} failed"));
+    }
+    Ok(python)
+}
+
+fn row(result: &Value, reference: Option<&Value>) -> String {
+    let num = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    let ratio = |k: &str| {
+        reference.map_or(String::new(), |r| {
+            format!(" ({:.2}×)", num(result, k) / num(r, k))
+        })
+    };
+    format!(
+        "| {} | {} | {:.1}{} | {:.1}{} | {:.0} |",
+        result["engine"].as_str().unwrap_or("?"),
+        result["threads"],
+        num(result, "prefill_tokens_per_s"),
+        ratio("prefill_tokens_per_s"),
+        num(result, "decode_tokens_per_s"),
+        ratio("decode_tokens_per_s"),
+        num(result, "peak_rss_mib"),
+    )
+}
+
+pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
+    let root = cargo::root();
+    let built = cargo::command()
+        .args(["build", "--release", "-p", "llama-cli"])
+        .status();
+    if !built.is_ok_and(|s| s.success()) {
+        return Err("building fastllama failed".into());
+    }
+    let fastllama = root.join("target/release/fastllama");
+    let fetched = Command::new(&fastllama)
+        .arg("fetch")
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !fetched.status.success() {
+        return Err(format!(
+            "fetching the model: {}",
+            String::from_utf8_lossy(&fetched.stderr)
+        ));
+    }
+    let model = String::from_utf8_lossy(&fetched.stdout).trim().to_string();
+    let numbers = |n: usize| n.to_string();
+    let mut ours = Vec::new();
+    for precision in ["fast", "exact"] {
+        let mut cmd = Command::new(&fastllama);
+        cmd.args([
+            "bench",
+            "--json",
+            "--device",
+            "cpu",
+            "--model",
+            &model,
+            "--precision",
+            precision,
+        ])
+        .args([
+            "--prompt-tokens",
+            &numbers(args.prompt_tokens),
+            "--gen-tokens",
+            &numbers(args.gen_tokens),
+        ])
+        .args([
+            "--threads",
+            &numbers(args.threads),
+            "--repeats",
+            &numbers(args.repeats),
+        ]);
+        let mut result = run_json(&mut cmd, "fastllama bench")?;
+        result["engine"] = Value::from(format!("fastllama ({precision})"));
+        ours.push(result);
+    }
+    let peer = if args.no_peer {
+        None
+    } else {
+        let script = root.join("xtask/peers/llama_cpp.py");
+        match peer_python(&root).and_then(|python| {
+            let mut cmd = Command::new(python);
+            cmd.arg(&script).arg(&model);
+            for n in [
+                args.prompt_tokens,
+                args.gen_tokens,
+                args.threads,
+                args.repeats,
+            ] {
+                cmd.arg(n.to_string());
+            }
+            run_json(&mut cmd, "the llama.cpp peer")
+        }) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                eprintln!("llama.cpp peer unavailable: {e}");
+                None
+            }
+        }
+    };
+    println!(
+        "SmolLM2-135M-Instruct Q4_1 ({model}), {} threads, best of {}",
+        args.threads, args.repeats
+    );
+    println!();
+    println!(
+        "| engine | threads | prefill {} tok/s (× llama.cpp) | decode {} tok/s (× llama.cpp) | peak RSS MiB |",
+        args.prompt_tokens, args.gen_tokens
+    );
+    println!("| --- | --- | --- | --- | --- |");
+    if let Some(p) = &peer {
+        println!("{}", row(p, None));
+    }
+    for result in &ours {
+        println!("{}", row(result, peer.as_ref()));
+    }
+    Ok(ExitCode::SUCCESS)
+}
