@@ -85,6 +85,15 @@ __device__ void gated_backward_impl(const T* gate, const T* up, const T* dh, T* 
     }
 }
 
+// SplitMix64 of seed + i, as a float in [-1, 1).
+__device__ __forceinline__ float hash_uniform(unsigned long long seed, size_t i) {
+    unsigned long long z = seed + 0x9E3779B97F4A7C15ull * (i + 1);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return (float)(z >> 40) * (2.0f / 16777216.0f) - 1.0f;
+}
+
 #define GATED_KERNELS(name, T)                                                                    \
     extern "C" __global__ void gated_forward_##name(const T* gate, const T* up, T* h, size_t n,     \
                                                     int act) {                                     \
@@ -97,6 +106,15 @@ __device__ void gated_backward_impl(const T* gate, const T* up, const T* dh, T* 
     extern "C" __global__ void gated_backward_##name(const T* gate, const T* up, const T* dh,       \
                                                      T* dgate, T* dup, size_t n, int act) {        \
         gated_backward_impl(gate, up, dh, dgate, dup, n, act);                                     \
+    }                                                                                              \
+    /* Uniform values in [-scale, scale) from a hash of (seed, i): random weights for benches. */ \
+    extern "C" __global__ void fill_uniform_##name(T* x, size_t n, unsigned long long seed,        \
+                                                   float scale) {                                  \
+        GRID_STRIDE_LOOP(i, n) { x[i] = from_f32<T>(scale * hash_uniform(seed, i)); }             \
+    }                                                                                              \
+    /* The residual stream: h = T(h + delta), as PyTorch adds two tensors of T. */                 \
+    extern "C" __global__ void add_in_place_##name(T* h, const T* delta, size_t n) {                \
+        GRID_STRIDE_LOOP(i, n) { h[i] = from_f32<T>(to_f32(h[i]) + to_f32(delta[i])); }           \
     }
 
 GATED_KERNELS(f32, float)

@@ -10,10 +10,36 @@ use serde_json::Value;
 
 use crate::cargo;
 
-/// llama-cpp-python's version, and the CMake flags that keep its build off the AMX units
-/// (its default native build segfaults on these machines' AMX).
 const LLAMA_CPP_PYTHON: &str = "llama-cpp-python==0.3.36";
-const CMAKE_ARGS: &str = "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF";
+
+/// CMake flags for llama.cpp on this CPU: its default native build segfaults on the AMX units
+/// of some of these machines, so the ISA is named explicitly — AVX-512 (VNNI, BF16) where the
+/// CPU has it, else AVX2 — and AMX is off.
+fn cmake_args() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let has = |flag: &str| cpuinfo.split_whitespace().any(|f| f == flag);
+    let mut args = vec![
+        "-DGGML_NATIVE=OFF",
+        "-DGGML_AVX2=ON",
+        "-DGGML_FMA=ON",
+        "-DGGML_F16C=ON",
+    ];
+    if has("avx512f") {
+        args.push("-DGGML_AVX512=ON");
+        if has("avx512_vnni") {
+            args.push("-DGGML_AVX512_VNNI=ON");
+        }
+        if has("avx512_bf16") {
+            args.push("-DGGML_AVX512_BF16=ON");
+        }
+    }
+    args.extend([
+        "-DGGML_AMX_TILE=OFF",
+        "-DGGML_AMX_INT8=OFF",
+        "-DGGML_AMX_BF16=OFF",
+    ]);
+    args.join(" ")
+}
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -79,7 +105,7 @@ fn peer_python(root: &Path) -> Result<PathBuf, String> {
             "numpy",
             LLAMA_CPP_PYTHON,
         ])
-        .env("CMAKE_ARGS", CMAKE_ARGS)
+        .env("CMAKE_ARGS", cmake_args())
         .env("CMAKE_BUILD_PARALLEL_LEVEL", "2")
         .status();
     if !ok(installed) {
@@ -160,7 +186,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
     let peer = if args.no_peer {
         None
     } else {
-        let script = root.join("xtask/peers/llama_cpp.py");
+        let script = root.join("xtask/peers/llama_cpp_peer.py");
         match peer_python(&root).and_then(|python| {
             let mut cmd = Command::new(python);
             cmd.arg(&script).arg(&model);

@@ -9,7 +9,7 @@ use llama_core::cuda::CudaDevice;
 use llama_ops::cuda::{linear, CudaElement};
 use llama_ops::Weight;
 use llama_rope::cuda::{apply, DeviceTables, RopeElement};
-use llama_rope::{QkShape, RotaryEmbedding};
+use llama_rope::{QkShape, RopeConfig, RotaryEmbedding};
 
 use crate::cuda::{forward, CudaKvCache, ATTENTION};
 use crate::error::Result;
@@ -72,14 +72,45 @@ impl<T: CudaElement + RopeElement> CudaLlamaAttention<T> {
             let rounded: Vec<T> = w.to_f32()?.iter().map(|&v| T::from_f32(v)).collect();
             Ok(device.htod(&rounded)?)
         };
+        let weights = [
+            up(&layer.q_proj)?,
+            up(&layer.k_proj)?,
+            up(&layer.v_proj)?,
+            up(&layer.o_proj)?,
+        ];
+        Self::from_device(device, layer.config, weights, layer.rope_config().clone())
+    }
+
+    /// A layer over weights already on `device`: `[q_proj, k_proj, v_proj, o_proj]`, each in
+    /// HF's [out, in] layout.
+    pub fn from_device(
+        device: &Arc<CudaDevice>,
+        config: AttentionConfig,
+        weights: [CudaSlice<T>; 4],
+        rope: RopeConfig,
+    ) -> Result<Self> {
+        let (c, q, kv) = (
+            config.hidden_size,
+            config.num_heads * config.head_dim,
+            config.num_kv_heads * config.head_dim,
+        );
+        for (w, len) in weights.iter().zip([q * c, kv * c, kv * c, c * q]) {
+            if w.len() != len {
+                return Err(crate::error::AttnError::Shape {
+                    op: "CudaLlamaAttention::from_device",
+                    reason: format!("a weight holds {} values, {config:?} needs {len}", w.len()),
+                });
+            }
+        }
+        let [q_proj, k_proj, v_proj, o_proj] = weights;
         Ok(CudaLlamaAttention {
-            config: layer.config,
+            config,
             device: device.clone(),
-            q_proj: up(&layer.q_proj)?,
-            k_proj: up(&layer.k_proj)?,
-            v_proj: up(&layer.v_proj)?,
-            o_proj: up(&layer.o_proj)?,
-            rope: RotaryEmbedding::new(layer.rope_config().clone()),
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
+            rope: RotaryEmbedding::new(rope),
             tables: None,
             scratch: None,
         })

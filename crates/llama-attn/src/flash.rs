@@ -192,11 +192,11 @@ impl Rows<'_> {
 }
 
 /// Key splits for decoding: enough (sequence, kv group, split) tasks for every thread twice
-/// over, each split at least four key tiles (shorter splits cost more to merge than they save).
+/// over, each split at least one key tile (shorter splits cost more to merge than they save).
 fn decode_splits(s: &AttnShape) -> usize {
     let tasks = s.batch * s.kv_heads;
     let wanted = (2 * rayon::current_num_threads()).div_ceil(tasks.max(1));
-    wanted.min(s.seq_k / (4 * K_TILE)).max(1)
+    wanted.min(s.seq_k / K_TILE).max(1)
 }
 
 impl Rows<'_> {

@@ -11,7 +11,7 @@
 //!   decode:   the same forward for the new positions, with k, v appended to a [`KvCache`]
 //!             and attention over all its positions.
 
-use llama_ops::{linear_backward_weight, Weight};
+use llama_ops::{linear_backward_weight, Activations, Weight};
 use llama_rope::{apply, apply_backward, QkShape, RopeConfig, RotaryEmbedding};
 use serde_json::Value;
 
@@ -130,6 +130,8 @@ pub struct LlamaAttention {
     pub k_proj: Weight,
     pub v_proj: Weight,
     pub o_proj: Weight,
+    /// How activations enter the projections (8-bit for the `fast` decode path).
+    pub activations: Activations,
     rope: RotaryEmbedding,
 }
 
@@ -242,6 +244,7 @@ impl LlamaAttention {
             k_proj,
             v_proj,
             o_proj,
+            activations: Activations::F32,
             rope: RotaryEmbedding::new(rope),
         })
     }
@@ -258,7 +261,7 @@ impl LlamaAttention {
         let d = cfg.head_dim;
         let project = |w: &Weight, width: usize| -> Result<Vec<f32>> {
             let mut y = vec![0.0; batch * seq * width];
-            w.forward(x, &mut y)?;
+            w.forward_with(x, &mut y, self.activations)?;
             Ok(split_heads(&y, batch, seq, width / d, d))
         };
         let (mut q, mut k, v) = (
@@ -298,7 +301,8 @@ impl LlamaAttention {
         let cfg = self.config;
         let merged = merge_heads(attn, batch, seq, cfg.num_heads, cfg.head_dim);
         let mut out = vec![0.0; batch * seq * cfg.hidden_size];
-        self.o_proj.forward(&merged, &mut out)?;
+        self.o_proj
+            .forward_with(&merged, &mut out, self.activations)?;
         Ok(out)
     }
 

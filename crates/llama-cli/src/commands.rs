@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use llama_model::{
-    generate, GenerationConfig, LoadedModel, ModelFormat, SamplingConfig, TextStream,
+    generate, CudaLlamaModel, Decoder, Engine, GenerationConfig, LlamaConfig, LoadedModel,
+    ModelFormat, SamplingConfig, TextStream,
 };
 use serde_json::json;
 
@@ -45,7 +46,7 @@ pub struct GenerateArgs {
 }
 
 pub fn generate_cmd(args: &GenerateArgs) -> Result<(), String> {
-    let mut loaded = args.model.load()?;
+    let loaded = args.model.load()?;
     let prompt_ids = args.prompt.ids(&loaded, args.chat)?;
     let config = GenerationConfig {
         max_new_tokens: args.max_new_tokens,
@@ -61,30 +62,27 @@ pub fn generate_cmd(args: &GenerateArgs) -> Result<(), String> {
     };
     let LoadedModel {
         model, tokenizer, ..
-    } = &mut loaded;
+    } = loaded;
+    let mut engine = args.model.engine(model)?;
     let tokenizer = tokenizer.as_ref().ok();
     let mut stream = tokenizer.map(|t| TextStream::new(t, &args.stop));
     let mut stdout = std::io::stdout();
     let mut stream_error = None;
-    let out = generate(
-        model,
-        std::slice::from_ref(&prompt_ids),
-        &config,
-        &mut |_, id| {
-            let Some(stream) = stream.as_mut() else {
-                return true;
-            };
-            match stream.push(id) {
-                Ok(piece) if !args.json => {
-                    let _ = write!(stdout, "{piece}");
-                    let _ = stdout.flush();
-                }
-                Ok(_) => {}
-                Err(e) => stream_error = Some(e.to_string()),
+    let prompts = std::slice::from_ref(&prompt_ids);
+    let out = generate(&mut engine, prompts, &config, &mut |_, id| {
+        let Some(stream) = stream.as_mut() else {
+            return true;
+        };
+        match stream.push(id) {
+            Ok(piece) if !args.json => {
+                let _ = write!(stdout, "{piece}");
+                let _ = stdout.flush();
             }
-            !stream.stopped()
-        },
-    )
+            Ok(_) => {}
+            Err(e) => stream_error = Some(e.to_string()),
+        }
+        !stream.stopped()
+    })
     .map_err(|e| e.to_string())?;
     if let Some(e) = stream_error {
         return Err(e);
@@ -241,7 +239,7 @@ pub fn info_cmd(args: &InfoArgs) -> Result<(), String> {
         "memory:         {:.1} MiB",
         m.memory_bytes() as f64 / (1 << 20) as f64
     );
-    println!("precision:      {}", loaded.precision);
+    println!("precision:      {}", loaded.model.precision());
     println!("device:         cpu");
     match &loaded.tokenizer {
         Ok(t) => println!(
@@ -257,6 +255,33 @@ pub fn info_cmd(args: &InfoArgs) -> Result<(), String> {
     }
     println!("eos ids:        {:?}", c.eos_token_ids);
     Ok(())
+}
+
+/// Model shapes for `bench --random-weights`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Shape {
+    /// hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate 8192, vocab 128256.
+    #[value(name = "llama-3.2-1b")]
+    Llama32_1b,
+    /// hidden 4096, 32 layers, 32 heads, 8 KV heads, intermediate 14336, vocab 128256.
+    #[value(name = "llama-3-8b")]
+    Llama3_8b,
+}
+
+impl Shape {
+    /// The HF config.json of the shape.
+    fn config(self) -> llama_model::Result<LlamaConfig> {
+        let (hidden, layers, inter, tied) = match self {
+            Shape::Llama32_1b => (2048, 16, 8192, true),
+            Shape::Llama3_8b => (4096, 32, 14336, false),
+        };
+        LlamaConfig::from_hf_json(&json!({
+            "architectures": ["LlamaForCausalLM"], "hidden_size": hidden, "num_hidden_layers": layers,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": inter,
+            "vocab_size": 128256, "max_position_embeddings": 8192, "rope_theta": 500000.0,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": tied,
+        }))
+    }
 }
 
 #[derive(Args, Debug)]
@@ -275,6 +300,11 @@ pub struct BenchArgs {
     /// Timed repetitions; the best is reported.
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// Random weights of a known shape instead of --model (GPU only).
+    #[arg(long)]
+    random_weights: bool,
+    #[arg(long, value_enum, default_value_t = Shape::Llama32_1b)]
+    shape: Shape,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -288,6 +318,29 @@ fn peak_rss() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Best-of-`repeats` seconds of one prefill of `prompt` and of `gen` greedy decode steps.
+fn time_generation(
+    engine: &mut Engine,
+    prompt: &[u32],
+    gen: usize,
+    repeats: usize,
+) -> llama_model::Result<(f64, f64)> {
+    let (mut prefill, mut decode) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..repeats.max(1) {
+        let mut cache = engine.new_cache(1, prompt.len() + gen, None)?;
+        let start = std::time::Instant::now();
+        let mut logits = engine.forward_cached(prompt, 1, &mut cache)?;
+        prefill = prefill.min(start.elapsed().as_secs_f64());
+        let start = std::time::Instant::now();
+        for _ in 0..gen {
+            let next = llama_model::generate::argmax(&logits) as u32;
+            logits = engine.forward_cached(&[next], 1, &mut cache)?;
+        }
+        decode = decode.min(start.elapsed().as_secs_f64());
+    }
+    Ok((prefill, decode))
+}
+
 pub fn bench_cmd(args: &BenchArgs) -> Result<(), String> {
     if let Some(n) = args.threads {
         rayon::ThreadPoolBuilder::new()
@@ -295,60 +348,74 @@ pub fn bench_cmd(args: &BenchArgs) -> Result<(), String> {
             .build_global()
             .map_err(|e| e.to_string())?;
     }
-    let mut loaded = args.model.load()?;
-    let model = &mut loaded.model;
+    let (mut engine, model_name, precision) = if args.random_weights {
+        let device = args
+            .model
+            .cuda_device()?
+            .ok_or("--random-weights runs on a CUDA device (--device cuda)")?;
+        let config = args.shape.config().map_err(|e| e.to_string())?;
+        let model = CudaLlamaModel::random(&device, &config, 7).map_err(|e| e.to_string())?;
+        (
+            Engine::Cuda(Box::new(model)),
+            format!("random {:?}", args.shape),
+            "bf16".to_string(),
+        )
+    } else {
+        let loaded = args.model.load()?;
+        let name = loaded.path.display().to_string();
+        let precision = loaded.model.precision().to_string();
+        (args.model.engine(loaded.model)?, name, precision)
+    };
     // Token ids drawn from the ordinary part of the vocabulary, the same every run.
     let mut rng = llama_model::generate::Rng::new(7);
-    let vocab = model.config.vocab_size as u64;
+    let vocab = engine.config().vocab_size as u64;
     let prompt: Vec<u32> = (0..args.prompt_tokens)
         .map(|_| (100 + rng.next_u64() % (vocab - 100)) as u32)
         .collect();
-    let (mut best_prefill, mut best_decode) = (f64::INFINITY, f64::INFINITY);
-    for _ in 0..args.repeats.max(1) {
-        let mut cache = model
-            .new_cache(1, args.prompt_tokens + args.gen_tokens)
-            .map_err(|e| e.to_string())?;
-        let start = std::time::Instant::now();
-        let mut logits = model
-            .forward_cached(&prompt, 1, &mut cache)
-            .map_err(|e| e.to_string())?;
-        best_prefill = best_prefill.min(start.elapsed().as_secs_f64());
-        let start = std::time::Instant::now();
-        for _ in 0..args.gen_tokens {
-            let next = llama_model::generate::argmax(&logits) as u32;
-            logits = model
-                .forward_cached(&[next], 1, &mut cache)
-                .map_err(|e| e.to_string())?;
-        }
-        best_decode = best_decode.min(start.elapsed().as_secs_f64());
-    }
-    let prefill_tps = args.prompt_tokens as f64 / best_prefill;
-    let decode_tps = args.gen_tokens as f64 / best_decode;
+    let (prefill, decode) = time_generation(&mut engine, &prompt, args.gen_tokens, args.repeats)
+        .map_err(|e| e.to_string())?;
+    let prefill_tps = args.prompt_tokens as f64 / prefill;
+    let decode_tps = args.gen_tokens as f64 / decode;
     let peak_mib = peak_rss().map(|b| b as f64 / (1 << 20) as f64);
+    let device_mib = match &engine {
+        Engine::Cuda(m) => m
+            .device()
+            .memory()
+            .ok()
+            .map(|(total, free)| (total - free) as f64 / (1 << 20) as f64),
+        Engine::Cpu(_) => None,
+    };
     let threads = rayon::current_num_threads();
+    let device = engine.device_name();
     if args.json {
         let object = json!({
             "engine": "fastllama",
-            "model": loaded.path.display().to_string(),
-            "precision": loaded.precision.to_string(),
+            "model": model_name,
+            "device": device,
+            "precision": precision,
             "threads": threads,
             "prompt_tokens": args.prompt_tokens,
             "gen_tokens": args.gen_tokens,
             "prefill_tokens_per_s": prefill_tps,
             "decode_tokens_per_s": decode_tps,
             "peak_rss_mib": peak_mib,
+            "device_used_mib": device_mib,
         });
         println!("{object}");
     } else {
         println!(
-            "| engine | threads | precision | prefill {} tok/s | decode {} tok/s | peak RSS MiB |",
+            "model: {model_name}; device: {device}; precision: {precision}; threads: {threads}"
+        );
+        println!(
+            "| prefill {} tok/s | decode {} tok/s | peak RSS MiB | device MiB in use |",
             args.prompt_tokens, args.gen_tokens
         );
-        println!("| --- | --- | --- | --- | --- | --- |");
+        println!("| --- | --- | --- | --- |");
+        let mib = |m: Option<f64>| m.map_or("-".into(), |m| format!("{m:.0}"));
         println!(
-            "| fastllama | {threads} | {} | {prefill_tps:.1} | {decode_tps:.1} | {} |",
-            loaded.precision,
-            peak_mib.map_or("?".into(), |m| format!("{m:.0}"))
+            "| {prefill_tps:.1} | {decode_tps:.1} | {} | {} |",
+            mib(peak_mib),
+            mib(device_mib)
         );
     }
     Ok(())

@@ -2,12 +2,15 @@
 //! loading with progress bars.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use llama_core::cuda;
-use llama_model::{load, resolve_model, ChatMessage, LoadedModel, Precision, DEFAULT_MODEL};
+use llama_core::cuda::{self, CudaDevice};
+use llama_model::{
+    load, resolve_model, ChatMessage, Engine, LlamaModel, LoadedModel, Precision, DEFAULT_MODEL,
+};
 
 /// Where the model runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -68,7 +71,7 @@ pub fn fetch(model: &str) -> Result<PathBuf, String> {
 impl ModelArgs {
     /// Resolves, fetches if needed, and loads the model, with progress on stderr.
     pub fn load(&self) -> Result<LoadedModel, String> {
-        self.check_device()?;
+        self.cuda_device()?;
         let fetch = spinner(format!("locating {}", self.model));
         let path = resolve_model(&self.model, &mut |stage| {
             fetch.set_message(stage.to_string())
@@ -97,15 +100,26 @@ impl ModelArgs {
         Ok(loaded)
     }
 
-    /// The model runs on the CPU for now: `--device cuda` says so instead of pretending.
-    fn check_device(&self) -> Result<(), String> {
-        match self.device {
-            DeviceArg::Cuda if cuda::device_count().map_or(true, |n| n == 0) => {
-                Err("--device cuda: no CUDA device is available".into())
+    /// The CUDA device to run on, if any: `auto` takes the first GPU when there is one and the
+    /// precision is `fast` (the GPU computes in bf16; `exact` is the CPU's f32).
+    pub fn cuda_device(&self) -> Result<Option<Arc<CudaDevice>>, String> {
+        let available = cuda::device_count().is_ok_and(|n| n > 0);
+        match (self.device, self.precision) {
+            (DeviceArg::Cpu, _) => Ok(None),
+            (DeviceArg::Cuda, _) if !available => Err("--device cuda: no CUDA device is available".into()),
+            (DeviceArg::Cuda, PrecisionArg::Exact) => {
+                Err("--precision exact runs on the CPU (f32); the GPU computes in bf16: use --precision fast or --device cpu".into())
             }
-            DeviceArg::Cuda => Err("--device cuda: whole-model CUDA execution is not built yet (the CUDA ops and attention are); use --device cpu".into()),
-            DeviceArg::Auto | DeviceArg::Cpu => Ok(()),
+            (DeviceArg::Auto, PrecisionArg::Exact) => Ok(None),
+            (DeviceArg::Auto, _) if !available => Ok(None),
+            (DeviceArg::Cuda | DeviceArg::Auto, PrecisionArg::Fast) => CudaDevice::get(0).map(Some).map_err(|e| e.to_string()),
         }
+    }
+
+    /// `model` where --device puts it.
+    pub fn engine(&self, model: LlamaModel) -> Result<Engine, String> {
+        let device = self.cuda_device()?;
+        Engine::new(model, device.as_ref()).map_err(|e| e.to_string())
     }
 }
 

@@ -5,9 +5,34 @@
 
 use std::time::Instant;
 
+use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
-use crate::model::LlamaModel;
 use crate::tokenizer::Tokenizer;
+
+/// A model generation can drive: prefill and decode steps over caches of its own kind (the
+/// CPU [`crate::LlamaModel`], the GPU [`crate::CudaLlamaModel`]).
+pub trait Decoder {
+    type Cache;
+    fn config(&self) -> &LlamaConfig;
+    /// The longest sequence accepted.
+    fn max_seq_length(&self) -> usize;
+    /// Empty caches for `batch` sequences with room for `capacity` positions, each sequence
+    /// left-padded by `padding[b]` positions (None: no padding).
+    fn new_cache(
+        &self,
+        batch: usize,
+        capacity: usize,
+        padding: Option<Vec<usize>>,
+    ) -> Result<Self::Cache>;
+    /// Appends `ids` [B, T] to the caches and returns the logits [B, V] of each sequence's
+    /// last new position.
+    fn forward_cached(
+        &mut self,
+        ids: &[u32],
+        batch: usize,
+        cache: &mut Self::Cache,
+    ) -> Result<Vec<f32>>;
+}
 
 /// How the next token is chosen.
 #[derive(Clone, Debug, PartialEq)]
@@ -212,8 +237,8 @@ fn softmax(x: &[f32]) -> Vec<f32> {
 /// Generates up to `config.max_new_tokens` ids after each prompt. Prompts of different lengths
 /// are left-padded into one batch. `on_token(sequence, id)` sees each new id as it is chosen
 /// and returns false to stop that sequence (stop strings).
-pub fn generate(
-    model: &mut LlamaModel,
+pub fn generate<D: Decoder + ?Sized>(
+    model: &mut D,
     prompts: &[Vec<u32>],
     config: &GenerationConfig,
     on_token: &mut dyn FnMut(usize, u32) -> bool,
@@ -228,17 +253,18 @@ pub fn generate(
     let batch = prompts.len();
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let total = longest + config.max_new_tokens;
-    if total > model.max_seq_length {
+    if total > model.max_seq_length() {
         return Err(ModelError::input(
             "max_new_tokens",
             format!(
                 "a prompt of {longest} tokens and {} new tokens pass the context of {}",
-                config.max_new_tokens, model.max_seq_length
+                config.max_new_tokens,
+                model.max_seq_length()
             ),
         ));
     }
     let pad_id = model
-        .config
+        .config()
         .pad_token_id
         .or(config.eos_token_ids.first().copied())
         .unwrap_or(0);
@@ -247,12 +273,8 @@ pub fn generate(
     for (p, &pad) in prompts.iter().zip(&padding) {
         ids.extend(std::iter::repeat_n(pad_id, pad).chain(p.iter().copied()));
     }
-    let mut cache = model.new_cache(batch, total)?;
-    if padding.iter().any(|&p| p > 0) {
-        for layer in &mut cache.layers {
-            layer.set_padding(padding.clone())?;
-        }
-    }
+    let padded = padding.iter().any(|&p| p > 0).then_some(padding);
+    let mut cache = model.new_cache(batch, total, padded)?;
     let mut rngs: Vec<Rng> = (0..batch as u64)
         .map(|b| Rng::new(config.sampling.seed.wrapping_add(b)))
         .collect();
@@ -266,7 +288,7 @@ pub fn generate(
         decode_seconds: 0.0,
     };
     let mut running = vec![config.max_new_tokens > 0; batch];
-    let vocab = model.config.vocab_size;
+    let vocab = model.config().vocab_size;
     let start = Instant::now();
     let mut logits = if config.max_new_tokens > 0 {
         model.forward_cached(&ids, batch, &mut cache)?

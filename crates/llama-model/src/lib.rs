@@ -10,10 +10,12 @@
 //! source.rs     tensors by HF name             loader.rs    a path → LoadedModel
 //! tokenizer.rs  tokenizers + chat templates    model.rs     MLP → layer → model → loss
 //! generate.rs   sampling and generation        fetch.rs     the default model, via pip
-//! export.rs     a model → GGUF
+//! export.rs     a model → GGUF                cuda_model.rs  the model on a GPU, in bf16
 //! ```
 
 mod config;
+mod cuda_model;
+mod engine;
 mod error;
 mod export;
 mod fetch;
@@ -26,12 +28,14 @@ mod source;
 mod tokenizer;
 
 pub use config::LlamaConfig;
+pub use cuda_model::{CudaLlamaModel, CudaModelCache};
+pub use engine::{Engine, EngineCache};
 pub use error::{ModelError, Result};
 pub use export::save_gguf;
 pub use fetch::{resolve_model, DEFAULT_MODEL};
 pub use generate::{
-    generate, FinishReason, Generation, GenerationConfig, SamplingConfig, TextStream,
+    generate, Decoder, FinishReason, Generation, GenerationConfig, SamplingConfig, TextStream,
 };
-pub use loader::{load, LoadedModel, ModelFormat, Precision};
-pub use model::{shift_labels, DecoderLayer, Hidden, LlamaMlp, LlamaModel, ModelCache};
+pub use loader::{load, LoadedModel, ModelFormat};
+pub use model::{shift_labels, DecoderLayer, Hidden, LlamaMlp, LlamaModel, ModelCache, Precision};
 pub use tokenizer::{ChatMessage, Tokenizer};

@@ -1,7 +1,6 @@
 //! Loading a model from a path: an HF directory (config.json, safetensors, tokenizer.json) or a
 //! GGUF file, with its tokenizer when it has one.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -9,44 +8,9 @@ use serde_json::Value;
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
-use crate::model::LlamaModel;
+use crate::model::{LlamaModel, Precision};
 use crate::source::{GgufSource, SafetensorsSource};
 use crate::tokenizer::Tokenizer;
-
-/// How activations are computed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Precision {
-    /// f32 activations, quantised weights dequantised exactly: HF transformers' numbers.
-    Exact,
-    /// Free to trade exactness for speed within a stated bound (mean KL ≤ 0.01 from `exact`
-    /// on SmolLM2, same top-1 token). On the CPU it currently computes as `exact` does.
-    #[default]
-    Fast,
-}
-
-impl fmt::Display for Precision {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Precision::Exact => "exact",
-            Precision::Fast => "fast",
-        })
-    }
-}
-
-impl std::str::FromStr for Precision {
-    type Err = ModelError;
-
-    fn from_str(s: &str) -> Result<Precision> {
-        match s {
-            "exact" => Ok(Precision::Exact),
-            "fast" => Ok(Precision::Fast),
-            other => Err(ModelError::input(
-                "precision",
-                format!("{other:?} is not one of exact, fast"),
-            )),
-        }
-    }
-}
 
 /// The file format a model came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,7 +27,6 @@ pub struct LoadedModel {
     pub tokenizer: std::result::Result<Tokenizer, String>,
     pub path: PathBuf,
     pub format: ModelFormat,
-    pub precision: Precision,
 }
 
 impl LoadedModel {
@@ -97,13 +60,13 @@ fn load_gguf(
     let config = LlamaConfig::from_gguf(&file)?;
     let tokenizer = Tokenizer::from_gguf(&file).map_err(|e| e.to_string());
     let source = GgufSource::new(file, config.num_attention_heads, config.num_key_value_heads);
-    let model = LlamaModel::load(config, &source, progress)?;
+    let mut model = LlamaModel::load(config, &source, progress)?;
+    model.set_precision(precision);
     Ok(LoadedModel {
         model,
         tokenizer,
         path: path.to_path_buf(),
         format: ModelFormat::Gguf,
-        precision,
     })
 }
 
@@ -115,7 +78,8 @@ fn load_hf_dir(
     let mut config = LlamaConfig::from_hf_file(&dir.join("config.json"))?;
     add_generation_eos(&mut config, &dir.join("generation_config.json"))?;
     let source = SafetensorsSource::open(dir)?;
-    let model = LlamaModel::load(config, &source, progress)?;
+    let mut model = LlamaModel::load(config, &source, progress)?;
+    model.set_precision(precision);
     let tokenizer = if dir.join("tokenizer.json").exists() {
         Tokenizer::from_hf_dir(dir).map_err(|e| e.to_string())
     } else {
@@ -129,7 +93,6 @@ fn load_hf_dir(
         tokenizer,
         path: dir.to_path_buf(),
         format: ModelFormat::Safetensors,
-        precision,
     })
 }
 

@@ -10,14 +10,53 @@
 //! Activations are f32; weights are [`Weight`]s (dense or quantised, dequantised inside the
 //! products). Decoding runs the same layers over per-layer [`KvCache`]s.
 
+use std::fmt;
+
 use llama_attn::{KvCache, LlamaAttention};
 use llama_ops::{
-    cross_entropy, gated_forward_in_place, rms_norm, CrossEntropyOptions, GatedAct, Weight,
+    cross_entropy, gated_forward_in_place, rms_norm, Activations, CrossEntropyOptions, GatedAct,
+    Weight,
 };
 
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::source::TensorSource;
+
+/// How activations are computed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 activations, quantised weights dequantised exactly: HF transformers' numbers.
+    Exact,
+    /// Free to trade exactness for speed within a stated bound (mean KL ≤ 0.01 from `exact`
+    /// on SmolLM2, same top-1 token): decoding quantises activations to 8 bits for integer
+    /// dot products with Q4_0/Q4_1/Q8_0 weights, as llama.cpp does.
+    #[default]
+    Fast,
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Precision::Exact => "exact",
+            Precision::Fast => "fast",
+        })
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = ModelError;
+
+    fn from_str(s: &str) -> Result<Precision> {
+        match s {
+            "exact" => Ok(Precision::Exact),
+            "fast" => Ok(Precision::Fast),
+            other => Err(ModelError::input(
+                "precision",
+                format!("{other:?} is not one of exact, fast"),
+            )),
+        }
+    }
+}
 
 /// The gated MLP: down(act(x · gateᵀ) ⊙ (x · upᵀ)).
 pub struct LlamaMlp {
@@ -25,6 +64,7 @@ pub struct LlamaMlp {
     pub up_proj: Weight,
     pub down_proj: Weight,
     pub act: GatedAct,
+    pub activations: Activations,
 }
 
 impl LlamaMlp {
@@ -34,11 +74,13 @@ impl LlamaMlp {
         let n = x.len() / c;
         let mut gate = vec![0f32; n * f];
         let mut up = vec![0f32; n * f];
-        self.gate_proj.forward(x, &mut gate)?;
-        self.up_proj.forward(x, &mut up)?;
+        self.gate_proj
+            .forward_with(x, &mut gate, self.activations)?;
+        self.up_proj.forward_with(x, &mut up, self.activations)?;
         gated_forward_in_place(self.act, &mut gate, &up)?;
         let mut out = vec![0f32; n * c];
-        self.down_proj.forward(&gate, &mut out)?;
+        self.down_proj
+            .forward_with(&gate, &mut out, self.activations)?;
         Ok(out)
     }
 }
@@ -144,6 +186,7 @@ pub struct LlamaModel {
     pub lm_head: Option<Weight>,
     /// The longest sequence accepted (the model's context unless set otherwise).
     pub max_seq_length: usize,
+    precision: Precision,
 }
 
 /// The KV cache grows by this many positions at a time.
@@ -191,6 +234,7 @@ impl LlamaModel {
                     up_proj: matrix("mlp.up_proj", f, c)?,
                     down_proj: matrix("mlp.down_proj", c, f)?,
                     act: config.hidden_act,
+                    activations: Activations::F32,
                 },
             });
             progress(i + 1, total);
@@ -209,7 +253,29 @@ impl LlamaModel {
             layers,
             norm,
             lm_head,
+            precision: Precision::Exact,
         })
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Switches every product to `precision`'s arithmetic.
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
+        let activations = self.activations();
+        for layer in &mut self.layers {
+            layer.self_attn.activations = activations;
+            layer.mlp.activations = activations;
+        }
+    }
+
+    fn activations(&self) -> Activations {
+        match self.precision {
+            Precision::Exact => Activations::F32,
+            Precision::Fast => Activations::Q8,
+        }
     }
 
     /// The lm_head matrix, [V, C] (the embeddings when tied).
@@ -266,8 +332,7 @@ impl LlamaModel {
         Ok(h)
     }
 
-    /// The positions of T new tokens per sequence after `start` cached ones: T ids, or B·T
-    /// when sequences are left-padded (HF's cumsum(attention_mask) − 1, padding at 1).
+    /// [`positions`] after checking that they fit the context.
     fn positions(
         &self,
         batch: usize,
@@ -285,14 +350,7 @@ impl LlamaModel {
                 ),
             ));
         }
-        Ok(match padding {
-            None => (start..end).map(|p| p as u32).collect(),
-            Some(pads) => (0..batch)
-                .flat_map(|b| {
-                    (start..end).map(move |p| p.checked_sub(pads[b]).map_or(1, |p| p as u32))
-                })
-                .collect(),
-        })
+        Ok(positions(batch, seq, start, padding))
     }
 
     /// The batch's sequence length T for `ids` [B, T].
@@ -358,7 +416,8 @@ impl LlamaModel {
     pub fn logits(&self, hidden: &[f32]) -> Result<Vec<f32>> {
         let n = hidden.len() / self.config.hidden_size;
         let mut logits = vec![0f32; n * self.config.vocab_size];
-        self.lm_head().forward(hidden, &mut logits)?;
+        self.lm_head()
+            .forward_with(hidden, &mut logits, self.activations())?;
         Ok(logits)
     }
 
@@ -447,4 +506,58 @@ pub fn shift_labels(labels: &[i64], seq: usize) -> Vec<i64> {
         .chunks_exact(seq)
         .flat_map(|row| row[1..].iter().copied().chain(std::iter::once(-100)))
         .collect()
+}
+
+impl crate::generate::Decoder for LlamaModel {
+    type Cache = ModelCache;
+
+    fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    fn max_seq_length(&self) -> usize {
+        self.max_seq_length
+    }
+
+    fn new_cache(
+        &self,
+        batch: usize,
+        capacity: usize,
+        padding: Option<Vec<usize>>,
+    ) -> Result<ModelCache> {
+        let mut cache = LlamaModel::new_cache(self, batch, capacity)?;
+        if let Some(padding) = padding {
+            for layer in &mut cache.layers {
+                layer.set_padding(padding.clone())?;
+            }
+        }
+        Ok(cache)
+    }
+
+    fn forward_cached(
+        &mut self,
+        ids: &[u32],
+        batch: usize,
+        cache: &mut ModelCache,
+    ) -> Result<Vec<f32>> {
+        LlamaModel::forward_cached(self, ids, batch, cache)
+    }
+}
+
+/// The positions of T new tokens per sequence after `start` cached ones: T ids, or B·T when
+/// sequences are left-padded (HF's cumsum(attention_mask) − 1, padding at 1).
+pub(crate) fn positions(
+    batch: usize,
+    seq: usize,
+    start: usize,
+    padding: Option<&[usize]>,
+) -> Vec<u32> {
+    match padding {
+        None => (start..start + seq).map(|p| p as u32).collect(),
+        Some(pads) => (0..batch)
+            .flat_map(|b| {
+                (start..start + seq).map(move |p| p.checked_sub(pads[b]).map_or(1, |p| p as u32))
+            })
+            .collect(),
+    }
 }

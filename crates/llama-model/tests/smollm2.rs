@@ -128,3 +128,69 @@ fn fixture_files_are_present() {
     let fixture = Fixture::open("smollm2/reference");
     assert!(!fixture.names().is_empty());
 }
+
+/// log-softmax of one row, in f64.
+fn log_softmax(logits: &[f32]) -> Vec<f64> {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    let lse = max
+        + logits
+            .iter()
+            .map(|&v| (v as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+    logits.iter().map(|&v| v as f64 - lse).collect()
+}
+
+#[test]
+fn fast_precision_stays_within_its_bound() {
+    let Some(mut exact) = model() else { return };
+    let mut fast = load(&exact.path, Precision::Fast, &mut |_, _| {})
+        .unwrap()
+        .model;
+    for (name, case) in prompt_cases(&reference()) {
+        // Teacher-forced: every position of the prompt and HF's continuation, one decode
+        // step at a time (the path where `fast` differs).
+        let tokens: Vec<u32> = ids(&case["ids"])
+            .into_iter()
+            .chain(ids(&case["greedy_ids"]))
+            .collect();
+        let mut caches = (
+            exact.model.new_cache(1, tokens.len()).unwrap(),
+            fast.new_cache(1, tokens.len()).unwrap(),
+        );
+        let (mut kl_sum, mut last_top) = (0f64, (0, 0));
+        for &token in &tokens {
+            let p = log_softmax(
+                &exact
+                    .model
+                    .forward_cached(&[token], 1, &mut caches.0)
+                    .unwrap(),
+            );
+            let fast_logits = fast.forward_cached(&[token], 1, &mut caches.1).unwrap();
+            let q = log_softmax(&fast_logits);
+            kl_sum += p
+                .iter()
+                .zip(&q)
+                .map(|(lp, lq)| lp.exp() * (lp - lq))
+                .sum::<f64>();
+            last_top = (argmax_f64(&p), argmax_f64(&q));
+        }
+        let mean_kl = kl_sum / tokens.len() as f64;
+        eprintln!(
+            "{name}: mean KL(exact ‖ fast) over {} positions = {mean_kl:.2e}",
+            tokens.len()
+        );
+        assert!(mean_kl <= 0.01, "{name}: mean KL {mean_kl}");
+        assert_eq!(last_top.0, last_top.1, "{name}: top-1 of the last position");
+    }
+}
+
+fn argmax_f64(v: &[f64]) -> usize {
+    v.iter()
+        .enumerate()
+        .fold(
+            (0, f64::NEG_INFINITY),
+            |b, (i, &x)| if x > b.1 { (i, x) } else { b },
+        )
+        .0
+}

@@ -38,8 +38,8 @@ pub use error::{OpsError, Result};
 pub use loss::{cross_entropy, cross_entropy_backward, CrossEntropy, CrossEntropyOptions};
 pub use matmul::{linear, linear_backward_input, linear_backward_weight, matvec};
 pub use norm::{gemma_rms_norm, layer_norm, layer_norm_backward, rms_norm, rms_norm_backward};
-pub use quant::{quantize, QuantMatrix};
-pub use weight::Weight;
+pub use quant::{quantize, supports_q8, Q8Vector, QuantMatrix};
+pub use weight::{Activations, Weight};
 
 /// Helpers that other crates' hot loops share: a SIMD dot product (AVX2/FMA at run time), a
 /// branch-free `exp` that vectorises, and a small dense f32 product on the `gemm` crate.

@@ -8,7 +8,18 @@ use llama_core::DType;
 
 use crate::error::{check_len, OpsError, Result};
 use crate::matmul::{linear, linear_backward_input};
-use crate::quant::{quantize, QuantMatrix};
+use crate::quant::{quantize, supports_q8, Q8Vector, QuantMatrix};
+
+/// How activations enter products with quantised weights.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Activations {
+    /// f32, multiplied by the exactly dequantised weights.
+    #[default]
+    F32,
+    /// A single row (decoding) is quantised to 8 bits ([`Q8Vector`]) for integer dot products
+    /// with Q4_0, Q4_1 and Q8_0 weights; everything else as `F32`.
+    Q8,
+}
 
 /// A [N, K] linear weight.
 #[derive(Clone, Debug, PartialEq)]
@@ -115,6 +126,15 @@ impl Weight {
 
     /// y [M, N] = x [M, K] · Wᵀ.
     pub fn forward(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
+        self.forward_with(x, y, Activations::F32)
+    }
+
+    /// y [M, N] = x [M, K] · Wᵀ with the activations treated as `mode` says.
+    pub fn forward_with(&self, x: &[f32], y: &mut [f32], mode: Activations) -> Result<()> {
+        let (_, cols) = self.shape();
+        if mode == Activations::Q8 && x.len() == cols && supports_q8(self.dtype()) {
+            return self.quant()?.matvec_q8(&Q8Vector::quantize(x)?, y);
+        }
         match self {
             Weight::Dense { data, cols, .. } => linear(x, data, *cols, y),
             Weight::Quant { .. } => self.quant()?.matmul(x, y),

@@ -6,7 +6,7 @@
 use llama_core::DType;
 use llama_fixtures::{assert_close, to_f64, TestRng};
 use llama_ops::quant::{nf4, Nf4DoubleQuant, NF4_TABLE};
-use llama_ops::{quantize, reference, QuantMatrix};
+use llama_ops::{quantize, reference, supports_q8, Q8Vector, QuantMatrix};
 use proptest::prelude::*;
 use serde_json::Value;
 
@@ -318,4 +318,50 @@ proptest! {
         let err = llama_fixtures::rel_error(&y, &expected);
         prop_assert!(err < 1e-5, "{dtype} [{rows}, {cols}] × {m}: relative error {err:e}");
     }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// The integer products of the `fast` path (AVX2 on this CPU) equal W · x̂ with x̂ the
+    /// dequantised 8-bit activations, and x̂ stays within half a step of x.
+    #[test]
+    fn q8_activation_products_at_random_sizes(
+        format in 0usize..3, rows in 1usize..70, blocks in 1usize..9, scale in 0.01f32..100.0, seed: u64,
+    ) {
+        let dtype = [DType::Q4_0, DType::Q4_1, DType::Q8_0][format];
+        prop_assert!(supports_q8(dtype));
+        let mut rng = TestRng::new(seed);
+        let cols = blocks * 32;
+        let bytes = random_blocks(dtype, rows * blocks, &mut rng);
+        let w = QuantMatrix::new(dtype, rows, cols, &bytes).unwrap();
+        let x = rng.vec(cols, scale);
+        let xq = Q8Vector::quantize(&x).unwrap();
+        let x_hat = xq.dequantize();
+        for (block, (xs, hs)) in x.chunks(32).zip(x_hat.chunks(32)).enumerate() {
+            let step = xs.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+            for (a, b) in xs.iter().zip(hs) {
+                prop_assert!((a - b).abs() <= step * 0.5001 + 1e-30, "block {block}: {a} → {b}");
+            }
+        }
+        let dense = to_f64(&reference::dequantize(&w));
+        let expected: Vec<f32> =
+            reference::linear(&to_f64(&x_hat), &dense, cols).iter().map(|&v| v as f32).collect();
+        let mut y = vec![0f32; rows];
+        w.matvec_q8(&xq, &mut y).unwrap();
+        let err = llama_fixtures::rel_error(&y, &expected);
+        prop_assert!(err < 1e-5, "{dtype} [{rows}, {cols}]: relative error {err:e}");
+    }
+}
+
+#[test]
+fn q8_products_reject_other_formats_and_sizes() {
+    let bytes = vec![0u8; DType::Q6K.block_bytes()];
+    let w = QuantMatrix::new(DType::Q6K, 1, 256, &bytes).unwrap();
+    let x = Q8Vector::quantize(&[0.5; 256]).unwrap();
+    assert!(w.matvec_q8(&x, &mut [0.0]).is_err());
+    assert!(Q8Vector::quantize(&[0.5; 33]).is_err());
+    let bytes = vec![0u8; DType::Q8_0.block_bytes()];
+    let w = QuantMatrix::new(DType::Q8_0, 1, 32, &bytes).unwrap();
+    assert!(w.matvec_q8(&x, &mut [0.0]).is_err());
 }

@@ -3,7 +3,7 @@
 use cudarc::driver::{CudaSlice, PushKernelArg};
 use llama_core::cuda::{CudaDevice, KernelSource};
 
-use super::{grid_for_packs, kernel_source, launched, typed_kernel, CudaElement};
+use super::{grid_for, grid_for_packs, kernel_source, launched, typed_kernel, CudaElement};
 use crate::activation::{GatedAct, Gelu};
 use crate::error::{check_len, Result};
 
@@ -95,4 +95,41 @@ pub fn gated_backward<T: CudaElement>(
         .arg(&act);
     // SAFETY: all five buffers hold n elements (checked).
     launched(&name, unsafe { launch.launch(grid_for_packs::<T>(n)) })
+}
+
+/// The residual add h = T(h + delta).
+pub fn add_in_place<T: CudaElement>(
+    device: &CudaDevice,
+    h: &mut CudaSlice<T>,
+    delta: &CudaSlice<T>,
+) -> Result<()> {
+    check_len("cuda add_in_place", "delta", delta.len(), h.len())?;
+    let n = h.len();
+    if n == 0 {
+        return Ok(());
+    }
+    let (f, name) = typed_kernel::<T>(device, &ACTIVATION, "add_in_place")?;
+    let mut launch = device.stream().launch_builder(&f);
+    launch.arg(h).arg(delta).arg(&n);
+    // SAFETY: h and delta hold n elements each (checked).
+    launched(&name, unsafe { launch.launch(grid_for(n)) })
+}
+
+/// Fills x with uniform values in [−scale, scale) hashed from (seed, index): random weights
+/// for benchmarks of shapes whose real weights are not at hand.
+pub fn fill_uniform<T: CudaElement>(
+    device: &CudaDevice,
+    x: &mut CudaSlice<T>,
+    seed: u64,
+    scale: f32,
+) -> Result<()> {
+    let n = x.len();
+    if n == 0 {
+        return Ok(());
+    }
+    let (f, name) = typed_kernel::<T>(device, &ACTIVATION, "fill_uniform")?;
+    let mut launch = device.stream().launch_builder(&f);
+    launch.arg(x).arg(&n).arg(&seed).arg(&scale);
+    // SAFETY: x holds n elements.
+    launched(&name, unsafe { launch.launch(grid_for(n)) })
 }

@@ -283,3 +283,86 @@ pub(crate) fn row_nf4(row: &[u8], x: &[f32]) -> f32 {
         hsum(acc)
     }
 }
+
+// Integer dot products against activations quantised to 8 bits (`Q8Vector`, blocks of 32 with
+// scale dx and s = dx·Σq), as llama.cpp's `vec_dot_q4_0_q8_0` family: per block, 32 u8×i8
+// products summed in pairs by `maddubs` (i16, no overflow for |w| ≤ 15 or the sign trick
+// below), widened to i32 by `madd`, then one f32 FMA with dw·dx. Signed weights (Q4_0 − 8,
+// Q8_0) use |w| as the unsigned operand and move w's sign onto x: |w| · sign(w)·x = w·x.
+
+/// Σ over 32 lanes of u8 a × i8 b, as 8 f32 lanes.
+#[inline(always)]
+unsafe fn dot_u8_i8(a: __m256i, b: __m256i) -> __m256 {
+    let pairs = _mm256_maddubs_epi16(a, b);
+    _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+}
+
+/// Σ over 32 lanes of i8 a × i8 b (a ≠ −128), as 8 f32 lanes.
+#[inline(always)]
+unsafe fn dot_i8_i8(a: __m256i, b: __m256i) -> __m256 {
+    dot_u8_i8(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a))
+}
+
+/// A Q4_0/Q4_1 block's 16 bytes as 32 u8 codes in weight order (low nibbles first).
+#[inline(always)]
+unsafe fn nibbles_u8(qs: *const u8) -> __m256i {
+    let bytes = _mm_loadu_si128(qs as *const __m128i);
+    let mask = _mm_set1_epi8(0x0f);
+    let lo = _mm_and_si128(bytes, mask);
+    let hi = _mm_and_si128(_mm_srli_epi16::<4>(bytes), mask);
+    _mm256_set_m128i(hi, lo)
+}
+
+/// One Q4_0 row · a Q8 vector: Σ_blocks dw·dx · Σ (q − 8)·qx.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn row_q4_0_q8(row: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
+    // SAFETY: each step reads one 18-byte block and the 32 codes beside it, both inside their
+    // chunks; AVX2/FMA/F16C are enabled on this function (callers check the CPU).
+    unsafe {
+        let eight = _mm256_set1_epi8(8);
+        let mut acc = _mm256_setzero_ps();
+        for ((b, xs), &dx) in row.chunks_exact(18).zip(xq.chunks_exact(32)).zip(xd) {
+            let w = _mm256_sub_epi8(nibbles_u8(b.as_ptr().add(2)), eight);
+            let x = _mm256_loadu_si256(xs.as_ptr() as *const __m256i);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b) * dx), dot_i8_i8(w, x), acc);
+        }
+        hsum(acc)
+    }
+}
+
+/// One Q4_1 row · a Q8 vector: Σ_blocks dw·dx · Σ q·qx + m · sx.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn row_q4_1_q8(row: &[u8], xq: &[i8], xd: &[f32], xs_sum: &[f32]) -> f32 {
+    // SAFETY: as in row_q4_0_q8, with 20-byte blocks.
+    unsafe {
+        let mut acc = _mm256_setzero_ps();
+        let mut mins = 0f32;
+        for (((b, xs), &dx), &sx) in row
+            .chunks_exact(20)
+            .zip(xq.chunks_exact(32))
+            .zip(xd)
+            .zip(xs_sum)
+        {
+            let w = nibbles_u8(b.as_ptr().add(4));
+            let x = _mm256_loadu_si256(xs.as_ptr() as *const __m256i);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b) * dx), dot_u8_i8(w, x), acc);
+            mins = f16_at(&b[2..]).mul_add(sx, mins);
+        }
+        hsum(acc) + mins
+    }
+}
+
+/// One Q8_0 row · a Q8 vector: Σ_blocks dw·dx · Σ q·qx.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn row_q8_0_q8(row: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
+    // SAFETY: as in row_q4_0_q8, with 34-byte blocks (the 32-byte load stays inside qs).
+    unsafe {
+        let mut acc = _mm256_setzero_ps();
+        for ((b, xs), &dx) in row.chunks_exact(34).zip(xq.chunks_exact(32)).zip(xd) {
+            let w = _mm256_loadu_si256(b.as_ptr().add(2) as *const __m256i);
+            let x = _mm256_loadu_si256(xs.as_ptr() as *const __m256i);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b) * dx), dot_i8_i8(w, x), acc);
+        }
+        hsum(acc)
+    }
+}

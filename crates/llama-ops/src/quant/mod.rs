@@ -13,6 +13,7 @@ pub(crate) mod blocks;
 mod encode;
 mod matvec;
 pub mod nf4;
+mod q8;
 
 use llama_core::DType;
 use rayon::prelude::*;
@@ -22,6 +23,7 @@ use crate::gemm_ffi::{matmul, View};
 use blocks::{with_block, Block};
 
 pub use nf4::{Nf4DoubleQuant, NF4_TABLE};
+pub use q8::{supports_q8, Q8Vector};
 
 /// A [N, K] block-quantised weight, borrowed.
 #[derive(Clone, Copy, Debug)]
@@ -127,6 +129,23 @@ impl<'a> QuantMatrix<'a> {
         check_len("QuantMatrix::matvec", "x", x.len(), self.cols)?;
         check_len("QuantMatrix::matvec", "y", y.len(), self.rows)?;
         with_block!(self.dtype, F => matvec::matvec::<F>(self.bytes, self.row_bytes(), x, y), float => unreachable!("checked in new"));
+        Ok(())
+    }
+
+    /// y [N] = W · x̂ for activations quantised to 8 bits: integer dot products (the `fast`
+    /// decode path). Q4_0, Q4_1 and Q8_0 weights ([`supports_q8`]).
+    pub fn matvec_q8(&self, x: &Q8Vector, y: &mut [f32]) -> Result<()> {
+        let op = "QuantMatrix::matvec_q8";
+        if !supports_q8(self.dtype) {
+            return Err(OpsError::UnsupportedDType {
+                op,
+                dtype: self.dtype,
+                supported: "Q4_0, Q4_1, Q8_0",
+            });
+        }
+        check_len(op, "x", x.len(), self.cols)?;
+        check_len(op, "y", y.len(), self.rows)?;
+        q8::matvec_q8(self.dtype, self.bytes, self.row_bytes(), x, y);
         Ok(())
     }
 

@@ -2,7 +2,7 @@
 """The llama.cpp peer of `cargo xtask bench`: prefill and greedy decode tokens/s on a GGUF file
 through llama-cpp-python, with the same prompt length, generated length, thread count and
 best-of-N timing as `fastllama bench`. Prints one JSON object.
-Usage: llama_cpp.py MODEL.gguf PROMPT_TOKENS GEN_TOKENS THREADS REPEATS"""
+Usage: llama_cpp_peer.py MODEL.gguf PROMPT_TOKENS GEN_TOKENS THREADS REPEATS"""
 import json
 import random
 import resource
@@ -25,7 +25,10 @@ for _ in range(max(repeats, 1)):
     best_prefill = min(best_prefill, time.perf_counter() - t)
     t = time.perf_counter()
     for _ in range(n_gen):
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        # The context's logits of the last token (llama-cpp-python keeps no copy without
+        # logits_all).
+        logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+        token = int(np.argmax(logits))
         llm.eval([token])
     best_decode = min(best_decode, time.perf_counter() - t)
 print(json.dumps({
