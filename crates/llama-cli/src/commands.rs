@@ -260,6 +260,9 @@ pub fn info_cmd(args: &InfoArgs) -> Result<(), String> {
 /// Model shapes for `bench --random-weights`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Shape {
+    /// SmolLM2-135M: hidden 576, 30 layers, 9 heads, 3 KV heads, intermediate 1536, vocab 49152.
+    #[value(name = "smollm2-135m")]
+    Smollm2_135m,
     /// hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate 8192, vocab 128256.
     #[value(name = "llama-3.2-1b")]
     Llama32_1b,
@@ -271,14 +274,15 @@ pub enum Shape {
 impl Shape {
     /// The HF config.json of the shape.
     fn config(self) -> llama_model::Result<LlamaConfig> {
-        let (hidden, layers, inter, tied) = match self {
-            Shape::Llama32_1b => (2048, 16, 8192, true),
-            Shape::Llama3_8b => (4096, 32, 14336, false),
+        let (hidden, layers, heads, kv_heads, inter, vocab, theta, tied) = match self {
+            Shape::Smollm2_135m => (576, 30, 9, 3, 1536, 49152, 100000.0, true),
+            Shape::Llama32_1b => (2048, 16, 32, 8, 8192, 128256, 500000.0, true),
+            Shape::Llama3_8b => (4096, 32, 32, 8, 14336, 128256, 500000.0, false),
         };
         LlamaConfig::from_hf_json(&json!({
             "architectures": ["LlamaForCausalLM"], "hidden_size": hidden, "num_hidden_layers": layers,
-            "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": inter,
-            "vocab_size": 128256, "max_position_embeddings": 8192, "rope_theta": 500000.0,
+            "num_attention_heads": heads, "num_key_value_heads": kv_heads, "intermediate_size": inter,
+            "vocab_size": vocab, "max_position_embeddings": 8192, "rope_theta": theta,
             "rms_norm_eps": 1e-5, "tie_word_embeddings": tied,
         }))
     }

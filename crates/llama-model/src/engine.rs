@@ -65,7 +65,9 @@ impl Decoder for Engine {
         padding: Option<Vec<usize>>,
     ) -> Result<EngineCache> {
         Ok(match self {
-            Engine::Cpu(m) => EngineCache::Cpu(Decoder::new_cache(m.as_ref(), batch, capacity, padding)?),
+            Engine::Cpu(m) => {
+                EngineCache::Cpu(Decoder::new_cache(m.as_ref(), batch, capacity, padding)?)
+            }
             Engine::Cuda(m) => EngineCache::Cuda(m.new_cache(batch, capacity, padding)?),
         })
     }
@@ -77,7 +79,9 @@ impl Decoder for Engine {
         cache: &mut EngineCache,
     ) -> Result<Vec<f32>> {
         match (self, cache) {
-            (Engine::Cpu(m), EngineCache::Cpu(c)) => Decoder::forward_cached(m.as_mut(), ids, batch, c),
+            (Engine::Cpu(m), EngineCache::Cpu(c)) => {
+                Decoder::forward_cached(m.as_mut(), ids, batch, c)
+            }
             (Engine::Cuda(m), EngineCache::Cuda(c)) => m.forward_cached(ids, batch, c),
             _ => Err(crate::error::ModelError::input(
                 "cache",
