@@ -12,7 +12,7 @@
 //!   pass 2, one task per (batch, head, query tile):  dQᵢ = scale Σⱼ dSᵢⱼ Kⱼ
 //! with dSᵢⱼ = Pᵢⱼ (dOᵢ · Vⱼ − Dᵢ): two recomputations of S instead of the atomics a GPU uses.
 
-use llama_ops::math::{dot, exp, exp_shifted_sum, gemm, Operand};
+use llama_ops::math::{add_weighted_rows, dot, dot_rows, exp, exp_shifted_sum, gemm, Operand};
 use rayon::prelude::*;
 
 use crate::error::Result;
@@ -22,6 +22,9 @@ use crate::shape::{AttnShape, Mask};
 pub const Q_TILE: usize = 128;
 /// Key positions per tile (scores of a tile stay in L1).
 pub const K_TILE: usize = 256;
+/// Up to this many query rows (a decode step's kv group) a tile is done with dot products and
+/// axpys; the GEMM's packing costs more than it saves on so few rows.
+const DIRECT_ROWS: usize = 4;
 
 fn scale(s: &AttnShape) -> f32 {
     1.0 / (s.head_dim as f32).sqrt()
@@ -139,12 +142,18 @@ impl Rows<'_> {
             let k_tile = &self.k[s.kv_row(b, kv, tile)..][..width * d];
             let v_tile = &self.v[s.kv_row(b, kv, tile)..][..width * d];
             let p = &mut scores[..rows * width];
-            gemm(
-                Operand::Plain(&q, rows, d),
-                Operand::Transposed(k_tile, d, width),
-                p,
-                false,
-            );
+            if rows <= DIRECT_ROWS {
+                for (q_row, p_row) in q.chunks_exact(d).zip(p.chunks_exact_mut(width)) {
+                    dot_rows(q_row, k_tile, p_row);
+                }
+            } else {
+                gemm(
+                    Operand::Plain(&q, rows, d),
+                    Operand::Transposed(k_tile, d, width),
+                    p,
+                    false,
+                );
+            }
             for (r, row) in p.chunks_mut(width).enumerate() {
                 let (lo, hi) = (
                     keys[r].start.max(tile) - tile,
@@ -171,12 +180,18 @@ impl Rows<'_> {
                 sum[r] = sum[r] * rescale + added;
                 max[r] = new_max;
             }
-            gemm(
-                Operand::Plain(p, rows, width),
-                Operand::Plain(v_tile, width, d),
-                out,
-                true,
-            );
+            if rows <= DIRECT_ROWS {
+                for (p_row, o_row) in p.chunks_exact(width).zip(out.chunks_exact_mut(d)) {
+                    add_weighted_rows(p_row, v_tile, o_row);
+                }
+            } else {
+                gemm(
+                    Operand::Plain(p, rows, width),
+                    Operand::Plain(v_tile, width, d),
+                    out,
+                    true,
+                );
+            }
         }
         for r in 0..rows {
             if sum[r] > 0.0 {

@@ -259,15 +259,22 @@ impl LlamaAttention {
     ) -> Result<[Vec<f32>; 3]> {
         let cfg = self.config;
         let d = cfg.head_dim;
-        let project = |w: &Weight, width: usize| -> Result<Vec<f32>> {
-            let mut y = vec![0.0; batch * seq * width];
-            w.forward_with(x, &mut y, self.activations)?;
-            Ok(split_heads(&y, batch, seq, width / d, d))
-        };
+        let rows = batch * seq;
+        let (mut q, mut k, mut v) = (
+            vec![0.0; rows * cfg.q_width()],
+            vec![0.0; rows * cfg.kv_width()],
+            vec![0.0; rows * cfg.kv_width()],
+        );
+        Weight::forward_group(
+            &[&self.q_proj, &self.k_proj, &self.v_proj],
+            x,
+            vec![&mut q, &mut k, &mut v],
+            self.activations,
+        )?;
         let (mut q, mut k, v) = (
-            project(&self.q_proj, cfg.q_width())?,
-            project(&self.k_proj, cfg.kv_width())?,
-            project(&self.v_proj, cfg.kv_width())?,
+            split_heads(&q, batch, seq, cfg.num_heads, d),
+            split_heads(&k, batch, seq, cfg.num_kv_heads, d),
+            split_heads(&v, batch, seq, cfg.num_kv_heads, d),
         );
         let table_len = positions.iter().max().map_or(0, |&p| p as usize + 1);
         let tables = self.rope.tables(table_len)?;

@@ -45,5 +45,5 @@ pub use weight::{Activations, Weight};
 /// branch-free `exp` that vectorises, and a small dense f32 product on the `gemm` crate.
 pub mod math {
     pub use crate::gemm_ffi::{gemm, Operand};
-    pub use crate::simd::{dot, exp, exp_shifted_sum};
+    pub use crate::simd::{add_weighted_rows, dot, dot_rows, exp, exp_shifted_sum};
 }

@@ -103,6 +103,89 @@ fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     dot_lanes::<HwFma>(a, b)
 }
 
+/// out[j] = q · rows[j] for each row of `rows` ([out.len(), q.len()]): many dot products against
+/// one vector in one dispatch (a decode step's attention scores over a tile of keys).
+pub fn dot_rows(q: &[f32], rows: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        return unsafe { dot_rows_avx2(q, rows, out) };
+    }
+    dot_rows_lanes::<NoFma>(q, rows, out)
+}
+
+/// Eight rows at a time when the length is a multiple of 8: eight independent FMA chains,
+/// then one transposing reduction (hadd, hadd, permute) gives the eight sums in one vector.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn dot_rows_avx2(q: &[f32], rows: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let d = q.len();
+    if d == 0 || d % 8 != 0 {
+        return dot_rows_lanes::<HwFma>(q, rows, out);
+    }
+    let n = out.len().min(rows.len() / d);
+    let full = n / 8 * 8;
+    for (block, o) in out[..full].chunks_exact_mut(8).enumerate() {
+        let base = &rows[block * 8 * d..(block + 1) * 8 * d];
+        // SAFETY: every load reads 8 floats at c < d inside q or inside row r < 8 of `base`
+        // (8·d floats); the store writes the 8 floats of `o`.
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for c in (0..d).step_by(8) {
+                let qv = _mm256_loadu_ps(q.as_ptr().add(c));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm256_fmadd_ps(qv, _mm256_loadu_ps(base.as_ptr().add(r * d + c)), *acc);
+                }
+            }
+            let t0 = _mm256_hadd_ps(acc[0], acc[1]);
+            let t1 = _mm256_hadd_ps(acc[2], acc[3]);
+            let t2 = _mm256_hadd_ps(acc[4], acc[5]);
+            let t3 = _mm256_hadd_ps(acc[6], acc[7]);
+            let (u0, u1) = (_mm256_hadd_ps(t0, t1), _mm256_hadd_ps(t2, t3));
+            let sums = _mm256_add_ps(
+                _mm256_permute2f128_ps::<0x20>(u0, u1),
+                _mm256_permute2f128_ps::<0x31>(u0, u1),
+            );
+            _mm256_storeu_ps(o.as_mut_ptr(), sums);
+        }
+    }
+    dot_rows_lanes::<HwFma>(q, &rows[full * d..], &mut out[full..n]);
+}
+
+#[inline(always)]
+fn dot_rows_lanes<M: Fma>(q: &[f32], rows: &[f32], out: &mut [f32]) {
+    for (o, row) in out.iter_mut().zip(rows.chunks_exact(q.len().max(1))) {
+        *o = dot_lanes::<M>(q, row);
+    }
+}
+
+/// y += Σ_j w[j] · rows[j] for the rows of `rows` ([w.len(), y.len()]): a weighted sum of rows
+/// in one dispatch (a decode step's P · V over a tile of values).
+pub fn add_weighted_rows(w: &[f32], rows: &[f32], y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        return unsafe { add_weighted_rows_avx2(w, rows, y) };
+    }
+    add_weighted_rows_lanes::<NoFma>(w, rows, y)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn add_weighted_rows_avx2(w: &[f32], rows: &[f32], y: &mut [f32]) {
+    add_weighted_rows_lanes::<HwFma>(w, rows, y)
+}
+
+#[inline(always)]
+fn add_weighted_rows_lanes<M: Fma>(w: &[f32], rows: &[f32], y: &mut [f32]) {
+    for (&wj, row) in w.iter().zip(rows.chunks_exact(y.len().max(1))) {
+        for (y, &x) in y.iter_mut().zip(row) {
+            *y = M::fma(wj, x, *y);
+        }
+    }
+}
+
 #[inline(always)]
 pub(crate) fn dot_lanes<M: Fma>(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());

@@ -8,7 +8,7 @@ use llama_core::DType;
 
 use crate::error::{check_len, OpsError, Result};
 use crate::matmul::{linear, linear_backward_input};
-use crate::quant::{quantize, supports_q8, Q8Vector, QuantMatrix};
+use crate::quant::{matvec_q8_group, quantize, supports_q8, Q8Vector, QuantMatrix};
 
 /// How activations enter products with quantised weights.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -139,6 +139,33 @@ impl Weight {
             Weight::Dense { data, cols, .. } => linear(x, data, *cols, y),
             Weight::Quant { .. } => self.quant()?.matmul(x, y),
         }
+    }
+
+    /// y_i = x · W_iᵀ for several weights that read the same x [M, K] (q, k and v; gate and
+    /// up): in `Q8` mode a single row is quantised once and every product runs in one
+    /// parallel pass; otherwise one [`Self::forward_with`] each.
+    pub fn forward_group(
+        weights: &[&Weight],
+        x: &[f32],
+        outs: Vec<&mut [f32]>,
+        mode: Activations,
+    ) -> Result<()> {
+        let single_row = weights
+            .iter()
+            .all(|w| w.shape().1 == x.len() && supports_q8(w.dtype()));
+        if mode == Activations::Q8 && single_row && weights.len() == outs.len() {
+            let views = weights
+                .iter()
+                .map(|w| w.quant())
+                .collect::<Result<Vec<_>>>()?;
+            let xq = Q8Vector::quantize(x)?;
+            return matvec_q8_group(views.into_iter().zip(outs).collect(), &xq);
+        }
+        check_len("Weight::forward_group", "outs", outs.len(), weights.len())?;
+        for (w, y) in weights.iter().zip(outs) {
+            w.forward_with(x, y, mode)?;
+        }
+        Ok(())
     }
 
     /// dx [M, K] = dy [M, N] · W, the input gradient of [`Self::forward`].

@@ -250,3 +250,26 @@ fn bad_shapes_and_labels_are_errors() {
     let all_ignored = llama_ops::cross_entropy(&x, &[-100, -100], &opts).unwrap();
     assert_eq!((all_ignored.loss, all_ignored.n_valid), (0.0, 0));
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// The decode-attention helpers (eight rows at a time on AVX2, a tail after) against f64 loops.
+    #[test]
+    fn row_products_equal_plain_loops(rows in 0usize..40, d in 1usize..100, seed: u64) {
+        use llama_ops::math::{add_weighted_rows, dot_rows};
+        let mut rng = TestRng::new(seed);
+        let (q, m, w) = (rng.vec(d, 1.0), rng.vec(rows * d, 1.0), rng.vec(rows, 1.0));
+        let mut scores = vec![0f32; rows];
+        dot_rows(&q, &m, &mut scores);
+        let expected: Vec<f32> = m.chunks_exact(d).map(|r| dot(&to_f64(&q), &to_f64(r)) as f32).collect();
+        close("dot_rows", &scores, &expected, 1e-6)?;
+        let start = rng.vec(d, 1.0);
+        let mut y = start.clone();
+        add_weighted_rows(&w, &m, &mut y);
+        let expected: Vec<f32> = (0..d)
+            .map(|i| (start[i] as f64 + (0..rows).map(|j| w[j] as f64 * m[j * d + i] as f64).sum::<f64>()) as f32)
+            .collect();
+        close("add_weighted_rows", &y, &expected, 1e-6)?;
+    }
+}

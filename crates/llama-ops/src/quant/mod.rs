@@ -143,10 +143,7 @@ impl<'a> QuantMatrix<'a> {
                 supported: "Q4_0, Q4_1, Q8_0",
             });
         }
-        check_len(op, "x", x.len(), self.cols)?;
-        check_len(op, "y", y.len(), self.rows)?;
-        q8::matvec_q8(self.dtype, self.bytes, self.row_bytes(), x, y);
-        Ok(())
+        matvec_q8_group(vec![(*self, y)], x)
     }
 
     /// y [M, N] = x [M, K] · Wᵀ: a single row goes through [`Self::matvec`]; more rows
@@ -209,6 +206,25 @@ impl QuantMatrix<'_> {
         }
         Ok(())
     }
+}
+
+/// y = W · x̂ for each (W, y) of `parts` (see [`QuantMatrix::matvec_q8`]) in one parallel
+/// pass: the projections that read the same activations share one hand-off to the threads.
+pub fn matvec_q8_group(parts: Vec<(QuantMatrix<'_>, &mut [f32])>, x: &Q8Vector) -> Result<()> {
+    let op = "matvec_q8_group";
+    for (w, y) in &parts {
+        if !supports_q8(w.dtype) {
+            return Err(OpsError::UnsupportedDType {
+                op,
+                dtype: w.dtype,
+                supported: "Q4_0, Q4_1, Q8_0",
+            });
+        }
+        check_len(op, "x", x.len(), w.cols)?;
+        check_len(op, "y", y.len(), w.rows)?;
+    }
+    q8::matvec_q8_group(parts, x);
+    Ok(())
 }
 
 /// Decodes consecutive blocks in parallel.
