@@ -182,6 +182,21 @@ impl<T: CudaElement + RopeElement> CudaLlamaAttention<T> {
         positions: &[u32],
         cache: &mut CudaKvCache<T>,
     ) -> Result<CudaSlice<T>> {
+        let mut out = self.device.zeros::<T>(x.len())?;
+        self.forward_cached_into(x, batch, positions, cache, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Self::forward_cached`] into `out` [B, T, C] (a buffer the caller keeps from step to
+    /// step).
+    pub fn forward_cached_into(
+        &mut self,
+        x: &CudaSlice<T>,
+        batch: usize,
+        positions: &[u32],
+        cache: &mut CudaKvCache<T>,
+        out: &mut CudaSlice<T>,
+    ) -> Result<()> {
         let cfg = self.config;
         let (c, d) = (cfg.hidden_size, cfg.head_dim);
         let seq = cfg.positions_in("cuda forward_cached", x.len(), batch)?;
@@ -229,15 +244,14 @@ impl<T: CudaElement + RopeElement> CudaLlamaAttention<T> {
             (batch, seq, cfg.num_heads),
             false,
         )?;
-        let mut out = self.device.zeros::<T>(batch * seq * c)?;
         linear(
             &self.device,
             &bufs.q_lin,
             &self.o_proj,
             cfg.num_heads * d,
-            &mut out,
+            out,
         )?;
         self.scratch = Some(bufs);
-        Ok(out)
+        Ok(())
     }
 }

@@ -14,7 +14,7 @@ use llama_attn::{AttentionConfig, CudaLlamaAttention};
 use llama_core::bf16;
 use llama_core::cuda::CudaDevice;
 use llama_ops::cuda::{add_in_place, fill_uniform, gated_forward_in_place, linear, rms_norm};
-use llama_ops::{GatedAct, Weight};
+use llama_ops::Weight;
 
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
@@ -29,6 +29,51 @@ struct CudaLayer {
     gate_proj: CudaSlice<bf16>,
     up_proj: CudaSlice<bf16>,
     down_proj: CudaSlice<bf16>,
+}
+
+/// The activations of one forward over `rows` = B·T tokens, kept from one decode step to the
+/// next so that a step allocates nothing.
+struct Buffers {
+    rows: usize,
+    batch: usize,
+    /// The residual stream h [N, C].
+    h: CudaSlice<bf16>,
+    normed: CudaSlice<bf16>,
+    /// The attention's and then the MLP's output [N, C], added into h.
+    delta: CudaSlice<bf16>,
+    gate: CudaSlice<bf16>,
+    up: CudaSlice<bf16>,
+    /// Each sequence's last row [B, C], normed, and its logits [B, V].
+    last: CudaSlice<bf16>,
+    last_normed: CudaSlice<bf16>,
+    logits: CudaSlice<bf16>,
+}
+
+impl Buffers {
+    fn new(
+        device: &CudaDevice,
+        config: &LlamaConfig,
+        batch: usize,
+        rows: usize,
+    ) -> Result<Buffers> {
+        let (c, f, v) = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.vocab_size,
+        );
+        Ok(Buffers {
+            rows,
+            batch,
+            h: device.zeros(rows * c)?,
+            normed: device.zeros(rows * c)?,
+            delta: device.zeros(rows * c)?,
+            gate: device.zeros(rows * f)?,
+            up: device.zeros(rows * f)?,
+            last: device.zeros(batch * c)?,
+            last_normed: device.zeros(batch * c)?,
+            logits: device.zeros(batch * v)?,
+        })
+    }
 }
 
 /// Per-layer device KV caches.
@@ -62,6 +107,8 @@ pub struct CudaLlamaModel {
     /// [V, C] (a copy of the embeddings when tied).
     lm_head: CudaSlice<bf16>,
     pub max_seq_length: usize,
+    /// Activations reused while the token count stays the same.
+    buffers: Option<Buffers>,
 }
 
 /// The KV cache grows by this many positions at a time.
@@ -98,6 +145,7 @@ impl CudaLlamaModel {
             norm: up_vec(&model.norm)?,
             lm_head: up(model.lm_head())?,
             max_seq_length: model.max_seq_length,
+            buffers: None,
         })
     }
 
@@ -156,6 +204,7 @@ impl CudaLlamaModel {
             layers,
             norm: ones(c)?,
             max_seq_length: config.max_position_embeddings,
+            buffers: None,
         })
     }
 
@@ -188,30 +237,33 @@ impl CudaLlamaModel {
         self.config.attention()
     }
 
-    /// y [N, C] = rms_norm(x) into a new buffer.
-    fn normed(&self, x: &CudaSlice<bf16>, weight: &CudaSlice<bf16>) -> Result<CudaSlice<bf16>> {
-        let mut y = self.device.zeros::<bf16>(x.len())?;
-        rms_norm(&self.device, x, weight, self.config.rms_norm_eps, &mut y)?;
-        Ok(y)
+    /// One layer over the residual stream in `b`: h += attn(norm(h)); h += mlp(norm(h)).
+    fn layer(
+        &self,
+        layer: &mut CudaLayer,
+        b: &mut Buffers,
+        positions: &[u32],
+        cache: &mut CudaKvCache<bf16>,
+    ) -> Result<()> {
+        let cfg = &self.config;
+        let (c, f, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps);
+        let d = &self.device;
+        rms_norm(d, &b.h, &layer.input_layernorm, eps, &mut b.normed)?;
+        layer
+            .self_attn
+            .forward_cached_into(&b.normed, b.batch, positions, cache, &mut b.delta)?;
+        add_in_place(d, &mut b.h, &b.delta)?;
+        rms_norm(d, &b.h, &layer.post_attention_layernorm, eps, &mut b.normed)?;
+        linear(d, &b.normed, &layer.gate_proj, c, &mut b.gate)?;
+        linear(d, &b.normed, &layer.up_proj, c, &mut b.up)?;
+        gated_forward_in_place(d, cfg.hidden_act, &mut b.gate, &b.up)?;
+        linear(d, &b.gate, &layer.down_proj, f, &mut b.delta)?;
+        add_in_place(d, &mut b.h, &b.delta)?;
+        Ok(())
     }
 
-    /// The MLP of one layer on normed input n [N, C].
-    fn mlp(&self, layer: &CudaLayer, n: &CudaSlice<bf16>) -> Result<CudaSlice<bf16>> {
-        let (c, f) = (self.config.hidden_size, self.config.intermediate_size);
-        let rows = n.len() / c;
-        let mut gate = self.device.zeros::<bf16>(rows * f)?;
-        let mut up = self.device.zeros::<bf16>(rows * f)?;
-        linear(&self.device, n, &layer.gate_proj, c, &mut gate)?;
-        linear(&self.device, n, &layer.up_proj, c, &mut up)?;
-        let act: GatedAct = self.config.hidden_act;
-        gated_forward_in_place(&self.device, act, &mut gate, &up)?;
-        let mut out = self.device.zeros::<bf16>(rows * c)?;
-        linear(&self.device, &gate, &layer.down_proj, f, &mut out)?;
-        Ok(out)
-    }
-
-    /// The embeddings of `ids` on the device, [N, C].
-    fn embed(&self, ids: &[u32]) -> Result<CudaSlice<bf16>> {
+    /// The embeddings of `ids`, looked up on the host, into h [N, C] on the device.
+    fn embed_into(&self, ids: &[u32], h: &mut CudaSlice<bf16>) -> Result<()> {
         let c = self.config.hidden_size;
         let mut rows = vec![0f32; ids.len() * c];
         for (row, &id) in rows.chunks_exact_mut(c).zip(ids) {
@@ -226,7 +278,41 @@ impl CudaLlamaModel {
             }
             self.embed_tokens.row(id as usize, row)?;
         }
-        Ok(self.device.htod(&to_bf16(&rows))?)
+        self.device
+            .stream()
+            .memcpy_htod(&to_bf16(&rows), h)
+            .map_err(|e| llama_core::Error::cuda("memcpy_htod", e))?;
+        Ok(())
+    }
+
+    /// The logits [B, V] of each sequence's last row of h, on the host in f32.
+    fn head(&self, b: &mut Buffers, seq: usize) -> Result<Vec<f32>> {
+        let c = self.config.hidden_size;
+        for s in 0..b.batch {
+            let row = (s * seq + seq - 1) * c;
+            self.device
+                .stream()
+                .memcpy_dtod(
+                    &b.h.slice(row..row + c),
+                    &mut b.last.slice_mut(s * c..(s + 1) * c),
+                )
+                .map_err(|e| llama_core::Error::cuda("memcpy_dtod", e))?;
+        }
+        let eps = self.config.rms_norm_eps;
+        rms_norm(&self.device, &b.last, &self.norm, eps, &mut b.last_normed)?;
+        linear(
+            &self.device,
+            &b.last_normed,
+            &self.lm_head,
+            c,
+            &mut b.logits,
+        )?;
+        Ok(self
+            .device
+            .dtoh(&b.logits)?
+            .iter()
+            .map(|v| v.to_f32())
+            .collect())
     }
 }
 
@@ -299,43 +385,20 @@ impl Decoder for CudaLlamaModel {
             start,
             cache.layers.first().and_then(|c| c.padding()),
         );
-        let mut h = self.embed(ids)?;
+        let mut b = match self.buffers.take() {
+            Some(b) if b.rows == ids.len() && b.batch == batch => b,
+            _ => Buffers::new(&self.device, &self.config, batch, ids.len())?,
+        };
         let mut layers = std::mem::take(&mut self.layers);
         let result = (|| {
+            self.embed_into(ids, &mut b.h)?;
             for (layer, layer_cache) in layers.iter_mut().zip(&mut cache.layers) {
-                let n = self.normed(&h, &layer.input_layernorm)?;
-                let attn = layer
-                    .self_attn
-                    .forward_cached(&n, batch, &positions, layer_cache)?;
-                add_in_place(&self.device, &mut h, &attn)?;
-                let n = self.normed(&h, &layer.post_attention_layernorm)?;
-                add_in_place(&self.device, &mut h, &self.mlp(layer, &n)?)?;
+                self.layer(layer, &mut b, &positions, layer_cache)?;
             }
-            Ok::<_, ModelError>(())
+            self.head(&mut b, seq)
         })();
         self.layers = layers;
-        result?;
-        // The last position of each sequence, normed, through lm_head.
-        let c = self.config.hidden_size;
-        let mut last = self.device.zeros::<bf16>(batch * c)?;
-        for b in 0..batch {
-            let row = (b * seq + seq - 1) * c;
-            self.device
-                .stream()
-                .memcpy_dtod(
-                    &h.slice(row..row + c),
-                    &mut last.slice_mut(b * c..(b + 1) * c),
-                )
-                .map_err(|e| llama_core::Error::cuda("memcpy_dtod", e))?;
-        }
-        let last = self.normed(&last, &self.norm)?;
-        let mut logits = self.device.zeros::<bf16>(batch * self.config.vocab_size)?;
-        linear(&self.device, &last, &self.lm_head, c, &mut logits)?;
-        Ok(self
-            .device
-            .dtoh(&logits)?
-            .iter()
-            .map(|v| v.to_f32())
-            .collect())
+        self.buffers = Some(b);
+        result
     }
 }
