@@ -87,8 +87,15 @@ pub fn generate_cmd(args: &GenerateArgs) -> Result<(), String> {
     if let Some(e) = stream_error {
         return Err(e);
     }
-    let text = match &stream {
-        Some(s) => s.text().map_err(|e| e.to_string())?,
+    let text = match &mut stream {
+        Some(s) => {
+            // Text held back as a possible stop string's start.
+            let tail = s.finish().map_err(|e| e.to_string())?;
+            if !args.json {
+                print!("{tail}");
+            }
+            s.text().map_err(|e| e.to_string())?
+        }
         None => String::new(),
     };
     let prefill_tps = out.prefill_tokens as f64 / out.prefill_seconds.max(1e-9);

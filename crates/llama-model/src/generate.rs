@@ -349,7 +349,8 @@ impl<'a> TextStream<'a> {
         }
     }
 
-    /// Adds `id`; returns the text it completes (special tokens left out).
+    /// Adds `id`; returns the text it completes (special tokens left out). Text that could be
+    /// the start of a stop string is held back until it is known not to be one.
     pub fn push(&mut self, id: u32) -> Result<String> {
         if self.stopped {
             return Ok(String::new());
@@ -359,26 +360,55 @@ impl<'a> TextStream<'a> {
         if text.ends_with('\u{FFFD}') {
             return Ok(String::new());
         }
-        let mut end = text.len();
-        // A stop string may straddle what was already emitted: search from just before it.
-        let longest = self.stop_strings.iter().map(String::len).max().unwrap_or(0);
-        let mut from = self.emitted.saturating_sub(longest);
-        while !text.is_char_boundary(from) {
-            from -= 1;
-        }
-        if let Some(pos) = self
+        // Nothing emitted can hold a stop string (it would have stopped), so search from the
+        // first byte not yet emitted.
+        let end = match self
             .stop_strings
             .iter()
             .filter(|s| !s.is_empty())
-            .filter_map(|s| text[from..].find(s.as_str()))
+            .filter_map(|s| text[self.emitted..].find(s.as_str()))
             .min()
         {
-            end = (from + pos).max(self.emitted);
-            self.stopped = true;
-        }
+            Some(pos) => {
+                self.stopped = true;
+                self.emitted + pos
+            }
+            None => text.len() - self.held_back(&text),
+        };
+        Ok(self.emit(&text, end))
+    }
+
+    /// The longest tail of `text` that is a proper prefix of a stop string.
+    fn held_back(&self, text: &str) -> usize {
+        let pending = &text[self.emitted..];
+        self.stop_strings
+            .iter()
+            .flat_map(|s| {
+                (1..s.len())
+                    .filter(|&k| s.is_char_boundary(k))
+                    .map(move |k| &s[..k])
+            })
+            .filter(|prefix| pending.ends_with(prefix))
+            .map(str::len)
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn emit(&mut self, text: &str, end: usize) -> String {
         let piece = text.get(self.emitted..end).unwrap_or("").to_string();
-        self.emitted = end;
-        Ok(piece)
+        self.emitted = end.max(self.emitted);
+        piece
+    }
+
+    /// Ends the stream: returns any text held back (the generation ended without a stop
+    /// string completing).
+    pub fn finish(&mut self) -> Result<String> {
+        if self.stopped {
+            return Ok(String::new());
+        }
+        let text = self.tokenizer.decode(&self.ids, true)?;
+        let end = text.len();
+        Ok(self.emit(&text, end))
     }
 
     /// True once a stop string appeared.
