@@ -305,9 +305,6 @@ pub struct BenchArgs {
     /// Tokens generated one decode step at a time after the prefill.
     #[arg(long, default_value_t = 128)]
     gen_tokens: usize,
-    /// Worker threads (default: one per core).
-    #[arg(long)]
-    threads: Option<usize>,
     /// Timed repetitions; the best is reported.
     #[arg(long, default_value_t = 3)]
     repeats: usize,
@@ -353,12 +350,6 @@ fn time_generation(
 }
 
 pub fn bench_cmd(args: &BenchArgs) -> Result<(), String> {
-    if let Some(n) = args.threads {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .map_err(|e| e.to_string())?;
-    }
     let (mut engine, model_name, precision) = if args.random_weights {
         let device = args
             .model

@@ -237,6 +237,9 @@ fn softmax(x: &[f32]) -> Vec<f32> {
 /// Generates up to `config.max_new_tokens` ids after each prompt. Prompts of different lengths
 /// are left-padded into one batch. `on_token(sequence, id)` sees each new id as it is chosen
 /// and returns false to stop that sequence (stop strings).
+///
+/// On the CPU, call it from a rayon worker (inside `ThreadPool::install`, as `fastllama` does):
+/// a decode step has ~150 parallel sections, and a caller outside the pool sleeps through each.
 pub fn generate<D: Decoder + ?Sized>(
     model: &mut D,
     prompts: &[Vec<u32>],
