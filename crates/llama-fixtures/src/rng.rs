@@ -1,21 +1,19 @@
 //! A small deterministic generator for test inputs (splitmix64), so that a failing case can be
 //! rerun from its seed without another dependency.
 
+use llama_core::SplitMix64;
+
 /// Deterministic pseudo-random numbers from a 64-bit seed.
-pub struct TestRng(u64);
+pub struct TestRng(SplitMix64);
 
 impl TestRng {
     pub fn new(seed: u64) -> TestRng {
-        TestRng(seed)
+        TestRng(SplitMix64::new(seed))
     }
 
     /// The next 64 random bits (splitmix64).
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// Uniform in [-1, 1).
