@@ -368,11 +368,13 @@ pub fn bench_cmd(args: &BenchArgs) -> Result<(), String> {
         let precision = loaded.model.precision().to_string();
         (args.model.engine(loaded.model)?, name, precision)
     };
-    // Token ids drawn from the ordinary part of the vocabulary, the same every run.
+    // Token ids drawn from the ordinary part of the vocabulary (past the first 100, which
+    // hold special tokens in most vocabularies), the same every run.
     let mut rng = llama_model::generate::Rng::new(7);
     let vocab = engine.config().vocab_size as u64;
+    let skip = if vocab > 200 { 100 } else { 0 };
     let prompt: Vec<u32> = (0..args.prompt_tokens)
-        .map(|_| (100 + rng.next_u64() % (vocab - 100)) as u32)
+        .map(|_| (skip + rng.next_u64() % (vocab - skip)) as u32)
         .collect();
     let (prefill, decode) = time_generation(&mut engine, &prompt, args.gen_tokens, args.repeats)
         .map_err(|e| e.to_string())?;

@@ -203,14 +203,15 @@ impl LlamaConfig {
     }
 
     /// The attention layers' sizes.
-    pub fn attention(&self) -> AttentionConfig {
-        AttentionConfig::new(
+    /// The attention layers' sizes (an error when the heads do not fit together: the fields
+    /// are public, so a config may have been changed since it was read).
+    pub fn attention(&self) -> Result<AttentionConfig> {
+        Ok(AttentionConfig::new(
             self.hidden_size,
             self.num_attention_heads,
             self.num_key_value_heads,
             self.head_dim,
-        )
-        .expect("checked when the config was read")
+        )?)
     }
 
     /// Parameters in the weights (embeddings counted once when tied).
@@ -224,12 +225,7 @@ impl LlamaConfig {
     }
 
     fn validate(self) -> Result<LlamaConfig> {
-        AttentionConfig::new(
-            self.hidden_size,
-            self.num_attention_heads,
-            self.num_key_value_heads,
-            self.head_dim,
-        )?;
+        self.attention()?;
         for (field, value) in [
             ("vocab_size", self.vocab_size),
             ("intermediate_size", self.intermediate_size),

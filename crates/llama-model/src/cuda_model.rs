@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
 use llama_attn::cuda::CudaKvCache;
-use llama_attn::{AttentionConfig, CudaLlamaAttention};
+use llama_attn::CudaLlamaAttention;
 use llama_core::bf16;
 use llama_core::cuda::CudaDevice;
 use llama_ops::cuda::{add_in_place, fill_uniform, gated_forward_in_place, linear, rms_norm};
@@ -161,7 +161,7 @@ impl CudaLlamaModel {
             config.intermediate_size,
             config.vocab_size,
         );
-        let attn = config.attention();
+        let attn = config.attention()?;
         let (q, kv) = (
             attn.num_heads * attn.head_dim,
             attn.num_kv_heads * attn.head_dim,
@@ -210,31 +210,6 @@ impl CudaLlamaModel {
 
     pub fn device(&self) -> &Arc<CudaDevice> {
         &self.device
-    }
-
-    /// Device bytes of the weights (the host embeddings not counted).
-    pub fn memory_bytes(&self) -> usize {
-        let size = |s: &CudaSlice<bf16>| s.len() * 2;
-        let attn = self.config.attention();
-        let attn_elems =
-            2 * attn.hidden_size * (attn.num_heads + attn.num_kv_heads) * attn.head_dim;
-        let layers: usize = self
-            .layers
-            .iter()
-            .map(|l| {
-                size(&l.input_layernorm)
-                    + size(&l.post_attention_layernorm)
-                    + size(&l.gate_proj)
-                    + size(&l.up_proj)
-                    + size(&l.down_proj)
-                    + attn_elems * 2
-            })
-            .sum();
-        layers + size(&self.norm) + size(&self.lm_head)
-    }
-
-    fn attention(&self) -> AttentionConfig {
-        self.config.attention()
     }
 
     /// One layer over the residual stream in `b`: h += attn(norm(h)); h += mlp(norm(h)).
@@ -333,7 +308,7 @@ impl Decoder for CudaLlamaModel {
         capacity: usize,
         padding: Option<Vec<usize>>,
     ) -> Result<CudaModelCache> {
-        let attn = self.attention();
+        let attn = self.config.attention()?;
         let capacity = capacity.clamp(1, self.max_seq_length);
         let layers = (0..self.layers.len())
             .map(|_| {

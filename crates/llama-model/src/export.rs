@@ -123,7 +123,7 @@ fn stored_matrix(
         None => bytes,
     };
     Ok(Stored {
-        name: gguf_name(hf_name).expect("a known tensor name"),
+        name: gguf_name(hf_name).expect("names come from the model's own layers, all mapped"),
         shape: vec![rows, cols],
         dtype: weight.dtype(),
         bytes,
@@ -135,7 +135,7 @@ fn stored_matrix(
 pub fn save_gguf(model: &LlamaModel, path: &Path, dtype: Option<DType>) -> Result<()> {
     let c = &model.config;
     let vector = |hf_name: &str, values: &[f32]| Stored {
-        name: gguf_name(hf_name).expect("a known tensor name"),
+        name: gguf_name(hf_name).expect("names come from the model's own layers, all mapped"),
         shape: vec![values.len()],
         dtype: DType::F32,
         bytes: f32_bytes(values),

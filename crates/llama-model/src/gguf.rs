@@ -349,7 +349,7 @@ fn locate(
     file_len: usize,
 ) -> std::result::Result<GgufTensorInfo, String> {
     let elems = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
-    let row = *shape.last().expect("at least one dimension");
+    let row = *shape.last().expect("tensor_info rejects 0 dimensions");
     let bytes = elems
         .filter(|_| row % dtype.block_len() == 0)
         .and_then(|n| dtype.storage_bytes(n))

@@ -204,7 +204,7 @@ impl LlamaModel {
             config.intermediate_size,
             config.vocab_size,
         );
-        let attn = config.attention();
+        let attn = config.attention()?;
         let (q, kv) = (
             attn.num_heads * attn.head_dim,
             attn.num_kv_heads * attn.head_dim,
@@ -503,7 +503,7 @@ impl LlamaModel {
 /// of each sequence against nothing (−100).
 pub fn shift_labels(labels: &[i64], seq: usize) -> Vec<i64> {
     labels
-        .chunks_exact(seq)
+        .chunks_exact(seq.max(1))
         .flat_map(|row| row[1..].iter().copied().chain(std::iter::once(-100)))
         .collect()
 }

@@ -117,7 +117,7 @@ impl SafetensorsSource {
                 })
             }
         };
-        let values = floats(dtype, bytes).expect("a float dtype");
+        let values = floats(dtype, bytes).expect("dtype is F32, F16 or BF16 (matched above)");
         Ok((values, info.shape.clone()))
     }
 }
