@@ -135,9 +135,9 @@ pub struct LlamaAttention {
     rope: RotaryEmbedding,
 }
 
-/// What the forward keeps for the backward.
-pub struct Saved {
-    x: Vec<f32>,
+/// What [`LlamaAttention::attend`] keeps for [`LlamaAttention::attend_backward`]: the rotated
+/// q, k and v, the attention output and its logsumexp.
+pub struct AttendSaved {
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
@@ -147,6 +147,13 @@ pub struct Saved {
     padding: Option<Vec<usize>>,
     batch: usize,
     seq: usize,
+}
+
+/// What the forward keeps for the backward.
+pub struct Saved {
+    x: Vec<f32>,
+    merged: Vec<f32>,
+    core: AttendSaved,
 }
 
 /// Weight gradients of one backward, [out, in] like the weights.
@@ -184,6 +191,11 @@ fn swap_axes(
         }
     }
     out
+}
+
+/// The length of the RoPE table that covers `positions`.
+fn table_len(positions: &[u32]) -> usize {
+    positions.iter().max().map_or(0, |&p| p as usize + 1)
 }
 
 /// [B, T, heads·D] → [B, heads, T, D].
@@ -249,17 +261,10 @@ impl LlamaAttention {
         })
     }
 
-    /// q, k, v of x [B, T, C], split into heads and rotated: [B, H, T, D], [B, Hkv, T, D] × 2.
-    fn qkv(
-        &mut self,
-        x: &[f32],
-        batch: usize,
-        seq: usize,
-        positions: &[u32],
-    ) -> Result<[Vec<f32>; 3]> {
+    /// The projections q, k, v [B·T, H·D], [B·T, Hkv·D] × 2 of x [B, T, C].
+    pub fn project_qkv(&self, x: &[f32]) -> Result<[Vec<f32>; 3]> {
         let cfg = self.config;
-        let d = cfg.head_dim;
-        let rows = batch * seq;
+        let rows = x.len() / cfg.hidden_size;
         let (mut q, mut k, mut v) = (
             vec![0.0; rows * cfg.q_width()],
             vec![0.0; rows * cfg.kv_width()],
@@ -271,61 +276,79 @@ impl LlamaAttention {
             vec![&mut q, &mut k, &mut v],
             self.activations,
         )?;
-        let (mut q, mut k, v) = (
-            split_heads(&q, batch, seq, cfg.num_heads, d),
-            split_heads(&k, batch, seq, cfg.num_kv_heads, d),
-            split_heads(&v, batch, seq, cfg.num_kv_heads, d),
-        );
-        let table_len = positions.iter().max().map_or(0, |&p| p as usize + 1);
-        let tables = self.rope.tables(table_len)?;
-        apply(
-            &mut q,
-            QkShape {
-                batch,
-                heads: cfg.num_heads,
-                seq,
-                head_dim: d,
-            },
-            &tables,
-            positions,
-        )?;
-        apply(
-            &mut k,
-            QkShape {
-                batch,
-                heads: cfg.num_kv_heads,
-                seq,
-                head_dim: d,
-            },
-            &tables,
-            positions,
-        )?;
         Ok([q, k, v])
     }
 
-    /// out [B, T, C] = merge(a) Woᵀ.
-    fn output(&self, attn: &[f32], batch: usize, seq: usize) -> Result<Vec<f32>> {
+    /// Projected q, k, v ([B·T, heads·D] each) split into heads and rotated:
+    /// [B, H, T, D], [B, Hkv, T, D] × 2.
+    fn rotate(
+        &mut self,
+        [q, k, v]: [&[f32]; 3],
+        batch: usize,
+        positions: &[u32],
+    ) -> Result<[Vec<f32>; 3]> {
         let cfg = self.config;
-        let merged = merge_heads(attn, batch, seq, cfg.num_heads, cfg.head_dim);
-        let mut out = vec![0.0; batch * seq * cfg.hidden_size];
-        self.o_proj
-            .forward_with(&merged, &mut out, self.activations)?;
-        Ok(out)
+        let d = cfg.head_dim;
+        let seq = self.rows_in("rotate", q.len(), cfg.q_width(), batch)?;
+        for (what, got) in [("k", k.len()), ("v", v.len())] {
+            if got != batch * seq * cfg.kv_width() {
+                return shape_error(
+                    "rotate",
+                    format!(
+                        "{what} holds {got} values, not {batch}·{seq} rows of {}",
+                        cfg.kv_width()
+                    ),
+                );
+            }
+        }
+        let (mut q, mut k, v) = (
+            split_heads(q, batch, seq, cfg.num_heads, d),
+            split_heads(k, batch, seq, cfg.num_kv_heads, d),
+            split_heads(v, batch, seq, cfg.num_kv_heads, d),
+        );
+        let [q_shape, k_shape] = self.qk_shapes(batch, seq);
+        let tables = self.rope.tables(table_len(positions))?;
+        apply(&mut q, q_shape, &tables, positions)?;
+        apply(&mut k, k_shape, &tables, positions)?;
+        Ok([q, k, v])
     }
 
-    /// Training/prefill forward: x [B, T, C] at `positions` (T ids, or B·T for left-padded
-    /// batches), causal, keys before `padding[b]` masked. Returns out [B, T, C] and what the
-    /// backward needs.
-    pub fn forward(
+    /// The shapes of q and of k ([B, heads, T, D]) for RoPE.
+    fn qk_shapes(&self, batch: usize, seq: usize) -> [QkShape; 2] {
+        let cfg = self.config;
+        [cfg.num_heads, cfg.num_kv_heads].map(|heads| QkShape {
+            batch,
+            heads,
+            seq,
+            head_dim: cfg.head_dim,
+        })
+    }
+
+    /// T for `len` values of [B, T, width].
+    fn rows_in(&self, op: &'static str, len: usize, width: usize, batch: usize) -> Result<usize> {
+        if batch == 0 || len == 0 || len % (batch * width) != 0 {
+            return shape_error(
+                op,
+                format!("{len} values are not {batch} sequences of rows of {width}"),
+            );
+        }
+        Ok(len / (batch * width))
+    }
+
+    /// The attention between the projections: q, k, v [B·T, heads·D] (as [`Self::project_qkv`]
+    /// gives them) at `positions` (T ids, or B·T for left-padded batches), causal, keys before
+    /// `padding[b]` masked → the merged heads [B·T, H·D] that o_proj reads, and what
+    /// [`Self::attend_backward`] needs.
+    pub fn attend(
         &mut self,
-        x: &[f32],
+        qkv: [&[f32]; 3],
         batch: usize,
         positions: &[u32],
         padding: Option<&[usize]>,
-    ) -> Result<(Vec<f32>, Saved)> {
-        let seq = self.config.positions_in("forward", x.len(), batch)?;
+    ) -> Result<(Vec<f32>, AttendSaved)> {
         let cfg = self.config;
-        let [q, k, v] = self.qkv(x, batch, seq, positions)?;
+        let [q, k, v] = self.rotate(qkv, batch, positions)?;
+        let seq = q.len() / (batch * cfg.q_width());
         let shape =
             AttnShape::self_attention(batch, cfg.num_heads, cfg.num_kv_heads, seq, cfg.head_dim);
         let mask = Mask {
@@ -335,9 +358,8 @@ impl LlamaAttention {
         let mut attn = vec![0.0; shape.q_len()];
         let mut lse = vec![0.0; shape.q_rows()];
         flash::forward(&q, &k, &v, &shape, &mask, &mut attn, &mut lse)?;
-        let out = self.output(&attn, batch, seq)?;
-        let saved = Saved {
-            x: x.to_vec(),
+        let merged = merge_heads(&attn, batch, seq, cfg.num_heads, cfg.head_dim);
+        let saved = AttendSaved {
             q,
             k,
             v,
@@ -348,33 +370,34 @@ impl LlamaAttention {
             batch,
             seq,
         };
-        Ok((out, saved))
+        Ok((merged, saved))
     }
 
-    /// Backward of [`Self::forward`] for upstream dout [B, T, C]: dx [B, T, C] and the weight
-    /// gradients.
-    pub fn backward(&mut self, saved: &Saved, dout: &[f32]) -> Result<(Vec<f32>, AttentionGrads)> {
+    /// Backward of [`Self::attend`]: d_merged [B·T, H·D] → dq, dk, dv [B·T, heads·D] (the
+    /// gradients of the projections' outputs).
+    pub fn attend_backward(
+        &mut self,
+        saved: &AttendSaved,
+        d_merged: &[f32],
+    ) -> Result<[Vec<f32>; 3]> {
         let cfg = self.config;
-        let (batch, seq, c, d) = (saved.batch, saved.seq, cfg.hidden_size, cfg.head_dim);
-        if dout.len() != saved.x.len() {
+        let (batch, seq, d) = (saved.batch, saved.seq, cfg.head_dim);
+        if d_merged.len() != saved.attn.len() {
             return shape_error(
-                "backward",
-                format!("dout holds {} values, x held {}", dout.len(), saved.x.len()),
+                "attend_backward",
+                format!(
+                    "d_merged holds {} values, the forward gave {}",
+                    d_merged.len(),
+                    saved.attn.len()
+                ),
             );
         }
-        // out = merge(a) Woᵀ
-        let merged = merge_heads(&saved.attn, batch, seq, cfg.num_heads, d);
-        let mut o_grad = vec![0.0; c * cfg.q_width()];
-        linear_backward_weight(dout, &merged, cfg.q_width(), &mut o_grad)?;
-        let mut d_merged = vec![0.0; merged.len()];
-        self.o_proj.backward_input(dout, &mut d_merged)?;
-        // attention
         let shape = AttnShape::self_attention(batch, cfg.num_heads, cfg.num_kv_heads, seq, d);
         let mask = Mask {
             causal: true,
             padding: saved.padding.as_deref(),
         };
-        let d_attn = split_heads(&d_merged, batch, seq, cfg.num_heads, d);
+        let d_attn = split_heads(d_merged, batch, seq, cfg.num_heads, d);
         let (mut dq, mut dk, mut dv) = (
             vec![0.0; saved.q.len()],
             vec![0.0; saved.k.len()],
@@ -393,49 +416,111 @@ impl LlamaAttention {
             &mut dk,
             &mut dv,
         )?;
-        // RoPE
-        let table_len = saved.positions.iter().max().map_or(0, |&p| p as usize + 1);
-        let tables = self.rope.tables(table_len)?;
-        apply_backward(
-            &mut dq,
-            QkShape {
-                batch,
-                heads: cfg.num_heads,
-                seq,
-                head_dim: d,
-            },
-            &tables,
-            &saved.positions,
+        // q and k were rotated after the projection: rotate their gradients back.
+        let [q_shape, k_shape] = self.qk_shapes(batch, seq);
+        let tables = self.rope.tables(table_len(&saved.positions))?;
+        apply_backward(&mut dq, q_shape, &tables, &saved.positions)?;
+        apply_backward(&mut dk, k_shape, &tables, &saved.positions)?;
+        Ok([
+            merge_heads(&dq, batch, seq, cfg.num_heads, d),
+            merge_heads(&dk, batch, seq, cfg.num_kv_heads, d),
+            merge_heads(&dv, batch, seq, cfg.num_kv_heads, d),
+        ])
+    }
+
+    /// Prefill or decode against a cache with projected q, k, v [B·T, heads·D]: the keys and
+    /// values are appended to `cache` and the queries attend to everything it holds → the
+    /// merged heads [B·T, H·D].
+    pub fn attend_cached(
+        &mut self,
+        qkv: [&[f32]; 3],
+        batch: usize,
+        positions: &[u32],
+        cache: &mut KvCache,
+    ) -> Result<Vec<f32>> {
+        let cfg = self.config;
+        let [q, k, v] = self.rotate(qkv, batch, positions)?;
+        let seq = q.len() / (batch * cfg.q_width());
+        cache.append(&k, &v, seq)?;
+        let shape = cache.shape(cfg.num_heads, seq);
+        let mut attn = vec![0.0; shape.q_len()];
+        let mut lse = vec![0.0; shape.q_rows()];
+        flash::forward(
+            &q,
+            cache.keys(),
+            cache.values(),
+            &shape,
+            &cache.mask(),
+            &mut attn,
+            &mut lse,
         )?;
-        apply_backward(
-            &mut dk,
-            QkShape {
-                batch,
-                heads: cfg.num_kv_heads,
-                seq,
-                head_dim: d,
-            },
-            &tables,
-            &saved.positions,
-        )?;
-        // projections
+        Ok(merge_heads(&attn, batch, seq, cfg.num_heads, cfg.head_dim))
+    }
+
+    /// out [B·T, C] = merged Woᵀ.
+    fn output(&self, merged: &[f32]) -> Result<Vec<f32>> {
+        let rows = merged.len() / self.config.q_width();
+        let mut out = vec![0.0; rows * self.config.hidden_size];
+        self.o_proj
+            .forward_with(merged, &mut out, self.activations)?;
+        Ok(out)
+    }
+
+    /// Training/prefill forward: x [B, T, C] at `positions` (T ids, or B·T for left-padded
+    /// batches), causal, keys before `padding[b]` masked. Returns out [B, T, C] and what the
+    /// backward needs.
+    pub fn forward(
+        &mut self,
+        x: &[f32],
+        batch: usize,
+        positions: &[u32],
+        padding: Option<&[usize]>,
+    ) -> Result<(Vec<f32>, Saved)> {
+        self.config.positions_in("forward", x.len(), batch)?;
+        let [q, k, v] = self.project_qkv(x)?;
+        let (merged, core) = self.attend([&q, &k, &v], batch, positions, padding)?;
+        let out = self.output(&merged)?;
+        let saved = Saved {
+            x: x.to_vec(),
+            merged,
+            core,
+        };
+        Ok((out, saved))
+    }
+
+    /// Backward of [`Self::forward`] for upstream dout [B, T, C]: dx [B, T, C] and the weight
+    /// gradients.
+    pub fn backward(&mut self, saved: &Saved, dout: &[f32]) -> Result<(Vec<f32>, AttentionGrads)> {
+        let cfg = self.config;
+        let c = cfg.hidden_size;
+        if dout.len() != saved.x.len() {
+            return shape_error(
+                "backward",
+                format!("dout holds {} values, x held {}", dout.len(), saved.x.len()),
+            );
+        }
+        // out = merged Woᵀ
+        let mut o_grad = vec![0.0; c * cfg.q_width()];
+        linear_backward_weight(dout, &saved.merged, cfg.q_width(), &mut o_grad)?;
+        let mut d_merged = vec![0.0; saved.merged.len()];
+        self.o_proj.backward_input(dout, &mut d_merged)?;
+        let [dq, dk, dv] = self.attend_backward(&saved.core, &d_merged)?;
+        // q = x Wqᵀ (likewise k, v): dW = dqᵀ x, dx = Σ dq Wq
         let mut dx = vec![0.0; saved.x.len()];
         let mut grads = AttentionGrads {
-            q_proj: vec![],
-            k_proj: vec![],
-            v_proj: vec![],
+            q_proj: vec![0.0; cfg.q_width() * c],
+            k_proj: vec![0.0; cfg.kv_width() * c],
+            v_proj: vec![0.0; cfg.kv_width() * c],
             o_proj: o_grad,
         };
-        for (g, w, heads, grad) in [
-            (dq, &self.q_proj, cfg.num_heads, &mut grads.q_proj),
-            (dk, &self.k_proj, cfg.num_kv_heads, &mut grads.k_proj),
-            (dv, &self.v_proj, cfg.num_kv_heads, &mut grads.v_proj),
+        let mut part = vec![0.0; dx.len()];
+        for (g, w, grad) in [
+            (dq, &self.q_proj, &mut grads.q_proj),
+            (dk, &self.k_proj, &mut grads.k_proj),
+            (dv, &self.v_proj, &mut grads.v_proj),
         ] {
-            let flat = merge_heads(&g, batch, seq, heads, d);
-            *grad = vec![0.0; heads * d * c];
-            linear_backward_weight(&flat, &saved.x, c, grad)?;
-            let mut part = vec![0.0; dx.len()];
-            w.backward_input(&flat, &mut part)?;
+            linear_backward_weight(&g, &saved.x, c, grad)?;
+            w.backward_input(&g, &mut part)?;
             dx.iter_mut().zip(&part).for_each(|(a, b)| *a += b);
         }
         Ok((dx, grads))
@@ -451,23 +536,10 @@ impl LlamaAttention {
         positions: &[u32],
         cache: &mut KvCache,
     ) -> Result<Vec<f32>> {
-        let seq = self.config.positions_in("forward_cached", x.len(), batch)?;
-        let cfg = self.config;
-        let [q, k, v] = self.qkv(x, batch, seq, positions)?;
-        cache.append(&k, &v, seq)?;
-        let shape = cache.shape(cfg.num_heads, seq);
-        let mut attn = vec![0.0; shape.q_len()];
-        let mut lse = vec![0.0; shape.q_rows()];
-        flash::forward(
-            &q,
-            cache.keys(),
-            cache.values(),
-            &shape,
-            &cache.mask(),
-            &mut attn,
-            &mut lse,
-        )?;
-        self.output(&attn, batch, seq)
+        self.config.positions_in("forward_cached", x.len(), batch)?;
+        let [q, k, v] = self.project_qkv(x)?;
+        let merged = self.attend_cached([&q, &k, &v], batch, positions, cache)?;
+        self.output(&merged)
     }
 
     /// The rotary embedding's settings.

@@ -26,5 +26,5 @@ pub use cuda_layer::CudaLlamaAttention;
 pub use error::{AttnError, Result};
 pub use flash::{backward, forward, K_TILE, Q_TILE};
 pub use kv_cache::{CacheLayout, KvCache};
-pub use layer::{AttentionConfig, AttentionGrads, LlamaAttention, Saved};
+pub use layer::{AttendSaved, AttentionConfig, AttentionGrads, LlamaAttention, Saved};
 pub use shape::{AttnShape, Mask};

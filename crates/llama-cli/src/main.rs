@@ -2,6 +2,7 @@
 //! binary is the only place that prints.
 
 mod commands;
+mod finetune;
 mod model_args;
 
 use std::process::ExitCode;
@@ -32,6 +33,10 @@ enum Command {
     Logits(commands::LogitsArgs),
     /// Print the token ids of a text as a JSON list.
     Tokenize(commands::TokenizeArgs),
+    /// Fine-tune a LoRA (or QLoRA) adapter on a JSONL file.
+    Finetune(Box<finetune::FinetuneArgs>),
+    /// Merge an adapter into the base weights and write the model (HF directory or GGUF).
+    Merge(finetune::MergeArgs),
     /// Describe a model: architecture, sizes, dtypes, quantisation, context, RoPE.
     Info(commands::InfoArgs),
     /// Time prefill and decode (tokens/s) and report the peak memory.
@@ -74,6 +79,8 @@ fn run(cli: &Cli) -> Result<(), String> {
         Command::Logits(args) => commands::logits_cmd(args),
         Command::Tokenize(args) => commands::tokenize_cmd(args),
         Command::Info(args) => commands::info_cmd(args),
+        Command::Finetune(args) => finetune::finetune_cmd(args),
+        Command::Merge(args) => finetune::merge_cmd(args),
         Command::Bench(args) => commands::bench_cmd(args),
         Command::Fetch { model } => {
             model_args::fetch(model).map(|path| println!("{}", path.display()))

@@ -11,6 +11,7 @@ use llama_core::cuda::{self, CudaDevice};
 use llama_model::{
     load, resolve_model, ChatMessage, Engine, LlamaModel, LoadedModel, Precision, DEFAULT_MODEL,
 };
+use llama_peft::LoraAdapter;
 
 /// Where the model runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -39,6 +40,9 @@ pub struct ModelArgs {
     pub device: DeviceArg,
     #[arg(long, value_enum, default_value_t = PrecisionArg::Fast)]
     pub precision: PrecisionArg,
+    /// A LoRA adapter directory (peft's format) to apply.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
 }
 
 /// A prompt given as text or as token ids.
@@ -97,6 +101,14 @@ impl ModelArgs {
         })
         .map_err(|e| e.to_string())?;
         bar.finish_and_clear();
+        let mut loaded = loaded;
+        if let Some(dir) = &self.adapter {
+            let adapter = LoraAdapter::load(dir, loaded.model.dims()).map_err(|e| e.to_string())?;
+            loaded
+                .model
+                .set_adapter(Some(adapter))
+                .map_err(|e| e.to_string())?;
+        }
         Ok(loaded)
     }
 

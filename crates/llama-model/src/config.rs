@@ -6,7 +6,7 @@ use std::path::Path;
 use llama_attn::AttentionConfig;
 use llama_ops::{GatedAct, Gelu};
 use llama_rope::{RopeConfig, RopeScaling};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
@@ -200,6 +200,63 @@ impl LlamaConfig {
             pad_token_id: token("padding_token_id"),
         };
         config.validate()
+    }
+
+    /// HF's config.json for this model (`torch_dtype` as given), readable by
+    /// [`LlamaConfig::from_hf_json`] and by transformers.
+    pub fn to_hf_json(&self, dtype: llama_core::DType) -> Value {
+        let act = match self.hidden_act {
+            GatedAct::Silu => "silu",
+            GatedAct::Gelu(Gelu::Exact) => "gelu",
+            GatedAct::Gelu(Gelu::Tanh) => "gelu_pytorch_tanh",
+        };
+        let rope_scaling = match &self.rope.scaling {
+            RopeScaling::Default => Value::Null,
+            RopeScaling::Linear { factor } | RopeScaling::Dynamic { factor } => {
+                json!({"rope_type": self.rope.scaling.rope_type(), "factor": factor})
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => json!({
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_max_position_embeddings,
+            }),
+            other => json!({"rope_type": other.rope_type()}),
+        };
+        let eos = match self.eos_token_ids.as_slice() {
+            [] => Value::Null,
+            [one] => json!(one),
+            many => json!(many),
+        };
+        json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": act,
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rope_theta": self.rope.theta,
+            "rope_scaling": rope_scaling,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": false,
+            "mlp_bias": false,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": match dtype { llama_core::DType::BF16 => "bfloat16", _ => "float32" },
+        })
     }
 
     /// The attention layers' sizes.

@@ -25,10 +25,15 @@ pub enum EngineCache {
 
 impl Engine {
     /// `model` on the CPU, or copied to `device` (in bf16) when one is given.
-    pub fn new(model: LlamaModel, device: Option<&Arc<CudaDevice>>) -> Result<Engine> {
+    /// A LoRA adapter on the model runs unmerged on the CPU and is merged into the bf16
+    /// weights on the GPU.
+    pub fn new(mut model: LlamaModel, device: Option<&Arc<CudaDevice>>) -> Result<Engine> {
         Ok(match device {
             None => Engine::Cpu(Box::new(model)),
-            Some(d) => Engine::Cuda(Box::new(CudaLlamaModel::upload(d, &model)?)),
+            Some(d) => {
+                model.merge_adapter()?;
+                Engine::Cuda(Box::new(CudaLlamaModel::upload(d, &model)?))
+            }
         })
     }
 

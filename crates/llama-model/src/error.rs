@@ -65,6 +65,9 @@ pub enum ModelError {
     Ops(#[from] llama_ops::OpsError),
 
     #[error(transparent)]
+    Peft(#[from] llama_peft::PeftError),
+
+    #[error(transparent)]
     Rope(#[from] llama_rope::RopeError),
 
     #[error(transparent)]

@@ -4,14 +4,15 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use llama_core::DType;
+use llama_core::{write_atomic, DType, Tensor};
 use llama_ops::Weight;
 use llama_rope::RopeScaling;
 
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::gguf::{write_gguf, GgufTensor, GgufValue};
 use crate::model::LlamaModel;
 use crate::source::{gguf_name, permute_rows};
+use crate::tokenizer::Tokenizer;
 
 /// The `llama.*` and special-token metadata of `model`'s config.
 fn metadata(model: &LlamaModel) -> BTreeMap<String, GgufValue> {
@@ -130,29 +131,30 @@ fn stored_matrix(
     })
 }
 
-/// Writes `model` to `path` as GGUF v3; matrices are converted to `dtype` when given (norms
-/// stay F32). Reading the file back gives the same model.
-pub fn save_gguf(model: &LlamaModel, path: &Path, dtype: Option<DType>) -> Result<()> {
+/// A weight of the model by its HF name: a matrix (with its head count when llama.cpp permutes
+/// its rows) or a norm vector.
+enum Named<'a> {
+    Matrix(&'a Weight, Option<usize>),
+    Vector(&'a [f32]),
+}
+
+/// Every weight of `model` with its HF name, in HF's order.
+fn named_weights(model: &LlamaModel) -> Vec<(String, Named<'_>)> {
     let c = &model.config;
-    let vector = |hf_name: &str, values: &[f32]| Stored {
-        name: gguf_name(hf_name).expect("names come from the model's own layers, all mapped"),
-        shape: vec![values.len()],
-        dtype: DType::F32,
-        bytes: f32_bytes(values),
-    };
-    let mut tensors = vec![stored_matrix(
-        "model.embed_tokens.weight",
-        &model.embed_tokens,
-        dtype,
-        None,
-    )?];
+    let mut out = vec![(
+        "model.embed_tokens.weight".to_string(),
+        Named::Matrix(&model.embed_tokens, None),
+    )];
     for (i, layer) in model.layers.iter().enumerate() {
         let name = |part: &str| format!("model.layers.{i}.{part}.weight");
         let a = &layer.self_attn;
-        tensors.push(vector(&name("input_layernorm"), &layer.input_layernorm));
-        tensors.push(vector(
-            &name("post_attention_layernorm"),
-            &layer.post_attention_layernorm,
+        out.push((
+            name("input_layernorm"),
+            Named::Vector(&layer.input_layernorm),
+        ));
+        out.push((
+            name("post_attention_layernorm"),
+            Named::Vector(&layer.post_attention_layernorm),
         ));
         for (part, w, heads) in [
             ("self_attn.q_proj", &a.q_proj, Some(c.num_attention_heads)),
@@ -163,13 +165,31 @@ pub fn save_gguf(model: &LlamaModel, path: &Path, dtype: Option<DType>) -> Resul
             ("mlp.up_proj", &layer.mlp.up_proj, None),
             ("mlp.down_proj", &layer.mlp.down_proj, None),
         ] {
-            tensors.push(stored_matrix(&name(part), w, dtype, heads)?);
+            out.push((name(part), Named::Matrix(w, heads)));
         }
     }
-    tensors.push(vector("model.norm.weight", &model.norm));
+    out.push(("model.norm.weight".to_string(), Named::Vector(&model.norm)));
     if let Some(head) = &model.lm_head {
-        tensors.push(stored_matrix("lm_head.weight", head, dtype, None)?);
+        out.push(("lm_head.weight".to_string(), Named::Matrix(head, None)));
     }
+    out
+}
+
+/// Writes `model` to `path` as GGUF v3; matrices are converted to `dtype` when given (norms
+/// stay F32). Reading the file back gives the same model.
+pub fn save_gguf(model: &LlamaModel, path: &Path, dtype: Option<DType>) -> Result<()> {
+    let tensors = named_weights(model)
+        .into_iter()
+        .map(|(name, w)| match w {
+            Named::Matrix(w, heads) => stored_matrix(&name, w, dtype, heads),
+            Named::Vector(values) => Ok(Stored {
+                name: gguf_name(&name).expect("names come from the model's own layers, all mapped"),
+                shape: vec![values.len()],
+                dtype: DType::F32,
+                bytes: f32_bytes(values),
+            }),
+        })
+        .collect::<Result<Vec<_>>>()?;
     let views: Vec<GgufTensor> = tensors
         .iter()
         .map(|t| GgufTensor {
@@ -180,4 +200,41 @@ pub fn save_gguf(model: &LlamaModel, path: &Path, dtype: Option<DType>) -> Resul
         })
         .collect();
     write_gguf(path, &metadata(model), &views)
+}
+
+/// Writes `model` as an HF directory: config.json, model.safetensors (every weight
+/// dequantised, stored as `dtype`: F32 or BF16) and, when given, the tokenizer's files.
+/// Each file goes to a temporary name first and is then renamed.
+pub fn save_hf(
+    model: &LlamaModel,
+    tokenizer: Option<&Tokenizer>,
+    dir: &Path,
+    dtype: DType,
+) -> Result<()> {
+    if !matches!(dtype, DType::F32 | DType::BF16) {
+        return Err(ModelError::input(
+            "dtype",
+            format!("{dtype} cannot be written to safetensors here (F32, BF16 can)"),
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    let tensors = named_weights(model)
+        .into_iter()
+        .map(|(name, w)| {
+            let (values, shape) = match w {
+                Named::Matrix(w, _) => (w.to_f32()?.into_owned(), vec![w.shape().0, w.shape().1]),
+                Named::Vector(v) => (v.to_vec(), vec![v.len()]),
+            };
+            Ok((name, Tensor::from_vec(values, shape)?.to_dtype(dtype)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    Tensor::save_safetensors(&refs, &dir.join("model.safetensors"))?;
+    let config = serde_json::to_string_pretty(&model.config.to_hf_json(dtype))
+        .expect("a JSON value always serialises");
+    write_atomic(&dir.join("config.json"), config.as_bytes())?;
+    if let Some(t) = tokenizer {
+        t.save_hf(dir)?;
+    }
+    Ok(())
 }

@@ -15,27 +15,34 @@
 
 mod config;
 mod cuda_model;
+pub mod data;
 mod engine;
 mod error;
 mod export;
 mod fetch;
 pub mod generate;
 pub mod gguf;
+mod layer;
 mod loader;
 mod mmap;
 mod model;
 mod source;
 mod tokenizer;
+mod train;
+mod trainer;
 
 pub use config::LlamaConfig;
 pub use cuda_model::{CudaLlamaModel, CudaModelCache};
 pub use engine::{Engine, EngineCache};
 pub use error::{ModelError, Result};
-pub use export::save_gguf;
+pub use export::{save_gguf, save_hf};
 pub use fetch::{resolve_model, DEFAULT_MODEL};
 pub use generate::{
     generate, Decoder, FinishReason, Generation, GenerationConfig, SamplingConfig, TextStream,
 };
+pub use layer::{DecoderLayer, LlamaMlp};
 pub use loader::{load, LoadedModel, ModelFormat};
-pub use model::{shift_labels, DecoderLayer, Hidden, LlamaMlp, LlamaModel, ModelCache, Precision};
+pub use model::{shift_labels, Hidden, LlamaModel, ModelCache, Precision};
 pub use tokenizer::{ChatMessage, Tokenizer};
+pub use train::StepOptions;
+pub use trainer::{Batch, RunPlan, StepReport, TrainConfig, Trainer};

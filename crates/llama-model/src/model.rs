@@ -13,13 +13,12 @@
 use std::fmt;
 
 use llama_attn::{KvCache, LlamaAttention};
-use llama_ops::{
-    cross_entropy, gated_forward_in_place, rms_norm, Activations, CrossEntropyOptions, GatedAct,
-    Weight,
-};
+use llama_ops::{cross_entropy, rms_norm, Activations, CrossEntropyOptions, Weight};
+use llama_peft::{LoraAdapter, ModelDims, Target};
 
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
+use crate::layer::{AttnInput, DecoderLayer, LayerAdapter, LlamaMlp};
 use crate::source::TensorSource;
 
 /// How activations are computed.
@@ -56,80 +55,6 @@ impl std::str::FromStr for Precision {
             )),
         }
     }
-}
-
-/// The gated MLP: down(act(x · gateᵀ) ⊙ (x · upᵀ)).
-pub struct LlamaMlp {
-    pub gate_proj: Weight,
-    pub up_proj: Weight,
-    pub down_proj: Weight,
-    pub act: GatedAct,
-    pub activations: Activations,
-}
-
-impl LlamaMlp {
-    /// x [N, C] → [N, C].
-    pub fn forward(&self, x: &[f32]) -> Result<Vec<f32>> {
-        let (f, c) = self.gate_proj.shape();
-        let n = x.len() / c;
-        let mut gate = vec![0f32; n * f];
-        let mut up = vec![0f32; n * f];
-        self.gate_proj
-            .forward_with(x, &mut gate, self.activations)?;
-        self.up_proj.forward_with(x, &mut up, self.activations)?;
-        gated_forward_in_place(self.act, &mut gate, &up)?;
-        let mut out = vec![0f32; n * c];
-        self.down_proj
-            .forward_with(&gate, &mut out, self.activations)?;
-        Ok(out)
-    }
-}
-
-/// One decoder layer: pre-norm attention and pre-norm MLP, each added to the residual stream.
-pub struct DecoderLayer {
-    pub input_layernorm: Vec<f32>,
-    pub self_attn: LlamaAttention,
-    pub post_attention_layernorm: Vec<f32>,
-    pub mlp: LlamaMlp,
-}
-
-/// Where a layer's attention gets its keys: the sequence itself, or a cache it appends to.
-enum AttnInput<'a> {
-    Sequence { padding: Option<&'a [usize]> },
-    Cached(&'a mut KvCache),
-}
-
-impl DecoderLayer {
-    /// h [N, C] ← h + attn(norm(h)); h ← h + mlp(norm(h)).
-    fn forward(
-        &mut self,
-        h: &mut [f32],
-        batch: usize,
-        positions: &[u32],
-        eps: f32,
-        input: AttnInput,
-    ) -> Result<()> {
-        let mut normed = vec![0f32; h.len()];
-        rms_norm(h, &self.input_layernorm, eps, &mut normed)?;
-        let attn = match input {
-            AttnInput::Sequence { padding } => {
-                self.self_attn
-                    .forward(&normed, batch, positions, padding)?
-                    .0
-            }
-            AttnInput::Cached(cache) => self
-                .self_attn
-                .forward_cached(&normed, batch, positions, cache)?,
-        };
-        add_into(h, &attn);
-        rms_norm(h, &self.post_attention_layernorm, eps, &mut normed)?;
-        add_into(h, &self.mlp.forward(&normed)?);
-        Ok(())
-    }
-}
-
-fn add_into(h: &mut [f32], delta: &[f32]) {
-    h.iter_mut().zip(delta).for_each(|(h, d)| *h += d);
 }
 
 /// The KV caches of every layer for one batch of sequences.
@@ -186,6 +111,8 @@ pub struct LlamaModel {
     pub lm_head: Option<Weight>,
     /// The longest sequence accepted (the model's context unless set otherwise).
     pub max_seq_length: usize,
+    /// The LoRA adapter every forward applies, if any (see [`LlamaModel::set_adapter`]).
+    pub(crate) adapter: Option<LoraAdapter>,
     precision: Precision,
 }
 
@@ -253,8 +180,122 @@ impl LlamaModel {
             layers,
             norm,
             lm_head,
+            adapter: None,
             precision: Precision::Exact,
         })
+    }
+
+    /// The sizes LoRA matrices are shaped by.
+    pub fn dims(&self) -> ModelDims {
+        let c = &self.config;
+        ModelDims {
+            num_layers: c.num_hidden_layers,
+            hidden: c.hidden_size,
+            intermediate: c.intermediate_size,
+            q_width: c.num_attention_heads * c.head_dim,
+            kv_width: c.num_key_value_heads * c.head_dim,
+        }
+    }
+
+    /// Applies `adapter` in every forward from now on (replacing any other); None removes it.
+    /// An adapter shaped for another model is an error.
+    pub fn set_adapter(&mut self, adapter: Option<LoraAdapter>) -> Result<()> {
+        if let Some(a) = &adapter {
+            let dims = self.dims();
+            let fits = a.layers.len() == dims.num_layers
+                && a.pairs()
+                    .all(|(_, t, p)| (p.out_features, p.in_features) == t.shape(&dims));
+            if !fits {
+                return Err(ModelError::input(
+                    "adapter",
+                    "its matrices do not fit this model's layers".to_string(),
+                ));
+            }
+            if !a.config.modules_to_save.is_empty() {
+                return Err(ModelError::input(
+                    "modules_to_save",
+                    "training or applying whole embed_tokens / lm_head copies is not supported yet"
+                        .to_string(),
+                ));
+            }
+        }
+        self.adapter = adapter;
+        Ok(())
+    }
+
+    /// Adds s·B·A of every pair into its base weight (which becomes dense f32) and returns the
+    /// adapter, no longer applied by the forward (peft's `merge_and_unload`).
+    pub fn merge_adapter(&mut self) -> Result<Option<LoraAdapter>> {
+        let Some(adapter) = self.adapter.take() else {
+            return Ok(None);
+        };
+        self.add_adapter_deltas(&adapter, 1.0)?;
+        Ok(Some(adapter))
+    }
+
+    /// Subtracts a merged adapter's s·B·A again and applies it unmerged from now on (peft's
+    /// `unmerge_adapter`); the base weights stay dense f32.
+    pub fn unmerge_adapter(&mut self, adapter: LoraAdapter) -> Result<()> {
+        self.add_adapter_deltas(&adapter, -1.0)?;
+        self.set_adapter(Some(adapter))
+    }
+
+    /// W ← W + sign·s·B·A for every pair of `adapter`.
+    fn add_adapter_deltas(&mut self, adapter: &LoraAdapter, sign: f32) -> Result<()> {
+        for (i, target, pair) in adapter.pairs() {
+            let layer = self.layers.get_mut(i).ok_or_else(|| {
+                ModelError::input("adapter", format!("layer {i} is past the model's layers"))
+            })?;
+            let a = &mut layer.self_attn;
+            let w = match target {
+                Target::QProj => &mut a.q_proj,
+                Target::KProj => &mut a.k_proj,
+                Target::VProj => &mut a.v_proj,
+                Target::OProj => &mut a.o_proj,
+                Target::GateProj => &mut layer.mlp.gate_proj,
+                Target::UpProj => &mut layer.mlp.up_proj,
+                Target::DownProj => &mut layer.mlp.down_proj,
+            };
+            let (rows, cols) = w.shape();
+            let mut values = w.to_f32()?.into_owned();
+            values
+                .iter_mut()
+                .zip(pair.delta_weight())
+                .for_each(|(w, d)| *w += sign * d);
+            *w = Weight::dense(values, rows, cols)?;
+        }
+        Ok(())
+    }
+
+    /// Stores the seven projections of every layer as `dtype` (NF4 for QLoRA), dequantised
+    /// on the fly by every product.
+    pub fn quantize_projections(&mut self, dtype: llama_core::DType) -> Result<()> {
+        for layer in &mut self.layers {
+            let a = &mut layer.self_attn;
+            let m = &mut layer.mlp;
+            for w in [
+                &mut a.q_proj,
+                &mut a.k_proj,
+                &mut a.v_proj,
+                &mut a.o_proj,
+                &mut m.gate_proj,
+                &mut m.up_proj,
+                &mut m.down_proj,
+            ] {
+                *w = w.convert(dtype)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The adapter in use, if any.
+    pub fn adapter(&self) -> Option<&LoraAdapter> {
+        self.adapter.as_ref()
+    }
+
+    /// The adapter in use, mutable (the optimizer updates it in place).
+    pub fn adapter_mut(&mut self) -> Option<&mut LoraAdapter> {
+        self.adapter.as_mut()
     }
 
     pub fn precision(&self) -> Precision {
@@ -271,7 +312,7 @@ impl LlamaModel {
         }
     }
 
-    fn activations(&self) -> Activations {
+    pub(crate) fn activations(&self) -> Activations {
         match self.precision {
             Precision::Exact => Activations::F32,
             Precision::Fast => Activations::Q8,
@@ -333,7 +374,7 @@ impl LlamaModel {
     }
 
     /// [`positions`] after checking that they fit the context.
-    fn positions(
+    pub(crate) fn positions(
         &self,
         batch: usize,
         seq: usize,
@@ -354,7 +395,7 @@ impl LlamaModel {
     }
 
     /// The batch's sequence length T for `ids` [B, T].
-    fn seq_len(&self, ids: &[u32], batch: usize) -> Result<usize> {
+    pub(crate) fn seq_len(&self, ids: &[u32], batch: usize) -> Result<usize> {
         if batch == 0 || ids.is_empty() || ids.len() % batch != 0 {
             return Err(ModelError::input(
                 "input_ids",
@@ -387,17 +428,19 @@ impl LlamaModel {
         let mut h = self.embed(ids)?;
         let mut states = Vec::new();
         let eps = self.config.rms_norm_eps;
-        for layer in &mut self.layers {
+        for (i, layer) in self.layers.iter_mut().enumerate() {
             if keep_states {
                 states.push(h.clone());
             }
-            layer.forward(
-                &mut h,
-                batch,
-                &positions,
-                eps,
-                AttnInput::Sequence { padding },
-            )?;
+            let adapter = LayerAdapter {
+                lora: self.adapter.as_ref().map(|a| &a.layers[i]),
+                dropout: None,
+            };
+            let input = AttnInput::Sequence {
+                padding,
+                keep: false,
+            };
+            layer.forward(&mut h, batch, &positions, eps, input, adapter)?;
         }
         let last = self.final_norm(&h)?;
         if keep_states {
@@ -406,7 +449,7 @@ impl LlamaModel {
         Ok(Hidden { last, states })
     }
 
-    fn final_norm(&self, h: &[f32]) -> Result<Vec<f32>> {
+    pub(crate) fn final_norm(&self, h: &[f32]) -> Result<Vec<f32>> {
         let mut out = vec![0f32; h.len()];
         rms_norm(h, &self.norm, self.config.rms_norm_eps, &mut out)?;
         Ok(out)
@@ -480,14 +523,13 @@ impl LlamaModel {
         let positions = self.positions(batch, seq, cache.len(), padding.as_deref())?;
         let mut h = self.embed(ids)?;
         let eps = self.config.rms_norm_eps;
-        for (layer, layer_cache) in self.layers.iter_mut().zip(&mut cache.layers) {
-            layer.forward(
-                &mut h,
-                batch,
-                &positions,
-                eps,
-                AttnInput::Cached(layer_cache),
-            )?;
+        for (i, (layer, layer_cache)) in self.layers.iter_mut().zip(&mut cache.layers).enumerate() {
+            let adapter = LayerAdapter {
+                lora: self.adapter.as_ref().map(|a| &a.layers[i]),
+                dropout: None,
+            };
+            let input = AttnInput::Cached(layer_cache);
+            layer.forward(&mut h, batch, &positions, eps, input, adapter)?;
         }
         let c = self.config.hidden_size;
         let last_rows: Vec<f32> = h

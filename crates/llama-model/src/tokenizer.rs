@@ -164,6 +164,23 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// Writes tokenizer.json and tokenizer_config.json (special tokens, chat template) into
+    /// an HF directory.
+    pub fn save_hf(&self, dir: &Path) -> Result<()> {
+        let json = self.inner.to_string(true).map_err(tok_error)?;
+        llama_core::write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
+        let config = serde_json::json!({
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "add_bos_token": self.add_bos.is_some(),
+            "chat_template": self.chat_template,
+            "tokenizer_class": "PreTrainedTokenizerFast",
+        });
+        let text = serde_json::to_string_pretty(&config).expect("a JSON value always serialises");
+        llama_core::write_atomic(&dir.join("tokenizer_config.json"), text.as_bytes())?;
+        Ok(())
+    }
+
     pub fn chat_template(&self) -> Option<&str> {
         self.chat_template.as_deref()
     }

@@ -1,0 +1,321 @@
+//! `fastllama finetune` (LoRA / QLoRA on the CPU) and `fastllama merge`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use llama_core::DType;
+use llama_model::data::{batches, read_jsonl, tokenize};
+use llama_model::{
+    save_gguf, save_hf, Batch, LoadedModel, RunPlan, StepReport, TrainConfig, Trainer,
+};
+use llama_peft::{LoraAdapter, LoraConfig, OptimizerKind, Schedule, ScheduleKind};
+use serde_json::json;
+
+use crate::model_args::{DeviceArg, ModelArgs};
+
+#[derive(Args, Debug)]
+pub struct FinetuneArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// JSONL records: {"text"}, {"messages": [{"role", "content"}…]} or {"input_ids", "labels"}.
+    #[arg(long)]
+    data: PathBuf,
+    /// Where the adapter, the loss log (train_log.jsonl) and checkpoints go.
+    #[arg(long)]
+    out: PathBuf,
+    /// Start from this adapter instead of a fresh one.
+    #[arg(long, conflicts_with = "resume")]
+    init_adapter: Option<PathBuf>,
+    #[arg(long, default_value_t = 16)]
+    lora_r: usize,
+    #[arg(long, default_value_t = 16.0)]
+    lora_alpha: f32,
+    #[arg(long, default_value_t = 0.0)]
+    lora_dropout: f32,
+    /// Comma-separated projections, or all-linear.
+    #[arg(long, value_delimiter = ',', default_value = "all-linear")]
+    target_modules: Vec<String>,
+    #[arg(long)]
+    use_rslora: bool,
+    /// Layer indices to adapt (default: all).
+    #[arg(long, value_delimiter = ',')]
+    layers_to_transform: Option<Vec<usize>>,
+    /// lora_A's initialisation: kaiming (peft's default) or gaussian.
+    #[arg(long, default_value = "kaiming")]
+    init_lora_weights: String,
+    /// adamw or sgd.
+    #[arg(long, default_value = "adamw")]
+    optimizer: String,
+    #[arg(long, default_value_t = 2e-4)]
+    lr: f32,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f32,
+    #[arg(long, value_delimiter = ',', default_value = "0.9,0.999")]
+    betas: Vec<f32>,
+    #[arg(long, default_value_t = 1e-8)]
+    eps: f32,
+    /// constant, linear or cosine.
+    #[arg(long, default_value = "linear")]
+    lr_scheduler: String,
+    #[arg(long, default_value_t = 0)]
+    warmup_steps: usize,
+    #[arg(long, default_value_t = 2)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    #[arg(long)]
+    max_grad_norm: Option<f32>,
+    /// Optimizer steps.
+    #[arg(long, required_unless_present = "epochs", conflicts_with = "epochs")]
+    steps: Option<usize>,
+    /// Passes over the data.
+    #[arg(long)]
+    epochs: Option<f32>,
+    #[arg(long, default_value_t = 2048)]
+    max_seq_length: usize,
+    /// Join all records into rows of max_seq_length instead of padding each.
+    #[arg(long)]
+    packing: bool,
+    /// Recompute each layer's forward in the backward (less memory, about a third more time).
+    #[arg(long)]
+    gradient_checkpointing: bool,
+    /// QLoRA: base projections quantised to NF4 and dequantised on the fly.
+    #[arg(long)]
+    load_in_4bit: bool,
+    #[arg(long, default_value_t = 3407)]
+    seed: u64,
+    #[arg(long)]
+    shuffle: bool,
+    /// Write a checkpoint every N steps (out/checkpoint-N).
+    #[arg(long)]
+    save_every: Option<usize>,
+    /// Continue from a checkpoint directory: the same losses as an uninterrupted run.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+}
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+impl FinetuneArgs {
+    fn lora_config(&self) -> Result<LoraConfig, String> {
+        let mut c = LoraConfig::new(self.lora_r, self.lora_alpha);
+        c.lora_dropout = self.lora_dropout;
+        c.target_modules = LoraConfig::parse_targets(&self.target_modules).map_err(err)?;
+        c.use_rslora = self.use_rslora;
+        c.layers_to_transform = self.layers_to_transform.clone();
+        c.init_lora_weights = LoraConfig::parse_init(&self.init_lora_weights).map_err(err)?;
+        c.random_state = self.seed;
+        Ok(c)
+    }
+
+    fn optimizer(&self) -> Result<OptimizerKind, String> {
+        match self.optimizer.as_str() {
+            "adamw" => {
+                let [b1, b2] = self.betas[..] else {
+                    return Err(format!(
+                        "--betas {:?}: give two values, e.g. 0.9,0.999",
+                        self.betas
+                    ));
+                };
+                Ok(OptimizerKind::AdamW {
+                    betas: (b1, b2),
+                    eps: self.eps,
+                    weight_decay: self.weight_decay,
+                })
+            }
+            "sgd" => Ok(OptimizerKind::Sgd {
+                weight_decay: self.weight_decay,
+            }),
+            other => Err(format!("--optimizer {other:?}: must be adamw or sgd")),
+        }
+    }
+}
+
+/// Micro-batches of the data file, tokenised with the model's tokenizer.
+fn load_batches(
+    args: &FinetuneArgs,
+    loaded: &LoadedModel,
+    max_len: usize,
+) -> Result<Vec<Batch>, String> {
+    let records = read_jsonl(&args.data).map_err(err)?;
+    let tokenizer = loaded.tokenizer().ok();
+    let config = &loaded.model.config;
+    let eos = config.eos_token_ids.first().copied();
+    let examples = records
+        .iter()
+        .map(|r| tokenize(r, tokenizer, eos, max_len))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(err)?;
+    let pad = config.pad_token_id.or(eos).unwrap_or(0);
+    batches(&examples, args.batch_size, max_len, args.packing, pad).map_err(err)
+}
+
+pub fn finetune_cmd(args: &FinetuneArgs) -> Result<(), String> {
+    if args.model.device == DeviceArg::Cuda {
+        return Err("--device cuda: training runs on the CPU in this version".into());
+    }
+    let mut loaded = args.model.load()?;
+    let max_len = args.max_seq_length.min(loaded.model.max_seq_length);
+    let data = load_batches(args, &loaded, max_len)?;
+    let model = &mut loaded.model;
+    if args.load_in_4bit {
+        model.quantize_projections(DType::Nf4).map_err(err)?;
+    }
+    let steps_per_epoch = data.len().div_ceil(args.grad_accum.max(1));
+    let total_steps = match (args.steps, args.epochs) {
+        (Some(s), _) => s,
+        (None, Some(e)) => ((e * steps_per_epoch as f32).ceil() as usize).max(1),
+        (None, None) => unreachable!("clap requires --steps or --epochs"),
+    };
+    let config = TrainConfig {
+        optimizer: args.optimizer()?,
+        schedule: Schedule {
+            kind: args.lr_scheduler.parse::<ScheduleKind>().map_err(err)?,
+            lr: args.lr,
+            warmup: args.warmup_steps,
+            total: total_steps,
+        },
+        grad_accum: args.grad_accum,
+        max_grad_norm: args.max_grad_norm,
+        gradient_checkpointing: args.gradient_checkpointing,
+        seed: args.seed,
+    };
+    let mut trainer = match (&args.resume, &args.init_adapter) {
+        (Some(dir), _) => Trainer::resume(model, dir, config).map_err(err)?,
+        (None, init) => {
+            let adapter = match init {
+                Some(dir) => LoraAdapter::load(dir, model.dims()),
+                None => LoraAdapter::new(args.lora_config()?, model.dims()),
+            }
+            .map_err(err)?;
+            model.set_adapter(Some(adapter)).map_err(err)?;
+            Trainer::new(model, config).map_err(err)?
+        }
+    };
+    std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    let adapter = model.adapter().expect("set above");
+    eprintln!(
+        "{} micro-batches of ≤{} × {max_len} tokens; {} trainable values (r={}, {} pairs); {} steps from step {}",
+        data.len(),
+        args.batch_size,
+        adapter.parameter_count(),
+        adapter.config.r,
+        adapter.pairs().count(),
+        total_steps,
+        trainer.steps_done()
+    );
+    let plan = RunPlan {
+        total_steps,
+        shuffle: args.shuffle,
+        seed: args.seed,
+        save_every: args.save_every,
+        out_dir: Some(args.out.clone()),
+    };
+    let mut log = StepLog::open(
+        &args.out.join("train_log.jsonl"),
+        total_steps,
+        trainer.steps_done(),
+    )?;
+    trainer
+        .run(model, &data, &plan, &mut |r| log.record(r))
+        .map_err(err)?;
+    log.bar.finish();
+    trainer.save_checkpoint(model, &args.out).map_err(err)?;
+    eprintln!("adapter written to {}", args.out.display());
+    Ok(())
+}
+
+/// The progress bar and the JSONL loss log.
+struct StepLog {
+    file: std::fs::File,
+    bar: ProgressBar,
+    start: Instant,
+    tokens: usize,
+}
+
+impl StepLog {
+    fn open(path: &Path, total: usize, done: usize) -> Result<StepLog, String> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let bar = ProgressBar::new(total as u64).with_style(
+            ProgressStyle::with_template("step {pos}/{len} [{bar:30}] {msg} ETA {eta}")
+                .expect("a valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_position(done as u64);
+        Ok(StepLog {
+            file,
+            bar,
+            start: Instant::now(),
+            tokens: 0,
+        })
+    }
+
+    fn record(&mut self, r: &StepReport) -> llama_model::Result<()> {
+        self.tokens += r.tokens;
+        let tps = self.tokens as f64 / self.start.elapsed().as_secs_f64().max(1e-9);
+        let line = json!({"step": r.step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm, "tokens": r.tokens, "tokens_per_s": tps});
+        writeln!(self.file, "{line}").map_err(|e| llama_model::ModelError::Io {
+            path: "train_log.jsonl".into(),
+            source: e,
+        })?;
+        self.bar
+            .set_message(format!("loss {:.4} · {tps:.0} tok/s", r.loss));
+        self.bar.set_position(r.step as u64);
+        Ok(())
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// An HF directory to write (config.json, model.safetensors, tokenizer files), or a path
+    /// ending in .gguf for a GGUF file.
+    #[arg(long)]
+    out: PathBuf,
+    /// Stored dtype: f32 or bf16 (HF directory); f32, q8_0, q4_0, q4_1 (GGUF).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+}
+
+pub fn merge_cmd(args: &MergeArgs) -> Result<(), String> {
+    if args.model.adapter.is_none() {
+        return Err("merge needs --adapter DIR".into());
+    }
+    let mut loaded = args.model.load()?;
+    loaded.model.merge_adapter().map_err(err)?;
+    let dtype = match args.dtype.to_ascii_lowercase().as_str() {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        "q8_0" => DType::Q8_0,
+        "q4_0" => DType::Q4_0,
+        "q4_1" => DType::Q4_1,
+        other => {
+            return Err(format!(
+                "--dtype {other:?}: must be f32, bf16, q8_0, q4_0 or q4_1"
+            ))
+        }
+    };
+    if args.out.extension().is_some_and(|e| e == "gguf") {
+        save_gguf(&loaded.model, &args.out, Some(dtype)).map_err(err)?;
+    } else {
+        save_hf(
+            &loaded.model,
+            loaded.tokenizer.as_ref().ok(),
+            &args.out,
+            dtype,
+        )
+        .map_err(err)?;
+    }
+    eprintln!("merged model written to {}", args.out.display());
+    Ok(())
+}

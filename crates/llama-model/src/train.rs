@@ -1,0 +1,184 @@
+//! The training step's arithmetic: the whole model's forward with each layer's tape (or only
+//! its input, with gradient checkpointing), the language-model head and chunked cross entropy,
+//! and the backward by hand down to the embeddings, with gradients for the LoRA pairs only.
+//! Letters: B batch, T positions, N = B·T rows, C hidden, V vocabulary.
+//!
+//!   forward:   h₀ = embed(ids); hᵢ₊₁ = layerᵢ(hᵢ); n = rms_norm(h_L); logits = n·lm_headᵀ
+//!   loss:      mean over the non-ignored shifted labels of −log softmax(logits)[label]
+//!   backward:  dlogits = (softmax − onehot)/count, a chunk of rows at a time (the [N, V]
+//!              logits never exist whole); dn = dlogits·lm_head; dh_L = rms_norm_backward;
+//!              each layer's backward in reverse; the embeddings are frozen.
+
+use llama_ops::{cross_entropy, cross_entropy_backward, rms_norm_backward, CrossEntropyOptions};
+use llama_peft::{AdapterGrads, LoraAdapter};
+
+use crate::error::{ModelError, Result};
+use crate::layer::{layer_dropout, AttnInput, LayerAdapter, LayerTape};
+use crate::model::{shift_labels, LlamaModel};
+use crate::trainer::Batch;
+
+/// How a training step runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepOptions {
+    /// Keep only each layer's input and recompute its forward in the backward.
+    pub gradient_checkpointing: bool,
+    /// The gradients are multiplied by this (1 / gradient-accumulation steps).
+    pub grad_scale: f32,
+    /// Seeds the LoRA dropout masks of this step (ignored when lora_dropout is 0).
+    pub dropout_seed: Option<u64>,
+}
+
+/// Logit rows per chunk: about 4 M values (16 MB) whatever the vocabulary.
+fn head_chunk_rows(vocab: usize) -> usize {
+    ((1 << 22) / vocab.max(1)).max(1)
+}
+
+impl LlamaModel {
+    /// The loss of the batch's `ids` [B, T] against its `labels` [B, T] (HF's shift; −100 ignored; mean over
+    /// the batch's scored tokens) and its gradient for every LoRA pair, added to `grads`
+    /// (times `options.grad_scale`). Needs an adapter ([`LlamaModel::set_adapter`]).
+    pub fn loss_and_grads(
+        &mut self,
+        b: &Batch,
+        grads: &mut AdapterGrads,
+        options: &StepOptions,
+    ) -> Result<f32> {
+        let (ids, labels) = (&b.ids, &b.labels);
+        let seq = self.seq_len(ids, b.batch)?;
+        if labels.len() != ids.len() {
+            return Err(ModelError::input(
+                "labels",
+                format!("{} labels for {} ids", labels.len(), ids.len()),
+            ));
+        }
+        let Some(adapter) = self.adapter.take() else {
+            return Err(ModelError::input(
+                "adapter",
+                "training needs a LoRA adapter (get_peft_model or --init-adapter)".to_string(),
+            ));
+        };
+        if grads.layers.len() != adapter.layers.len() {
+            self.adapter = Some(adapter);
+            return Err(ModelError::input(
+                "grads",
+                "gradients shaped for another adapter".to_string(),
+            ));
+        }
+        let result = self.step_with(&adapter, b, seq, grads, options);
+        self.adapter = Some(adapter);
+        result
+    }
+
+    fn step_with(
+        &mut self,
+        adapter: &LoraAdapter,
+        b: &Batch,
+        seq: usize,
+        grads: &mut AdapterGrads,
+        options: &StepOptions,
+    ) -> Result<f32> {
+        let batch = b.batch;
+        let positions = self.positions(batch, seq, 0, None)?;
+        let eps = self.config.rms_norm_eps;
+        // Layer i's pairs, with dropout masks drawn from a seed of its own, so that a
+        // recomputed forward draws the same ones.
+        let layer_adapter = |i: usize| LayerAdapter {
+            lora: Some(&adapter.layers[i]),
+            dropout: layer_dropout(
+                adapter.config.lora_dropout,
+                options
+                    .dropout_seed
+                    .map(|s| s ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            ),
+        };
+        // forward, keeping each layer's tape (or its input when checkpointing)
+        let mut h = self.embed(&b.ids)?;
+        let mut tapes: Vec<LayerTape> = Vec::new();
+        let mut inputs: Vec<Vec<f32>> = Vec::new();
+        let keep = !options.gradient_checkpointing;
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            if !keep {
+                inputs.push(h.clone());
+            }
+            let input = AttnInput::Sequence {
+                padding: None,
+                keep,
+            };
+            let tape = layer.forward(&mut h, batch, &positions, eps, input, layer_adapter(i))?;
+            tapes.extend(tape);
+        }
+        let normed = self.final_norm(&h)?;
+        let targets = shift_labels(&b.labels, seq);
+        let (loss, d_normed) = self.head_backward(&normed, &targets, options.grad_scale)?;
+        let mut dh = vec![0f32; h.len()];
+        let mut dw = vec![0f32; self.norm.len()];
+        rms_norm_backward(&h, &self.norm, &d_normed, eps, &mut dh, &mut dw)?;
+        drop((normed, d_normed, h));
+        // backward through the layers, last first
+        for i in (0..self.layers.len()).rev() {
+            let layer = &mut self.layers[i];
+            let tape = match tapes.pop() {
+                Some(tape) => tape,
+                None => {
+                    let mut h = std::mem::take(&mut inputs[i]);
+                    let input = AttnInput::Sequence {
+                        padding: None,
+                        keep: true,
+                    };
+                    layer
+                        .forward(&mut h, batch, &positions, eps, input, layer_adapter(i))?
+                        .expect("a forward asked to keep its tape returns it")
+                }
+            };
+            layer.backward(
+                &tape,
+                &mut dh,
+                eps,
+                Some(&adapter.layers[i]),
+                &mut grads.layers[i],
+            )?;
+        }
+        Ok(loss)
+    }
+
+    /// Cross entropy of normed hidden states [N, C] against `targets` [N] and its gradient
+    /// [N, C] times `scale`, a chunk of rows at a time (each chunk's logits are made, turned
+    /// into their gradient in place and multiplied back through lm_head).
+    fn head_backward(
+        &self,
+        normed: &[f32],
+        targets: &[i64],
+        scale: f32,
+    ) -> Result<(f32, Vec<f32>)> {
+        let (c, v) = (self.config.hidden_size, self.config.vocab_size);
+        let opts = CrossEntropyOptions::default();
+        let scored = targets.iter().filter(|&&t| t != opts.ignore_index).count();
+        let mut d_normed = vec![0f32; normed.len()];
+        let mut loss_sum = 0f64;
+        let rows = head_chunk_rows(v);
+        let mut logits = vec![0f32; rows.min(targets.len()) * v];
+        for ((x, t), dx) in normed
+            .chunks(rows * c)
+            .zip(targets.chunks(rows))
+            .zip(d_normed.chunks_mut(rows * c))
+        {
+            if t.iter().all(|&t| t == opts.ignore_index) {
+                continue;
+            }
+            let logits = &mut logits[..t.len() * v];
+            self.lm_head().forward(x, logits)?;
+            let ce = cross_entropy(logits, t, &opts)?;
+            loss_sum += ce.loss as f64 * ce.n_valid as f64;
+            // d(chunk mean)/d(batch mean) = n_chunk / n_batch
+            let dloss = scale * ce.n_valid as f32 / scored as f32;
+            cross_entropy_backward(logits, t, &ce, dloss, &opts)?;
+            self.lm_head().backward_input(logits, dx)?;
+        }
+        let loss = if scored == 0 {
+            0.0
+        } else {
+            (loss_sum / scored as f64) as f32
+        };
+        Ok((loss, d_normed))
+    }
+}

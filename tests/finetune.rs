@@ -1,0 +1,279 @@
+//! LoRA training flows on every fixture model: the loss falls, a resumed run continues
+//! exactly, QLoRA's gradients stay with the dequantised-f32 ones, merging and unmerging, and
+//! the merged model written as an HF directory loads back to the same logits.
+
+use std::path::{Path, PathBuf};
+
+use llama_core::{DType, SplitMix64};
+use llama_fixtures::{assert_close, fixtures_dir};
+use llama_model::data::{batches, tokenize, Record};
+use llama_model::{
+    load, save_hf, Batch, LlamaModel, Precision, RunPlan, StepOptions, TrainConfig, Trainer,
+};
+use llama_peft::{LoraAdapter, LoraConfig, OptimizerKind, Schedule, ScheduleKind};
+
+fn model_dirs() -> Vec<PathBuf> {
+    let root = fixtures_dir().join("models");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("config.json").exists())
+        .collect();
+    dirs.sort();
+    assert!(!dirs.is_empty());
+    dirs
+}
+
+fn load_model(dir: &Path) -> LlamaModel {
+    load(dir, Precision::Exact, &mut |_, _| {}).unwrap().model
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("fastllama-finetune-{name}-{}", std::process::id()));
+    std::fs::remove_dir_all(&dir).ok();
+    dir
+}
+
+/// Pre-tokenised records that repeat a short random pattern: learnable in a few steps.
+fn pattern_batches(model: &LlamaModel, seed: u64, records: usize, batch_size: usize) -> Vec<Batch> {
+    let vocab = model.config.vocab_size as u64;
+    let mut rng = SplitMix64::new(seed);
+    let pattern: Vec<u32> = (0..5).map(|_| (rng.next_u64() % vocab) as u32).collect();
+    let examples: Vec<_> = (0..records)
+        .map(|i| {
+            let ids: Vec<u32> = pattern
+                .iter()
+                .cycle()
+                .skip(i % 5)
+                .take(12 + i % 4)
+                .copied()
+                .collect();
+            tokenize(
+                &Record::Tokens {
+                    input_ids: ids,
+                    labels: None,
+                },
+                None,
+                None,
+                64,
+            )
+            .unwrap()
+        })
+        .collect();
+    batches(&examples, batch_size, 64, false, 0).unwrap()
+}
+
+fn train_config(total: usize, accum: usize) -> TrainConfig {
+    TrainConfig {
+        optimizer: OptimizerKind::AdamW {
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.01,
+        },
+        schedule: Schedule {
+            kind: ScheduleKind::Cosine,
+            lr: 2e-2,
+            warmup: 1,
+            total,
+        },
+        grad_accum: accum,
+        max_grad_norm: Some(1.0),
+        gradient_checkpointing: false,
+        seed: 11,
+    }
+}
+
+fn fresh_adapter(model: &mut LlamaModel, dropout: f32) {
+    let mut config = LoraConfig::new(4, 8.0);
+    config.lora_dropout = dropout;
+    model
+        .set_adapter(Some(LoraAdapter::new(config, model.dims()).unwrap()))
+        .unwrap();
+}
+
+#[test]
+fn training_lowers_the_loss() {
+    for dir in model_dirs() {
+        let mut model = load_model(&dir);
+        fresh_adapter(&mut model, 0.0);
+        let data = pattern_batches(&model, 1, 8, 2);
+        let mut trainer = Trainer::new(&model, train_config(24, 1)).unwrap();
+        let plan = RunPlan {
+            total_steps: 24,
+            shuffle: true,
+            seed: 5,
+            save_every: None,
+            out_dir: None,
+        };
+        let mut losses = Vec::new();
+        trainer
+            .run(&mut model, &data, &plan, &mut |r| {
+                losses.push(r.loss);
+                Ok(())
+            })
+            .unwrap();
+        let (first, last) = (losses[0], *losses.last().unwrap());
+        assert!(
+            last < 0.5 * first,
+            "{}: loss {first} → {last}",
+            dir.display()
+        );
+    }
+}
+
+#[test]
+fn a_resumed_run_repeats_the_uninterrupted_one_exactly() {
+    for dir in model_dirs() {
+        let out = scratch("resume");
+        let plan = |total| RunPlan {
+            total_steps: total,
+            shuffle: true,
+            seed: 3,
+            save_every: Some(3),
+            out_dir: Some(out.clone()),
+        };
+        let config = |total| TrainConfig {
+            gradient_checkpointing: true,
+            ..train_config(total, 2)
+        };
+        // uninterrupted: 6 steps (checkpoint-3 written on the way)
+        let mut model = load_model(&dir);
+        fresh_adapter(&mut model, 0.1);
+        let data = pattern_batches(&model, 2, 7, 2);
+        let mut trainer = Trainer::new(&model, config(6)).unwrap();
+        let mut whole = Vec::new();
+        trainer
+            .run(&mut model, &data, &plan(6), &mut |r| {
+                whole.push(r.loss);
+                Ok(())
+            })
+            .unwrap();
+        // resumed from step 3 on a freshly loaded model
+        let mut resumed_model = load_model(&dir);
+        let mut resumed =
+            Trainer::resume(&mut resumed_model, &out.join("checkpoint-3"), config(6)).unwrap();
+        assert_eq!(resumed.steps_done(), 3);
+        let mut tail = Vec::new();
+        resumed
+            .run(&mut resumed_model, &data, &plan(6), &mut |r| {
+                tail.push(r.loss);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(tail, whole[3..], "{}", dir.display());
+        assert_eq!(
+            resumed_model.adapter(),
+            model.adapter(),
+            "{}",
+            dir.display()
+        );
+        std::fs::remove_dir_all(&out).ok();
+    }
+}
+
+/// Gradients of one batch with the model's current weights.
+fn grads_of(model: &mut LlamaModel, b: &Batch) -> Vec<f32> {
+    let mut grads = model.adapter().unwrap().zero_grads();
+    let options = StepOptions {
+        gradient_checkpointing: false,
+        grad_scale: 1.0,
+        dropout_seed: None,
+    };
+    model.loss_and_grads(b, &mut grads, &options).unwrap();
+    grads.slices().concat()
+}
+
+/// Puts a random non-zero B on every pair (a fresh adapter's B = 0 hides half the paths).
+fn randomise(model: &mut LlamaModel) {
+    let mut rng = SplitMix64::new(9);
+    let mut adapter = model.adapter().unwrap().clone();
+    for p in adapter.parameters_mut() {
+        p.iter_mut()
+            .for_each(|v| *v = (rng.next_f64() as f32 - 0.5) * 0.2);
+    }
+    model.set_adapter(Some(adapter)).unwrap();
+}
+
+#[test]
+fn qlora_gradients_match_the_dequantised_model() {
+    for dir in model_dirs() {
+        let mut nf4 = load_model(&dir);
+        nf4.quantize_projections(DType::Nf4).unwrap();
+        fresh_adapter(&mut nf4, 0.0);
+        randomise(&mut nf4);
+        // the same NF4 values, dequantised to dense f32
+        let mut dense = load_model(&dir);
+        dense.quantize_projections(DType::Nf4).unwrap();
+        dense.quantize_projections(DType::F32).unwrap();
+        dense.set_adapter(nf4.adapter().cloned()).unwrap();
+        let b = &pattern_batches(&nf4, 4, 2, 2)[0];
+        let (q, d) = (grads_of(&mut nf4, b), grads_of(&mut dense, b));
+        assert_close(
+            &format!("{} QLoRA grads", dir.display()),
+            &q,
+            &d,
+            &[q.len()],
+            1e-5,
+        );
+        // and NF4 is a real change of the weights: the base model's gradients differ
+        let mut base = load_model(&dir);
+        base.set_adapter(nf4.adapter().cloned()).unwrap();
+        let f = grads_of(&mut base, b);
+        assert!(
+            llama_fixtures::rel_error(&q, &f) > 1e-4,
+            "{}",
+            dir.display()
+        );
+    }
+}
+
+#[test]
+fn merging_keeps_the_logits_and_unmerging_restores_the_weights() {
+    for dir in model_dirs() {
+        let mut model = load_model(&dir);
+        fresh_adapter(&mut model, 0.0);
+        randomise(&mut model);
+        let ids: Vec<u32> = (0..10)
+            .map(|i| (i * 7 % model.config.vocab_size) as u32)
+            .collect();
+        let with_adapter = model.forward(&ids, 1).unwrap();
+        let base_q = model.layers[0]
+            .self_attn
+            .q_proj
+            .to_f32()
+            .unwrap()
+            .into_owned();
+        let adapter = model.merge_adapter().unwrap().unwrap();
+        let merged = model.forward(&ids, 1).unwrap();
+        assert_close(
+            "merged logits",
+            &merged,
+            &with_adapter,
+            &[merged.len()],
+            1e-5,
+        );
+        let out = scratch("merged");
+        save_hf(&model, None, &out, DType::F32).unwrap();
+        let reloaded = load_model(&out).forward(&ids, 1).unwrap();
+        assert_close(
+            "reloaded merged logits",
+            &reloaded,
+            &with_adapter,
+            &[merged.len()],
+            1e-5,
+        );
+        model.unmerge_adapter(adapter).unwrap();
+        let q = model.layers[0].self_attn.q_proj.to_f32().unwrap();
+        assert_close("unmerged q_proj", &q, &base_q, &[q.len()], 1e-5);
+        let again = model.forward(&ids, 1).unwrap();
+        assert_close(
+            "unmerged logits",
+            &again,
+            &with_adapter,
+            &[again.len()],
+            1e-5,
+        );
+        std::fs::remove_dir_all(&out).ok();
+    }
+}
