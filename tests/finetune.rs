@@ -199,13 +199,13 @@ fn randomise(model: &mut LlamaModel) {
 fn qlora_gradients_match_the_dequantised_model() {
     for dir in model_dirs() {
         let mut nf4 = load_model(&dir);
-        nf4.quantize_projections(DType::Nf4).unwrap();
+        nf4.convert_projections(DType::Nf4).unwrap();
         fresh_adapter(&mut nf4, 0.0);
         randomise(&mut nf4);
         // the same NF4 values, dequantised to dense f32
         let mut dense = load_model(&dir);
-        dense.quantize_projections(DType::Nf4).unwrap();
-        dense.quantize_projections(DType::F32).unwrap();
+        dense.convert_projections(DType::Nf4).unwrap();
+        dense.convert_projections(DType::F32).unwrap();
         dense.set_adapter(nf4.adapter().cloned()).unwrap();
         let b = &pattern_batches(&nf4, 4, 2, 2)[0];
         let (q, d) = (grads_of(&mut nf4, b), grads_of(&mut dense, b));

@@ -388,15 +388,16 @@ impl Grads<'_> {
                 &mut p[r * width..(r + 1) * width],
                 &mut ds[r * width..(r + 1) * width],
             );
-            let (l, delta) = (self.lse[row0 + r], self.delta[row0 + r]);
-            for c in 0..width {
-                if (lo..hi).contains(&c) {
-                    pr[c] = exp(self.scale * pr[c] - l);
-                    dr[c] = self.scale * pr[c] * (dr[c] - delta);
-                } else {
-                    pr[c] = 0.0;
-                    dr[c] = 0.0;
-                }
+            let (l, delta, scale) = (self.lse[row0 + r], self.delta[row0 + r], self.scale);
+            for buf in [&mut *pr, &mut *dr] {
+                buf[..lo].fill(0.0);
+                buf[hi.max(lo)..].fill(0.0);
+            }
+            // Visible keys only, in one branch-free loop that vectorises.
+            let visible = lo..hi.max(lo);
+            for (p, d) in pr[visible.clone()].iter_mut().zip(&mut dr[visible]) {
+                *p = exp(scale * *p - l);
+                *d = scale * *p * (*d - delta);
             }
         }
     }

@@ -136,6 +136,15 @@ impl FinetuneArgs {
     }
 }
 
+/// The frozen weights as training reads them: projections in NF4 for QLoRA, else every matrix
+/// dequantised to f32 once (as HF does with a GGUF file), since each is read four times per
+/// step (forward, backward, and both again with checkpointing).
+fn prepare_base(model: &mut llama_model::LlamaModel, load_in_4bit: bool) -> Result<(), String> {
+    let projections = if load_in_4bit { DType::Nf4 } else { DType::F32 };
+    model.convert_projections(projections).map_err(err)?;
+    model.convert_embeddings(DType::F32).map_err(err)
+}
+
 /// Micro-batches of the data file, tokenised with the model's tokenizer.
 fn load_batches(
     args: &FinetuneArgs,
@@ -163,9 +172,7 @@ pub fn finetune_cmd(args: &FinetuneArgs) -> Result<(), String> {
     let max_len = args.max_seq_length.min(loaded.model.max_seq_length);
     let data = load_batches(args, &loaded, max_len)?;
     let model = &mut loaded.model;
-    if args.load_in_4bit {
-        model.quantize_projections(DType::Nf4).map_err(err)?;
-    }
+    prepare_base(model, args.load_in_4bit)?;
     let steps_per_epoch = data.len().div_ceil(args.grad_accum.max(1));
     let total_steps = match (args.steps, args.epochs) {
         (Some(s), _) => s,
@@ -317,5 +324,106 @@ pub fn merge_cmd(args: &MergeArgs) -> Result<(), String> {
         .map_err(err)?;
     }
     eprintln!("merged model written to {}", args.out.display());
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct BenchTrainArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Rows per step.
+    #[arg(long, default_value_t = 1)]
+    batch_size: usize,
+    /// Tokens per row.
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 16)]
+    lora_r: usize,
+    /// Optimizer steps; the first is a warm-up, the best of the rest is reported.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    #[arg(long)]
+    gradient_checkpointing: bool,
+    /// QLoRA: projections in NF4.
+    #[arg(long)]
+    load_in_4bit: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// LoRA training speed: r on all seven projections, AdamW, random ids (as HF's CPU anchor
+/// draws them), best step time after a warm-up, and the peak resident memory.
+pub fn bench_train_cmd(args: &BenchTrainArgs) -> Result<(), String> {
+    let mut loaded = args.model.load()?;
+    let model = &mut loaded.model;
+    prepare_base(model, args.load_in_4bit)?;
+    let mut lora = LoraConfig::new(args.lora_r, args.lora_r as f32);
+    lora.random_state = 0;
+    model
+        .set_adapter(Some(LoraAdapter::new(lora, model.dims()).map_err(err)?))
+        .map_err(err)?;
+    let config = TrainConfig {
+        optimizer: OptimizerKind::AdamW {
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.0,
+        },
+        schedule: Schedule {
+            kind: ScheduleKind::Constant,
+            lr: 1e-4,
+            warmup: 0,
+            total: args.steps,
+        },
+        grad_accum: 1,
+        max_grad_norm: None,
+        gradient_checkpointing: args.gradient_checkpointing,
+        seed: 0,
+    };
+    let mut trainer = Trainer::new(model, config).map_err(err)?;
+    let mut rng = llama_core::SplitMix64::new(7);
+    let vocab = model.config.vocab_size as u64;
+    let (lo, hi) = (100.min(vocab - 1), 30000.min(vocab));
+    let ids: Vec<u32> = (0..args.batch_size * args.seq_len)
+        .map(|_| (lo + rng.next_u64() % (hi - lo)) as u32)
+        .collect();
+    let batch = Batch {
+        labels: ids.iter().map(|&i| i as i64).collect(),
+        ids,
+        batch: args.batch_size,
+    };
+    let mut best = f64::INFINITY;
+    for step in 0..args.steps.max(2) {
+        let start = Instant::now();
+        trainer
+            .step(model, std::slice::from_ref(&batch))
+            .map_err(err)?;
+        if step > 0 {
+            best = best.min(start.elapsed().as_secs_f64());
+        }
+    }
+    let tokens = (args.batch_size * args.seq_len) as f64;
+    let peak_mib = crate::commands::peak_rss().map(|b| b as f64 / (1 << 20) as f64);
+    let object = json!({
+        "engine": "fastllama",
+        "model": loaded.path.display().to_string(),
+        "threads": rayon::current_num_threads(),
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "lora_r": args.lora_r,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "load_in_4bit": args.load_in_4bit,
+        "step_s": best,
+        "tokens_per_s": tokens / best,
+        "peak_rss_mib": peak_mib,
+    });
+    if args.json {
+        println!("{object}");
+    } else {
+        println!(
+            "training {}×{} tokens, r={}, checkpointing {}: {:.1} tok/s ({best:.3} s/step), peak RSS {:.0} MiB",
+            args.batch_size, args.seq_len, args.lora_r, args.gradient_checkpointing, tokens / best, peak_mib.unwrap_or(f64::NAN)
+        );
+    }
     Ok(())
 }

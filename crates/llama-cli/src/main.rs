@@ -35,6 +35,8 @@ enum Command {
     Tokenize(commands::TokenizeArgs),
     /// Fine-tune a LoRA (or QLoRA) adapter on a JSONL file.
     Finetune(Box<finetune::FinetuneArgs>),
+    /// Time LoRA training steps (tokens/s) and report the peak memory.
+    BenchTrain(finetune::BenchTrainArgs),
     /// Merge an adapter into the base weights and write the model (HF directory or GGUF).
     Merge(finetune::MergeArgs),
     /// Describe a model: architecture, sizes, dtypes, quantisation, context, RoPE.
@@ -81,6 +83,7 @@ fn run(cli: &Cli) -> Result<(), String> {
         Command::Info(args) => commands::info_cmd(args),
         Command::Finetune(args) => finetune::finetune_cmd(args),
         Command::Merge(args) => finetune::merge_cmd(args),
+        Command::BenchTrain(args) => finetune::bench_train_cmd(args),
         Command::Bench(args) => commands::bench_cmd(args),
         Command::Fetch { model } => {
             model_args::fetch(model).map(|path| println!("{}", path.display()))

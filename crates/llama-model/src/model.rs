@@ -267,9 +267,10 @@ impl LlamaModel {
         Ok(())
     }
 
-    /// Stores the seven projections of every layer as `dtype` (NF4 for QLoRA), dequantised
-    /// on the fly by every product.
-    pub fn quantize_projections(&mut self, dtype: llama_core::DType) -> Result<()> {
+    /// Stores the seven projections of every layer as `dtype`: NF4 for QLoRA (dequantised on
+    /// the fly by every product), F32 to dequantise them once (LoRA training on a quantised
+    /// file: the products then run at the dense GEMM's speed).
+    pub fn convert_projections(&mut self, dtype: llama_core::DType) -> Result<()> {
         for layer in &mut self.layers {
             let a = &mut layer.self_attn;
             let m = &mut layer.mlp;
@@ -284,6 +285,15 @@ impl LlamaModel {
             ] {
                 *w = w.convert(dtype)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Stores the embeddings (and an untied lm_head) as `dtype`.
+    pub fn convert_embeddings(&mut self, dtype: llama_core::DType) -> Result<()> {
+        self.embed_tokens = self.embed_tokens.convert(dtype)?;
+        if let Some(head) = &mut self.lm_head {
+            *head = head.convert(dtype)?;
         }
         Ok(())
     }
