@@ -56,7 +56,7 @@ pub struct BenchArgs {
     no_peer: bool,
 }
 
-fn run_json(cmd: &mut Command, what: &str) -> Result<Value, String> {
+pub(crate) fn run_json(cmd: &mut Command, what: &str) -> Result<Value, String> {
     let out = cmd.output().map_err(|e| format!("{what}: {e}"))?;
     if !out.status.success() {
         return Err(format!(
@@ -73,19 +73,26 @@ fn run_json(cmd: &mut Command, what: &str) -> Result<Value, String> {
     serde_json::from_str(line).map_err(|e| format!("{what}: no JSON result ({e}): {stdout}"))
 }
 
-/// target/bench-venv with llama-cpp-python, created on first use (a few minutes of C++).
-fn peer_python(root: &Path) -> Result<PathBuf, String> {
-    let venv = root.join("target/bench-venv");
+/// A venv under target/ in which `import` succeeds, created with `packages` on first use.
+pub(crate) fn venv_python(
+    root: &Path,
+    name: &str,
+    import: &str,
+    packages: &[&str],
+    envs: &[(&str, String)],
+) -> Result<PathBuf, String> {
+    let venv = root.join("target").join(name);
     let python = venv.join("bin/python");
     let ready = Command::new(&python)
-        .args(["-c", "import llama_cpp, numpy"])
+        .args(["-c", &format!("import {import}")])
         .output()
         .is_ok_and(|o| o.status.success());
     if ready {
         return Ok(python);
     }
     eprintln!(
-        "building {LLAMA_CPP_PYTHON} into {} (once; several minutes)",
+        "installing {} into {} (once; several minutes)",
+        packages.join(" "),
         venv.display()
     );
     let ok = |status: std::io::Result<std::process::ExitStatus>| status.is_ok_and(|s| s.success());
@@ -97,21 +104,51 @@ fn peer_python(root: &Path) -> Result<PathBuf, String> {
         return Err("python3 -m venv failed".into());
     }
     let installed = Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--disable-pip-version-check",
-            "numpy",
-            LLAMA_CPP_PYTHON,
-        ])
-        .env("CMAKE_ARGS", cmake_args())
-        .env("CMAKE_BUILD_PARALLEL_LEVEL", "2")
+        .args(["-m", "pip", "install", "--disable-pip-version-check"])
+        .args(packages)
+        .envs(envs.iter().map(|(k, v)| (k, v)))
         .status();
     if !ok(installed) {
-        return Err(format!("pip install {LLAMA_CPP_PYTHON} failed"));
+        return Err(format!("pip install {} failed", packages.join(" ")));
     }
     Ok(python)
+}
+
+/// target/bench-venv with llama-cpp-python built for this CPU (a few minutes of C++).
+fn peer_python(root: &Path) -> Result<PathBuf, String> {
+    venv_python(
+        root,
+        "bench-venv",
+        "llama_cpp, numpy",
+        &["numpy", LLAMA_CPP_PYTHON],
+        &[
+            ("CMAKE_ARGS", cmake_args()),
+            ("CMAKE_BUILD_PARALLEL_LEVEL", "2".into()),
+        ],
+    )
+}
+
+/// Builds fastllama (release) and fetches the default model: (the binary, the model's path).
+pub(crate) fn fastllama_and_model(root: &Path) -> Result<(PathBuf, String), String> {
+    let built = cargo::command()
+        .args(["build", "--release", "-p", "llama-cli"])
+        .status();
+    if !built.is_ok_and(|s| s.success()) {
+        return Err("building fastllama failed".into());
+    }
+    let fastllama = root.join("target/release/fastllama");
+    let fetched = Command::new(&fastllama)
+        .arg("fetch")
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !fetched.status.success() {
+        return Err(format!(
+            "fetching the model: {}",
+            String::from_utf8_lossy(&fetched.stderr)
+        ));
+    }
+    let model = String::from_utf8_lossy(&fetched.stdout).trim().to_string();
+    Ok((fastllama, model))
 }
 
 fn row(result: &Value, reference: Option<&Value>) -> String {
@@ -135,24 +172,7 @@ fn row(result: &Value, reference: Option<&Value>) -> String {
 
 pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
     let root = cargo::root();
-    let built = cargo::command()
-        .args(["build", "--release", "-p", "llama-cli"])
-        .status();
-    if !built.is_ok_and(|s| s.success()) {
-        return Err("building fastllama failed".into());
-    }
-    let fastllama = root.join("target/release/fastllama");
-    let fetched = Command::new(&fastllama)
-        .arg("fetch")
-        .output()
-        .map_err(|e| e.to_string())?;
-    if !fetched.status.success() {
-        return Err(format!(
-            "fetching the model: {}",
-            String::from_utf8_lossy(&fetched.stderr)
-        ));
-    }
-    let model = String::from_utf8_lossy(&fetched.stdout).trim().to_string();
+    let (fastllama, model) = fastllama_and_model(&root)?;
     let numbers = |n: usize| n.to_string();
     let mut ours = Vec::new();
     for precision in ["fast", "exact"] {

@@ -3,11 +3,13 @@
 //! - `cargo xtask test [--suite …] [--cpu] [--set key=value …] [--list]` runs the test suites
 //!   and ends with cargo's summary line;
 //! - `cargo xtask bench` times SmolLM2 prefill and decode beside llama.cpp;
+//! - `cargo xtask bench-train` times SmolLM2 LoRA training beside HF transformers + peft;
 //! - `cargo xtask fetch-model` fetches the default model into the cache ahead of time;
 //! - `cargo xtask gpu-bundle` builds every CUDA test and bench binary plus `fastllama` into
 //!   `target/gpu-bundle/` with the kernels, the fixtures and a `run.sh` for the GPU machine.
 
 mod bench;
+mod bench_train;
 mod bundle;
 mod cargo;
 // The parameter table shared with the tests; `param` itself is only for the tests.
@@ -39,6 +41,8 @@ enum Command {
     GpuBundle(bundle::BundleArgs),
     /// Benchmark SmolLM2 on the CPU beside llama.cpp (prefill, decode, peak memory).
     Bench(bench::BenchArgs),
+    /// Benchmark LoRA training of SmolLM2 on the CPU beside HF transformers + peft.
+    BenchTrain(bench_train::BenchTrainArgs),
     /// Fetch the default model (SmolLM2-135M-Instruct) into the cache ahead of first use.
     FetchModel,
 }
@@ -48,6 +52,7 @@ fn main() -> ExitCode {
         Command::Test(args) => test::run(args),
         Command::GpuBundle(args) => bundle::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::BenchTrain(args) => bench_train::run(args),
         Command::FetchModel => fetch_model(),
     };
     match result {

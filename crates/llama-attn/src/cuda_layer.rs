@@ -11,9 +11,10 @@ use llama_ops::Weight;
 use llama_rope::cuda::{apply, DeviceTables, RopeElement};
 use llama_rope::{QkShape, RopeConfig, RotaryEmbedding};
 
-use crate::cuda::{forward, CudaKvCache, ATTENTION};
+use crate::cuda::{backward, forward, CudaKvCache, ATTENTION};
 use crate::error::Result;
 use crate::layer::{AttentionConfig, LlamaAttention};
+use crate::shape::{AttnShape, Mask};
 
 /// A [`LlamaAttention`] whose weights live on a device, in T.
 pub struct CudaLlamaAttention<T: CudaElement + RopeElement> {
@@ -29,6 +30,19 @@ pub struct CudaLlamaAttention<T: CudaElement + RopeElement> {
     /// The intermediates of the last call, reused while the token count stays the same (as it
     /// does from one decode step to the next), so that a step allocates only its output.
     scratch: Option<Scratch<T>>,
+}
+
+/// What [`CudaLlamaAttention::attend`] keeps for the backward: rotated q, k, v in heads, the
+/// attention output and its logsumexp.
+pub struct CudaAttendSaved<T: CudaElement> {
+    q: CudaSlice<T>,
+    k: CudaSlice<T>,
+    v: CudaSlice<T>,
+    attn: CudaSlice<T>,
+    lse: CudaSlice<f32>,
+    positions: Vec<u32>,
+    batch: usize,
+    seq: usize,
 }
 
 /// The intermediate buffers of one [`CudaLlamaAttention::forward_cached`] over `tokens` = B·T.
@@ -170,6 +184,131 @@ impl<T: CudaElement + RopeElement> CudaLlamaAttention<T> {
         // from the same batch and seq); the kernel indexes below that.
         unsafe { launch.launch(config) }.map_err(|e| llama_core::Error::cuda(&name, e))?;
         Ok(())
+    }
+
+    /// The projection weights `[q_proj, k_proj, v_proj, o_proj]` ([out, in]).
+    pub fn weights(&self) -> [&CudaSlice<T>; 4] {
+        [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
+    }
+
+    /// Training forward between the projections (the device twin of
+    /// [`LlamaAttention::attend`]): q, k, v [B·T, heads·D] at `positions`, causal →
+    /// the merged heads [B·T, H·D] and what [`Self::attend_backward`] needs.
+    pub fn attend(
+        &mut self,
+        [q_lin, k_lin, v_lin]: [&CudaSlice<T>; 3],
+        batch: usize,
+        positions: &[u32],
+    ) -> Result<(CudaSlice<T>, CudaAttendSaved<T>)> {
+        let cfg = self.config;
+        let d = &self.device.clone();
+        let seq = q_lin.len() / (batch * cfg.num_heads * cfg.head_dim).max(1);
+        let heads_of = |lin: &CudaSlice<T>, heads: usize| -> Result<CudaSlice<T>> {
+            let mut split = d.zeros::<T>(lin.len())?;
+            self.swap_axes(lin, &mut split, (batch, seq, heads), true)?;
+            Ok(split)
+        };
+        let (mut q, mut k, v) = (
+            heads_of(q_lin, cfg.num_heads)?,
+            heads_of(k_lin, cfg.num_kv_heads)?,
+            heads_of(v_lin, cfg.num_kv_heads)?,
+        );
+        let tables = self.tables(positions)?;
+        for (buf, heads) in [(&mut q, cfg.num_heads), (&mut k, cfg.num_kv_heads)] {
+            let shape = QkShape {
+                batch,
+                heads,
+                seq,
+                head_dim: cfg.head_dim,
+            };
+            apply(buf, shape, tables, positions, false)?;
+        }
+        let shape =
+            AttnShape::self_attention(batch, cfg.num_heads, cfg.num_kv_heads, seq, cfg.head_dim);
+        let mask = Mask {
+            causal: true,
+            padding: None,
+        };
+        let mut attn = d.zeros::<T>(q.len())?;
+        let mut lse = d.zeros::<f32>(shape.q_rows().max(1))?;
+        forward(d, &q, &k, &v, &shape, &mask, &mut attn, &mut lse)?;
+        let mut merged = d.zeros::<T>(q.len())?;
+        self.swap_axes(&attn, &mut merged, (batch, seq, cfg.num_heads), false)?;
+        let saved = CudaAttendSaved {
+            q,
+            k,
+            v,
+            attn,
+            lse,
+            positions: positions.to_vec(),
+            batch,
+            seq,
+        };
+        Ok((merged, saved))
+    }
+
+    /// Backward of [`Self::attend`]: d_merged [B·T, H·D] → the gradients of the projections'
+    /// outputs dq, dk, dv [B·T, heads·D].
+    pub fn attend_backward(
+        &mut self,
+        saved: &CudaAttendSaved<T>,
+        d_merged: &CudaSlice<T>,
+    ) -> Result<[CudaSlice<T>; 3]> {
+        let cfg = self.config;
+        let d = &self.device.clone();
+        let (batch, seq) = (saved.batch, saved.seq);
+        let shape =
+            AttnShape::self_attention(batch, cfg.num_heads, cfg.num_kv_heads, seq, cfg.head_dim);
+        let mask = Mask {
+            causal: true,
+            padding: None,
+        };
+        let mut d_attn = d.zeros::<T>(d_merged.len())?;
+        self.swap_axes(d_merged, &mut d_attn, (batch, seq, cfg.num_heads), true)?;
+        let (mut dq, mut dk, mut dv) = (
+            d.zeros::<T>(saved.q.len())?,
+            d.zeros::<T>(saved.k.len())?,
+            d.zeros::<T>(saved.v.len())?,
+        );
+        backward(
+            d,
+            &saved.q,
+            &saved.k,
+            &saved.v,
+            &saved.attn,
+            &saved.lse,
+            &d_attn,
+            &shape,
+            &mask,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+        )?;
+        // q and k were rotated after the projection: rotate their gradients back.
+        let tables = self.tables(&saved.positions)?;
+        for (buf, heads) in [(&mut dq, cfg.num_heads), (&mut dk, cfg.num_kv_heads)] {
+            let shape = QkShape {
+                batch,
+                heads,
+                seq,
+                head_dim: cfg.head_dim,
+            };
+            apply(buf, shape, tables, &saved.positions, true)?;
+        }
+        let mut out = Vec::with_capacity(3);
+        for (g, heads) in [
+            (&dq, cfg.num_heads),
+            (&dk, cfg.num_kv_heads),
+            (&dv, cfg.num_kv_heads),
+        ] {
+            let mut flat = d.zeros::<T>(g.len())?;
+            self.swap_axes(g, &mut flat, (batch, seq, heads), false)?;
+            out.push(flat);
+        }
+        let [q, k, v]: [CudaSlice<T>; 3] = out
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("three gradients pushed"));
+        Ok([q, k, v])
     }
 
     /// x [B, T, C] (on the device) are the next T positions of each sequence at `positions`

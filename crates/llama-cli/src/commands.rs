@@ -280,7 +280,7 @@ pub enum Shape {
 
 impl Shape {
     /// The HF config.json of the shape.
-    fn config(self) -> llama_model::Result<LlamaConfig> {
+    pub(crate) fn config(self) -> llama_model::Result<LlamaConfig> {
         let (hidden, layers, heads, kv_heads, inter, vocab, theta, tied) = match self {
             Shape::Smollm2_135m => (576, 30, 9, 3, 1536, 49152, 100000.0, true),
             Shape::Llama32_1b => (2048, 16, 32, 8, 8192, 128256, 500000.0, true),

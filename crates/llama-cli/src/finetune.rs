@@ -350,20 +350,16 @@ pub struct BenchTrainArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Random weights of a known shape instead of --model (GPU only).
+    #[arg(long)]
+    random_weights: bool,
+    #[arg(long, value_enum, default_value_t = crate::commands::Shape::Llama32_1b)]
+    shape: crate::commands::Shape,
 }
 
-/// LoRA training speed: r on all seven projections, AdamW, random ids (as HF's CPU anchor
-/// draws them), best step time after a warm-up, and the peak resident memory.
-pub fn bench_train_cmd(args: &BenchTrainArgs) -> Result<(), String> {
-    let mut loaded = args.model.load()?;
-    let model = &mut loaded.model;
-    prepare_base(model, args.load_in_4bit)?;
-    let mut lora = LoraConfig::new(args.lora_r, args.lora_r as f32);
-    lora.random_state = 0;
-    model
-        .set_adapter(Some(LoraAdapter::new(lora, model.dims()).map_err(err)?))
-        .map_err(err)?;
-    let config = TrainConfig {
+/// The bench's training settings: AdamW at a constant 1e-4, no clipping.
+fn bench_config(args: &BenchTrainArgs) -> TrainConfig {
+    TrainConfig {
         optimizer: OptimizerKind::AdamW {
             betas: (0.9, 0.999),
             eps: 1e-8,
@@ -379,51 +375,157 @@ pub fn bench_train_cmd(args: &BenchTrainArgs) -> Result<(), String> {
         max_grad_norm: None,
         gradient_checkpointing: args.gradient_checkpointing,
         seed: 0,
-    };
-    let mut trainer = Trainer::new(model, config).map_err(err)?;
+    }
+}
+
+/// Random ids in 100..30000 (as HF's CPU anchor draws them), labels the same.
+fn bench_batch(args: &BenchTrainArgs, vocab: usize) -> Batch {
     let mut rng = llama_core::SplitMix64::new(7);
-    let vocab = model.config.vocab_size as u64;
+    let vocab = vocab as u64;
     let (lo, hi) = (100.min(vocab - 1), 30000.min(vocab));
     let ids: Vec<u32> = (0..args.batch_size * args.seq_len)
         .map(|_| (lo + rng.next_u64() % (hi - lo)) as u32)
         .collect();
-    let batch = Batch {
+    Batch {
         labels: ids.iter().map(|&i| i as i64).collect(),
         ids,
         batch: args.batch_size,
-    };
+    }
+}
+
+/// Best seconds per step of `steps` runs of `step` after the first (a warm-up).
+fn best_step(steps: usize, mut step: impl FnMut() -> Result<(), String>) -> Result<f64, String> {
     let mut best = f64::INFINITY;
-    for step in 0..args.steps.max(2) {
+    for i in 0..steps.max(2) {
         let start = Instant::now();
-        trainer
-            .step(model, std::slice::from_ref(&batch))
-            .map_err(err)?;
-        if step > 0 {
+        step()?;
+        if i > 0 {
             best = best.min(start.elapsed().as_secs_f64());
         }
     }
+    Ok(best)
+}
+
+/// LoRA training on the GPU: bf16 base (the model's weights, or random ones of a shape),
+/// f32 LoRA and AdamW state, gradient checkpointing; device memory as the most seen in use
+/// minus what was in use before the model.
+fn bench_train_cuda(
+    args: &BenchTrainArgs,
+    device: &std::sync::Arc<llama_core::cuda::CudaDevice>,
+) -> Result<(), String> {
+    if args.load_in_4bit {
+        return Err("--load-in-4bit: QLoRA runs on the CPU in this version".into());
+    }
+    let used = |d: &llama_core::cuda::CudaDevice| d.memory().map(|(t, f)| t - f).unwrap_or(0);
+    let baseline = used(device);
+    let (model, name) = if args.random_weights {
+        let config = args.shape.config().map_err(err)?;
+        (
+            llama_model::CudaLlamaModel::random(device, &config, 7).map_err(err)?,
+            format!("random {:?}", args.shape),
+        )
+    } else {
+        let loaded = args.model.load()?;
+        (
+            llama_model::CudaLlamaModel::upload(device, &loaded.model).map_err(err)?,
+            loaded.path.display().to_string(),
+        )
+    };
+    let config = model.config.clone();
+    let mut lora = LoraConfig::new(args.lora_r, args.lora_r as f32);
+    lora.random_state = 0;
+    let adapter = LoraAdapter::new(lora, config.lora_dims()).map_err(err)?;
+    let mut trainer =
+        llama_model::CudaTrainer::new(model, &adapter, bench_config(args)).map_err(err)?;
+    let batch = bench_batch(args, config.vocab_size);
+    let best = best_step(args.steps, || {
+        trainer
+            .step(std::slice::from_ref(&batch))
+            .map(|_| ())
+            .map_err(err)
+    })?;
     let tokens = (args.batch_size * args.seq_len) as f64;
-    let peak_mib = crate::commands::peak_rss().map(|b| b as f64 / (1 << 20) as f64);
-    let object = json!({
+    let peak_mib = trainer.peak_memory_used().saturating_sub(baseline) as f64 / (1 << 20) as f64;
+    report_train(
+        args,
+        &name,
+        &device.name().to_string(),
+        tokens,
+        best,
+        Some(peak_mib),
+        "device_peak_mib",
+    )
+}
+
+/// Prints one bench result (a JSON object with --json).
+fn report_train(
+    args: &BenchTrainArgs,
+    model: &str,
+    device: &str,
+    tokens: f64,
+    best: f64,
+    peak_mib: Option<f64>,
+    peak_key: &str,
+) -> Result<(), String> {
+    let mut object = json!({
         "engine": "fastllama",
-        "model": loaded.path.display().to_string(),
+        "model": model,
+        "device": device,
         "threads": rayon::current_num_threads(),
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
         "lora_r": args.lora_r,
-        "gradient_checkpointing": args.gradient_checkpointing,
+        "gradient_checkpointing": args.gradient_checkpointing || device != "cpu",
         "load_in_4bit": args.load_in_4bit,
         "step_s": best,
         "tokens_per_s": tokens / best,
-        "peak_rss_mib": peak_mib,
     });
+    object[peak_key] = json!(peak_mib);
     if args.json {
         println!("{object}");
     } else {
         println!(
-            "training {}×{} tokens, r={}, checkpointing {}: {:.1} tok/s ({best:.3} s/step), peak RSS {:.0} MiB",
-            args.batch_size, args.seq_len, args.lora_r, args.gradient_checkpointing, tokens / best, peak_mib.unwrap_or(f64::NAN)
+            "training {}×{} tokens on {device}, r={}: {:.1} tok/s ({best:.3} s/step), {peak_key} {:.0}",
+            args.batch_size, args.seq_len, args.lora_r, tokens / best, peak_mib.unwrap_or(f64::NAN)
         );
     }
     Ok(())
+}
+
+/// LoRA training speed: r on all seven projections, AdamW, random ids (as HF's CPU anchor
+/// draws them), best step time after a warm-up, and the peak resident memory.
+pub fn bench_train_cmd(args: &BenchTrainArgs) -> Result<(), String> {
+    if let Some(device) = args.model.cuda_device()? {
+        return bench_train_cuda(args, &device);
+    }
+    if args.random_weights {
+        return Err("--random-weights runs on a CUDA device (--device cuda)".into());
+    }
+    let mut loaded = args.model.load()?;
+    let model = &mut loaded.model;
+    prepare_base(model, args.load_in_4bit)?;
+    let mut lora = LoraConfig::new(args.lora_r, args.lora_r as f32);
+    lora.random_state = 0;
+    model
+        .set_adapter(Some(LoraAdapter::new(lora, model.dims()).map_err(err)?))
+        .map_err(err)?;
+    let mut trainer = Trainer::new(model, bench_config(args)).map_err(err)?;
+    let batch = bench_batch(args, model.config.vocab_size);
+    let best = best_step(args.steps, || {
+        trainer
+            .step(model, std::slice::from_ref(&batch))
+            .map(|_| ())
+            .map_err(err)
+    })?;
+    let tokens = (args.batch_size * args.seq_len) as f64;
+    let peak_mib = crate::commands::peak_rss().map(|b| b as f64 / (1 << 20) as f64);
+    report_train(
+        args,
+        &loaded.path.display().to_string(),
+        "cpu",
+        tokens,
+        best,
+        peak_mib,
+        "peak_rss_mib",
+    )
 }

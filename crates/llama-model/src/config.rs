@@ -202,6 +202,17 @@ impl LlamaConfig {
         config.validate()
     }
 
+    /// The sizes LoRA matrices take their shapes from.
+    pub fn lora_dims(&self) -> llama_peft::ModelDims {
+        llama_peft::ModelDims {
+            num_layers: self.num_hidden_layers,
+            hidden: self.hidden_size,
+            intermediate: self.intermediate_size,
+            q_width: self.num_attention_heads * self.head_dim,
+            kv_width: self.num_key_value_heads * self.head_dim,
+        }
+    }
+
     /// HF's config.json for this model (`torch_dtype` as given), readable by
     /// [`LlamaConfig::from_hf_json`] and by transformers.
     pub fn to_hf_json(&self, dtype: llama_core::DType) -> Value {

@@ -22,13 +22,13 @@ use crate::generate::Decoder;
 use crate::model::{positions, LlamaModel};
 
 /// One decoder layer's device weights.
-struct CudaLayer {
-    input_layernorm: CudaSlice<bf16>,
-    self_attn: CudaLlamaAttention<bf16>,
-    post_attention_layernorm: CudaSlice<bf16>,
-    gate_proj: CudaSlice<bf16>,
-    up_proj: CudaSlice<bf16>,
-    down_proj: CudaSlice<bf16>,
+pub(crate) struct CudaLayer {
+    pub(crate) input_layernorm: CudaSlice<bf16>,
+    pub(crate) self_attn: CudaLlamaAttention<bf16>,
+    pub(crate) post_attention_layernorm: CudaSlice<bf16>,
+    pub(crate) gate_proj: CudaSlice<bf16>,
+    pub(crate) up_proj: CudaSlice<bf16>,
+    pub(crate) down_proj: CudaSlice<bf16>,
 }
 
 /// The activations of one forward over `rows` = B·T tokens, kept from one decode step to the
@@ -99,13 +99,13 @@ impl CudaModelCache {
 /// A Llama model on a CUDA device.
 pub struct CudaLlamaModel {
     pub config: LlamaConfig,
-    device: Arc<CudaDevice>,
+    pub(crate) device: Arc<CudaDevice>,
     /// Token embeddings stay on the host for the lookup: [V, C].
     embed_tokens: Weight,
-    layers: Vec<CudaLayer>,
-    norm: CudaSlice<bf16>,
+    pub(crate) layers: Vec<CudaLayer>,
+    pub(crate) norm: CudaSlice<bf16>,
     /// [V, C] (a copy of the embeddings when tied).
-    lm_head: CudaSlice<bf16>,
+    pub(crate) lm_head: CudaSlice<bf16>,
     pub max_seq_length: usize,
     /// Activations reused while the token count stays the same.
     buffers: Option<Buffers>,
@@ -114,7 +114,7 @@ pub struct CudaLlamaModel {
 /// The KV cache grows by this many positions at a time.
 const CACHE_INCREMENT: usize = 256;
 
-fn to_bf16(values: &[f32]) -> Vec<bf16> {
+pub(crate) fn to_bf16(values: &[f32]) -> Vec<bf16> {
     values.iter().map(|&v| bf16::from_f32(v)).collect()
 }
 
@@ -238,7 +238,7 @@ impl CudaLlamaModel {
     }
 
     /// The embeddings of `ids`, looked up on the host, into h [N, C] on the device.
-    fn embed_into(&self, ids: &[u32], h: &mut CudaSlice<bf16>) -> Result<()> {
+    pub(crate) fn embed_into(&self, ids: &[u32], h: &mut CudaSlice<bf16>) -> Result<()> {
         let c = self.config.hidden_size;
         let mut rows = vec![0f32; ids.len() * c];
         for (row, &id) in rows.chunks_exact_mut(c).zip(ids) {

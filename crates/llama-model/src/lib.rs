@@ -15,6 +15,7 @@
 
 mod config;
 mod cuda_model;
+mod cuda_train;
 pub mod data;
 mod engine;
 mod error;
@@ -33,6 +34,7 @@ mod trainer;
 
 pub use config::LlamaConfig;
 pub use cuda_model::{CudaLlamaModel, CudaModelCache};
+pub use cuda_train::CudaTrainer;
 pub use engine::{Engine, EngineCache};
 pub use error::{ModelError, Result};
 pub use export::{save_gguf, save_hf};

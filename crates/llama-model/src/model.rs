@@ -187,14 +187,7 @@ impl LlamaModel {
 
     /// The sizes LoRA matrices are shaped by.
     pub fn dims(&self) -> ModelDims {
-        let c = &self.config;
-        ModelDims {
-            num_layers: c.num_hidden_layers,
-            hidden: c.hidden_size,
-            intermediate: c.intermediate_size,
-            q_width: c.num_attention_heads * c.head_dim,
-            kv_width: c.num_key_value_heads * c.head_dim,
-        }
+        self.config.lora_dims()
     }
 
     /// Applies `adapter` in every forward from now on (replacing any other); None removes it.

@@ -15,6 +15,7 @@
 
 mod adapter;
 mod config;
+pub mod cuda;
 mod error;
 pub mod fused;
 mod lora;

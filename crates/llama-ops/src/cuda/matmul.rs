@@ -118,6 +118,28 @@ pub fn linear<T: CudaElement>(
     in_features: usize,
     y: &mut CudaSlice<T>,
 ) -> Result<()> {
+    linear_into(device, x, weight, in_features, y, false)
+}
+
+/// y [M, N] += x · Wᵀ (a LoRA branch added to the frozen product).
+pub fn linear_accumulate<T: CudaElement>(
+    device: &CudaDevice,
+    x: &CudaSlice<T>,
+    weight: &CudaSlice<T>,
+    in_features: usize,
+    y: &mut CudaSlice<T>,
+) -> Result<()> {
+    linear_into(device, x, weight, in_features, y, true)
+}
+
+fn linear_into<T: CudaElement>(
+    device: &CudaDevice,
+    x: &CudaSlice<T>,
+    weight: &CudaSlice<T>,
+    in_features: usize,
+    y: &mut CudaSlice<T>,
+    accumulate: bool,
+) -> Result<()> {
     let op = "cuda linear";
     let k = in_features;
     let m = rows_of(op, "x", x.len(), k)?;
@@ -133,7 +155,7 @@ pub fn linear<T: CudaElement>(
         transpose: false,
         ld: k,
     };
-    gemm(device, (n, m, k), w, xt, y, false)
+    gemm(device, (n, m, k), w, xt, y, accumulate)
 }
 
 /// Linear backward for the input: dy [M, N], weight [N, K] → dx [M, K] = dy · W.
@@ -144,6 +166,28 @@ pub fn linear_backward_input<T: CudaElement>(
     weight: &CudaSlice<T>,
     in_features: usize,
     dx: &mut CudaSlice<T>,
+) -> Result<()> {
+    backward_input_into(device, dy, weight, in_features, dx, false)
+}
+
+/// dx [M, K] += dy · W: the input gradients of several products that read the same x.
+pub fn linear_backward_input_accumulate<T: CudaElement>(
+    device: &CudaDevice,
+    dy: &CudaSlice<T>,
+    weight: &CudaSlice<T>,
+    in_features: usize,
+    dx: &mut CudaSlice<T>,
+) -> Result<()> {
+    backward_input_into(device, dy, weight, in_features, dx, true)
+}
+
+fn backward_input_into<T: CudaElement>(
+    device: &CudaDevice,
+    dy: &CudaSlice<T>,
+    weight: &CudaSlice<T>,
+    in_features: usize,
+    dx: &mut CudaSlice<T>,
+    accumulate: bool,
 ) -> Result<()> {
     let op = "cuda linear_backward_input";
     let k = in_features;
@@ -160,7 +204,7 @@ pub fn linear_backward_input<T: CudaElement>(
         transpose: false,
         ld: n,
     };
-    gemm(device, (k, m, n), wt, dyt, dx, false)
+    gemm(device, (k, m, n), wt, dyt, dx, accumulate)
 }
 
 /// Linear backward for the weight: dy [M, N], x [M, K] → dw [N, K] += dyᵀ · x (f32).

@@ -19,7 +19,10 @@ pub use activation::{
     add_in_place, fill_uniform, gated_backward, gated_forward, gated_forward_in_place,
 };
 pub use loss::{cross_entropy, cross_entropy_backward, CudaCrossEntropy};
-pub use matmul::{linear, linear_backward_input, linear_backward_weight};
+pub use matmul::{
+    linear, linear_accumulate, linear_backward_input, linear_backward_input_accumulate,
+    linear_backward_weight,
+};
 pub use norm::{gemma_rms_norm, layer_norm, layer_norm_backward, rms_norm, rms_norm_backward};
 pub use quant::CudaQuantMatrix;
 

@@ -1,0 +1,589 @@
+//! LoRA training on one CUDA device: bf16 base weights ([`CudaLlamaModel`]), f32 LoRA masters
+//! and AdamW state ([`CudaLoraPair`]), bf16 activations, cuBLAS products with f32 accumulation.
+//! The same step as the CPU's ([`crate::Trainer`]), with gradient checkpointing always on (as
+//! Unsloth trains): the forward keeps each layer's input, the backward recomputes the layer
+//! with its tape and runs the layer's backward (see layer.rs for the formulas).
+//! Letters: N = B·T rows, C hidden, F intermediate, V vocabulary.
+
+use std::sync::Arc;
+
+use cudarc::driver::CudaSlice;
+use llama_attn::CudaAttendSaved;
+use llama_core::bf16;
+use llama_core::cuda::CudaDevice;
+use llama_ops::cuda::{
+    add_in_place, cross_entropy, cross_entropy_backward, gated_backward, gated_forward, linear,
+    linear_backward_input, linear_backward_input_accumulate, rms_norm, rms_norm_backward,
+};
+use llama_ops::CrossEntropyOptions;
+use llama_peft::cuda::{CudaLoraPair, CudaLoraSaved};
+use llama_peft::{AdapterGrads, LayerLora, LoraAdapter, LoraConfig, Target};
+
+use crate::cuda_model::{CudaLayer, CudaLlamaModel};
+use crate::error::{ModelError, Result};
+use crate::model::shift_labels;
+use crate::trainer::{Batch, StepReport, TrainConfig};
+
+type Pairs = [Option<CudaLoraPair>; 7];
+
+/// What one layer's recomputed forward keeps for its backward.
+struct Tape {
+    normed1: CudaSlice<bf16>,
+    qkv_lora: [Option<CudaLoraSaved>; 3],
+    attend: CudaAttendSaved<bf16>,
+    merged: CudaSlice<bf16>,
+    o_lora: Option<CudaLoraSaved>,
+    mid: CudaSlice<bf16>,
+    normed2: CudaSlice<bf16>,
+    gate: CudaSlice<bf16>,
+    up: CudaSlice<bf16>,
+    hact: CudaSlice<bf16>,
+    mlp_lora: [Option<CudaLoraSaved>; 3],
+}
+
+fn cuda_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> ModelError + '_ {
+    move |e| llama_core::Error::cuda(what, e).into()
+}
+
+/// y [N, out] = x·Wᵀ (+ the pair's branch), and the pair's saved values.
+fn project(
+    d: &CudaDevice,
+    x: &CudaSlice<bf16>,
+    w: &CudaSlice<bf16>,
+    in_features: usize,
+    pair: Option<&CudaLoraPair>,
+) -> Result<(CudaSlice<bf16>, Option<CudaLoraSaved>)> {
+    let rows = x.len() / in_features;
+    let mut y = d.zeros::<bf16>(rows * (w.len() / in_features))?;
+    linear(d, x, w, in_features, &mut y)?;
+    let saved = pair.map(|p| p.forward_add(x, &mut y)).transpose()?;
+    Ok((y, saved))
+}
+
+/// A frozen projection in the backward: its weight [out, in], its LoRA pair (whose
+/// gradients accumulate) and what the pair's forward saved.
+struct Frozen<'a> {
+    w: &'a CudaSlice<bf16>,
+    in_features: usize,
+    pair: Option<&'a mut CudaLoraPair>,
+    saved: &'a Option<CudaLoraSaved>,
+}
+
+/// dx [N, in] (+)= dy·W (+ the pair's branch) for the projection's input x.
+fn project_backward(
+    d: &CudaDevice,
+    p: Frozen,
+    x: &CudaSlice<bf16>,
+    dy: &CudaSlice<bf16>,
+    dx: &mut CudaSlice<bf16>,
+    accumulate: bool,
+) -> Result<()> {
+    if accumulate {
+        linear_backward_input_accumulate(d, dy, p.w, p.in_features, dx)?;
+    } else {
+        linear_backward_input(d, dy, p.w, p.in_features, dx)?;
+    }
+    if let (Some(pair), Some(saved)) = (p.pair, p.saved) {
+        pair.backward(x, saved, dy, dx)?;
+    }
+    Ok(())
+}
+
+/// A LoRA training run on the GPU.
+pub struct CudaTrainer {
+    model: CudaLlamaModel,
+    lora: Vec<Pairs>,
+    lora_config: LoraConfig,
+    pub config: TrainConfig,
+    step: u64,
+    /// The most device memory seen in use at the step's fullest points.
+    peak_used: usize,
+}
+
+impl CudaTrainer {
+    /// `adapter`'s pairs uploaded beside `model`'s weights.
+    pub fn new(
+        model: CudaLlamaModel,
+        adapter: &LoraAdapter,
+        config: TrainConfig,
+    ) -> Result<CudaTrainer> {
+        if adapter.layers.len() != model.layers.len() {
+            return Err(ModelError::input(
+                "adapter",
+                "its layers do not match the model's".to_string(),
+            ));
+        }
+        config.optimizer.validate()?;
+        let device = model.device().clone();
+        let lora = adapter
+            .layers
+            .iter()
+            .map(|l| {
+                let mut pairs: Pairs = Default::default();
+                for t in Target::ALL {
+                    if let Some(p) = l.get(t) {
+                        pairs[t as usize] = Some(CudaLoraPair::upload(&device, p)?);
+                    }
+                }
+                Ok(pairs)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(CudaTrainer {
+            model,
+            lora,
+            lora_config: adapter.config.clone(),
+            config,
+            step: 0,
+            peak_used: 0,
+        })
+    }
+
+    pub fn device(&self) -> &Arc<CudaDevice> {
+        self.model.device()
+    }
+
+    /// The most device memory (bytes, the whole device's) seen in use during the steps so far,
+    /// sampled after the forward and inside each layer's backward.
+    pub fn peak_memory_used(&self) -> usize {
+        self.peak_used
+    }
+
+    fn sample_memory(&mut self) {
+        if let Ok((total, free)) = self.device().memory() {
+            self.peak_used = self.peak_used.max(total - free);
+        }
+    }
+
+    /// The adapter as trained so far, on the host.
+    pub fn adapter(&self) -> Result<LoraAdapter> {
+        let layers = self
+            .lora
+            .iter()
+            .map(|pairs| {
+                let mut layer = LayerLora::default();
+                for (slot, p) in layer.0.iter_mut().zip(pairs) {
+                    *slot = p.as_ref().map(CudaLoraPair::download).transpose()?;
+                }
+                Ok(layer)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(LoraAdapter {
+            config: self.lora_config.clone(),
+            layers,
+        })
+    }
+
+    /// The gradients accumulated since they were last zeroed, on the host.
+    pub fn grads(&self) -> Result<AdapterGrads> {
+        let layers = self
+            .lora
+            .iter()
+            .map(|pairs| {
+                let mut out: [Option<llama_peft::LoraGrads>; 7] = Default::default();
+                for (slot, p) in out.iter_mut().zip(pairs) {
+                    *slot = p.as_ref().map(CudaLoraPair::grads).transpose()?;
+                }
+                Ok(out)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(AdapterGrads { layers })
+    }
+
+    fn pairs_mut(&mut self) -> impl Iterator<Item = &mut CudaLoraPair> {
+        self.lora.iter_mut().flat_map(|l| l.iter_mut().flatten())
+    }
+
+    /// Sets every gradient to zero.
+    pub fn zero_grads(&mut self) -> Result<()> {
+        self.pairs_mut()
+            .try_for_each(|p| p.zero_grads().map_err(Into::into))
+    }
+
+    /// One optimizer step over `micro_batches` (each weighted 1/count), as [`crate::Trainer::step`].
+    pub fn step(&mut self, micro_batches: &[Batch]) -> Result<StepReport> {
+        if micro_batches.is_empty() {
+            return Err(ModelError::input(
+                "micro_batches",
+                "a step needs at least one batch".to_string(),
+            ));
+        }
+        self.zero_grads()?;
+        let (mut loss, mut tokens) = (0f32, 0usize);
+        let scale = 1.0 / micro_batches.len() as f32;
+        for b in micro_batches {
+            loss += self.loss_and_grads(b, scale)? * scale;
+            tokens += b.ids.len();
+        }
+        let grad_norm = self.grad_norm()?;
+        if let Some(max) = self.config.max_grad_norm {
+            let factor = max / (grad_norm + 1e-6);
+            if factor < 1.0 {
+                self.pairs_mut().try_for_each(|p| p.scale_grads(factor))?;
+            }
+        }
+        let lr = self.config.schedule.lr_at(self.step as usize);
+        self.step += 1;
+        let (kind, step) = (self.config.optimizer, self.step);
+        self.pairs_mut()
+            .try_for_each(|p| p.update(kind, step, lr))?;
+        Ok(StepReport {
+            step: step as usize,
+            loss,
+            lr,
+            grad_norm,
+            tokens,
+        })
+    }
+
+    fn grad_norm(&mut self) -> Result<f32> {
+        let d = self.device().clone();
+        let mut acc = d.zeros::<f32>(1)?;
+        for p in self.pairs_mut() {
+            p.grad_sumsq(&mut acc)?;
+        }
+        Ok(d.dtoh(&acc)?[0].sqrt())
+    }
+
+    /// The batch's loss (HF's shift, mean over scored tokens) and its LoRA gradients times
+    /// `scale`, accumulated on the device.
+    pub fn loss_and_grads(&mut self, b: &Batch, scale: f32) -> Result<f32> {
+        let cfg = self.model.config.clone();
+        if b.batch == 0
+            || b.ids.is_empty()
+            || b.ids.len() % b.batch != 0
+            || b.labels.len() != b.ids.len()
+        {
+            return Err(ModelError::input(
+                "batch",
+                format!(
+                    "{} ids and {} labels do not form {} rows",
+                    b.ids.len(),
+                    b.labels.len(),
+                    b.batch
+                ),
+            ));
+        }
+        let seq = b.ids.len() / b.batch;
+        if seq > self.model.max_seq_length {
+            return Err(ModelError::input(
+                "input_ids",
+                format!(
+                    "{seq} positions do not fit the context of {}",
+                    self.model.max_seq_length
+                ),
+            ));
+        }
+        let positions: Vec<u32> = (0..seq as u32).collect();
+        let d = self.device().clone();
+        let mut h = d.zeros::<bf16>(b.ids.len() * cfg.hidden_size)?;
+        self.model.embed_into(&b.ids, &mut h)?;
+        // forward, keeping only each layer's input
+        let mut inputs = Vec::with_capacity(self.lora.len());
+        for i in 0..self.lora.len() {
+            let (out, _) = self.layer_forward(i, &h, b.batch, &positions)?;
+            inputs.push(std::mem::replace(&mut h, out));
+        }
+        // head
+        let mut normed = d.zeros::<bf16>(h.len())?;
+        rms_norm(&d, &h, &self.model.norm, cfg.rms_norm_eps, &mut normed)?;
+        let targets = shift_labels(&b.labels, seq);
+        self.sample_memory();
+        let (loss, d_normed) = self.head_backward(&normed, &targets, scale)?;
+        let mut dh = d.zeros::<bf16>(h.len())?;
+        let mut dw = d.zeros::<f32>(cfg.hidden_size)?;
+        rms_norm_backward(
+            &d,
+            &h,
+            &self.model.norm,
+            &d_normed,
+            cfg.rms_norm_eps,
+            &mut dh,
+            &mut dw,
+        )?;
+        drop((normed, d_normed, h));
+        // backward, last layer first, each recomputed from its input
+        while let Some(input) = inputs.pop() {
+            let i = inputs.len();
+            let (_, tape) = self.layer_forward(i, &input, b.batch, &positions)?;
+            dh = self.layer_backward(i, &input, &tape, &dh)?;
+        }
+        Ok(loss)
+    }
+
+    /// Layer i over x [N, C]: its output and everything its backward needs.
+    fn layer_forward(
+        &mut self,
+        i: usize,
+        x: &CudaSlice<bf16>,
+        batch: usize,
+        positions: &[u32],
+    ) -> Result<(CudaSlice<bf16>, Tape)> {
+        let cfg = &self.model.config;
+        let (c, f, eps, act) = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.rms_norm_eps,
+            cfg.hidden_act,
+        );
+        let q_width = cfg.num_attention_heads * cfg.head_dim;
+        let d = self.model.device().clone();
+        let layer: &mut CudaLayer = &mut self.model.layers[i];
+        let pairs = &self.lora[i];
+        let pair = |t: Target| pairs[t as usize].as_ref();
+        let mut normed1 = d.zeros::<bf16>(x.len())?;
+        rms_norm(&d, x, &layer.input_layernorm, eps, &mut normed1)?;
+        let ([q, k, v], qkv_lora) = {
+            let [wq, wk, wv, _] = layer.self_attn.weights();
+            let (q, q_s) = project(&d, &normed1, wq, c, pair(Target::QProj))?;
+            let (k, k_s) = project(&d, &normed1, wk, c, pair(Target::KProj))?;
+            let (v, v_s) = project(&d, &normed1, wv, c, pair(Target::VProj))?;
+            ([q, k, v], [q_s, k_s, v_s])
+        };
+        let (merged, attend) = layer.self_attn.attend([&q, &k, &v], batch, positions)?;
+        drop((q, k, v));
+        let wo = layer.self_attn.weights()[3];
+        let (attn_out, o_lora) = project(&d, &merged, wo, q_width, pair(Target::OProj))?;
+        let mut mid = d.stream().clone_dtod(x).map_err(cuda_err("clone_dtod"))?;
+        add_in_place(&d, &mut mid, &attn_out)?;
+        drop(attn_out);
+        let mut normed2 = d.zeros::<bf16>(x.len())?;
+        rms_norm(&d, &mid, &layer.post_attention_layernorm, eps, &mut normed2)?;
+        let (gate, g_s) = project(&d, &normed2, &layer.gate_proj, c, pair(Target::GateProj))?;
+        let (up, u_s) = project(&d, &normed2, &layer.up_proj, c, pair(Target::UpProj))?;
+        let mut hact = d.zeros::<bf16>(gate.len())?;
+        gated_forward(&d, act, &gate, &up, &mut hact)?;
+        let (mlp_out, dn_s) = project(&d, &hact, &layer.down_proj, f, pair(Target::DownProj))?;
+        let mut out = d
+            .stream()
+            .clone_dtod(&mid)
+            .map_err(cuda_err("clone_dtod"))?;
+        add_in_place(&d, &mut out, &mlp_out)?;
+        let tape = Tape {
+            normed1,
+            qkv_lora,
+            attend,
+            merged,
+            o_lora,
+            mid,
+            normed2,
+            gate,
+            up,
+            hact,
+            mlp_lora: [g_s, u_s, dn_s],
+        };
+        Ok((out, tape))
+    }
+
+    /// Backward of layer i for dout [N, C] (the gradient of its output), given its input x:
+    /// returns the gradient of x; LoRA gradients accumulated.
+    fn layer_backward(
+        &mut self,
+        i: usize,
+        x: &CudaSlice<bf16>,
+        tape: &Tape,
+        dout: &CudaSlice<bf16>,
+    ) -> Result<CudaSlice<bf16>> {
+        let cfg = &self.model.config;
+        let (c, f, eps, act) = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.rms_norm_eps,
+            cfg.hidden_act,
+        );
+        let q_width = cfg.num_attention_heads * cfg.head_dim;
+        let d = self.model.device().clone();
+        let layer: &mut CudaLayer = &mut self.model.layers[i];
+        let [pq, pk, pv, po, p_gate, p_up, p_down] = self.lora[i].each_mut().map(Option::as_mut);
+        let mut dw = d.zeros::<f32>(c)?;
+        // out = mid + down(act(gate(n₂)) ⊙ up(n₂)), n₂ = rms_norm(mid)
+        let mut d_hact = d.zeros::<bf16>(tape.hact.len())?;
+        project_backward(
+            &d,
+            Frozen {
+                w: &layer.down_proj,
+                in_features: f,
+                pair: p_down,
+                saved: &tape.mlp_lora[2],
+            },
+            &tape.hact,
+            dout,
+            &mut d_hact,
+            false,
+        )?;
+        let mut d_gate = d.zeros::<bf16>(tape.gate.len())?;
+        let mut d_up = d.zeros::<bf16>(tape.up.len())?;
+        gated_backward(
+            &d,
+            act,
+            &tape.gate,
+            &tape.up,
+            &d_hact,
+            &mut d_gate,
+            &mut d_up,
+        )?;
+        drop(d_hact);
+        let mut d_normed = d.zeros::<bf16>(dout.len())?;
+        project_backward(
+            &d,
+            Frozen {
+                w: &layer.gate_proj,
+                in_features: c,
+                pair: p_gate,
+                saved: &tape.mlp_lora[0],
+            },
+            &tape.normed2,
+            &d_gate,
+            &mut d_normed,
+            false,
+        )?;
+        project_backward(
+            &d,
+            Frozen {
+                w: &layer.up_proj,
+                in_features: c,
+                pair: p_up,
+                saved: &tape.mlp_lora[1],
+            },
+            &tape.normed2,
+            &d_up,
+            &mut d_normed,
+            true,
+        )?;
+        drop((d_gate, d_up));
+        let mut d_mid = d.zeros::<bf16>(dout.len())?;
+        rms_norm_backward(
+            &d,
+            &tape.mid,
+            &layer.post_attention_layernorm,
+            &d_normed,
+            eps,
+            &mut d_mid,
+            &mut dw,
+        )?;
+        add_in_place(&d, &mut d_mid, dout)?;
+        // mid = x + o(attend(qkv(n₁))), n₁ = rms_norm(x)
+        let mut d_merged = d.zeros::<bf16>(tape.merged.len())?;
+        {
+            let wo = layer.self_attn.weights()[3];
+            project_backward(
+                &d,
+                Frozen {
+                    w: wo,
+                    in_features: q_width,
+                    pair: po,
+                    saved: &tape.o_lora,
+                },
+                &tape.merged,
+                &d_mid,
+                &mut d_merged,
+                false,
+            )?;
+        }
+        let [dq, dk, dv] = layer.self_attn.attend_backward(&tape.attend, &d_merged)?;
+        drop(d_merged);
+        if let Ok((total, free)) = d.memory() {
+            self.peak_used = self.peak_used.max(total - free);
+        }
+        let [wq, wk, wv, _] = layer.self_attn.weights();
+        project_backward(
+            &d,
+            Frozen {
+                w: wq,
+                in_features: c,
+                pair: pq,
+                saved: &tape.qkv_lora[0],
+            },
+            &tape.normed1,
+            &dq,
+            &mut d_normed,
+            false,
+        )?;
+        project_backward(
+            &d,
+            Frozen {
+                w: wk,
+                in_features: c,
+                pair: pk,
+                saved: &tape.qkv_lora[1],
+            },
+            &tape.normed1,
+            &dk,
+            &mut d_normed,
+            true,
+        )?;
+        project_backward(
+            &d,
+            Frozen {
+                w: wv,
+                in_features: c,
+                pair: pv,
+                saved: &tape.qkv_lora[2],
+            },
+            &tape.normed1,
+            &dv,
+            &mut d_normed,
+            true,
+        )?;
+        let mut dx = d.zeros::<bf16>(dout.len())?;
+        rms_norm_backward(
+            &d,
+            x,
+            &layer.input_layernorm,
+            &d_normed,
+            eps,
+            &mut dx,
+            &mut dw,
+        )?;
+        add_in_place(&d, &mut dx, &d_mid)?;
+        Ok(dx)
+    }
+
+    /// Cross entropy of the normed hidden states [N, C] against `targets` [N], and its
+    /// gradient [N, C] times `scale`, a chunk of rows at a time (the [N, V] logits never exist
+    /// whole).
+    fn head_backward(
+        &self,
+        normed: &CudaSlice<bf16>,
+        targets: &[i64],
+        scale: f32,
+    ) -> Result<(f32, CudaSlice<bf16>)> {
+        let d = self.device();
+        let (c, v) = (self.model.config.hidden_size, self.model.config.vocab_size);
+        let opts = CrossEntropyOptions::default();
+        let scored = targets.iter().filter(|&&t| t != opts.ignore_index).count();
+        let mut d_normed = d.zeros::<bf16>(normed.len())?;
+        let rows = ((1usize << 27) / v.max(1)).max(1);
+        let mut loss_sum = 0f64;
+        for (chunk, t) in targets.chunks(rows).enumerate() {
+            if t.iter().all(|&t| t == opts.ignore_index) {
+                continue;
+            }
+            let (first, n) = (chunk * rows, t.len());
+            let mut x = d.zeros::<bf16>(n * c)?;
+            d.stream()
+                .memcpy_dtod(&normed.slice(first * c..(first + n) * c), &mut x)
+                .map_err(cuda_err("memcpy_dtod"))?;
+            let mut logits = d.zeros::<bf16>(n * v)?;
+            linear(d, &x, &self.model.lm_head, c, &mut logits)?;
+            let ce = cross_entropy(d, &logits, t, &opts)?;
+            loss_sum += ce.loss as f64 * ce.n_valid as f64;
+            cross_entropy_backward(
+                d,
+                &mut logits,
+                &ce,
+                scale * ce.n_valid as f32 / scored as f32,
+                &opts,
+            )?;
+            linear_backward_input(d, &logits, &self.model.lm_head, c, &mut x)?;
+            d.stream()
+                .memcpy_dtod(&x, &mut d_normed.slice_mut(first * c..(first + n) * c))
+                .map_err(cuda_err("memcpy_dtod"))?;
+        }
+        let loss = if scored == 0 {
+            0.0
+        } else {
+            (loss_sum / scored as f64) as f32
+        };
+        Ok((loss, d_normed))
+    }
+}

@@ -1,0 +1,103 @@
+//! LoRA training on the GPU (bf16 base, f32 LoRA) against peft's f32 numbers for every adapter
+//! under `$LLAMA_FIXTURES/peft`: the loss, every LoRA gradient, and the matrices after three
+//! AdamW steps, within bf16 tolerance. Skipped, and counted, without a CUDA device.
+
+use llama_fixtures::{assert_close, cuda_or_skip, fixtures_dir, Fixture};
+use llama_model::{load, Batch, CudaLlamaModel, CudaTrainer, Precision, TrainConfig};
+use llama_peft::{peft_name, LoraAdapter, OptimizerKind, Schedule, ScheduleKind};
+
+#[test]
+fn gpu_lora_training_matches_peft_in_bf16() {
+    let Some(gpu) = cuda_or_skip!() else { return };
+    let root = fixtures_dir().join("peft");
+    let mut names: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("adapter_config.json").exists())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    for name in names {
+        let fixture = Fixture::open(&format!("peft/{name}/reference"));
+        let base = fixture.json()["base_model"].as_str().unwrap();
+        let cpu = load(&fixtures_dir().join(base), Precision::Exact, &mut |_, _| {})
+            .unwrap()
+            .model;
+        let adapter = LoraAdapter::load(&root.join(&name), cpu.dims()).unwrap();
+        let config = TrainConfig {
+            optimizer: OptimizerKind::AdamW {
+                betas: (0.9, 0.999),
+                eps: 1e-8,
+                weight_decay: 0.01,
+            },
+            schedule: Schedule {
+                kind: ScheduleKind::Constant,
+                lr: 1e-2,
+                warmup: 0,
+                total: 3,
+            },
+            grad_accum: 1,
+            max_grad_norm: None,
+            gradient_checkpointing: true,
+            seed: 0,
+        };
+        let mut trainer = CudaTrainer::new(
+            CudaLlamaModel::upload(&gpu, &cpu).unwrap(),
+            &adapter,
+            config,
+        )
+        .unwrap();
+        let (ids, shape) = fixture.i64("input_ids");
+        let (labels, _) = fixture.i64("labels");
+        let batch = Batch {
+            ids: ids.iter().map(|&i| i as u32).collect(),
+            labels,
+            batch: shape[0],
+        };
+        let loss = trainer.loss_and_grads(&batch, 1.0).unwrap();
+        let (expected, _) = fixture.f32("loss");
+        assert_close(&format!("{name} gpu loss"), &[loss], &expected, &[1], 1e-2);
+        let grads = trainer.grads().unwrap();
+        for (i, t, _) in adapter.pairs() {
+            let g = grads.get(i, t).unwrap();
+            for (which, values) in [("A", &g.a), ("B", &g.b)] {
+                let key = format!("grad.{}", peft_name(i, t, which, true));
+                let (expected, shape) = fixture.f32(&key);
+                assert_close(
+                    &format!("{name} gpu {key}"),
+                    values,
+                    &expected,
+                    &shape,
+                    5e-2,
+                );
+            }
+        }
+        let losses: Vec<f32> = (0..3)
+            .map(|_| trainer.step(std::slice::from_ref(&batch)).unwrap().loss)
+            .collect();
+        let (expected, shape) = fixture.f32("adamw_losses");
+        assert_close(
+            &format!("{name} gpu adamw losses"),
+            &losses,
+            &expected,
+            &shape,
+            1e-2,
+        );
+        // Adam divides each update by the gradient's running RMS, so entries whose gradient is
+        // near zero move by bf16 noise: the matrices after three steps get a wider bound.
+        let trained = trainer.adapter().unwrap();
+        for (i, t, pair) in trained.pairs() {
+            for (which, values) in [("A", &pair.a), ("B", &pair.b)] {
+                let key = format!("after3.{}", peft_name(i, t, which, true));
+                let (expected, shape) = fixture.f32(&key);
+                assert_close(
+                    &format!("{name} gpu {key}"),
+                    values,
+                    &expected,
+                    &shape,
+                    2e-2,
+                );
+            }
+        }
+    }
+}

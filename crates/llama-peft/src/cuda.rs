@@ -1,0 +1,305 @@
+//! LoRA on a CUDA device, as Unsloth trains it: f32 master weights and AdamW state, bf16 copies
+//! for the products (cuBLAS, f32 accumulation), bf16 activations, f32 gradients. The same
+//! arithmetic as [`crate::LoraPair`], step for step (`kernels/lora.cu` for the rest):
+//!
+//!   forward:  xs = s·(x·Aᵀ) [M, r];  y += xs·Bᵀ
+//!   backward: g = s·(dy·B) [M, r];  dA += gᵀ·x,  dB += dyᵀ·xs,  dx += g·A
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use llama_core::bf16;
+use llama_core::cuda::{CudaDevice, KernelSource};
+use llama_ops::cuda::{
+    linear, linear_accumulate, linear_backward_input_accumulate, linear_backward_weight,
+};
+
+use crate::error::{shape_error, Result};
+use crate::lora::{LoraGrads, LoraPair};
+use crate::optim::OptimizerKind;
+
+static LORA: KernelSource = KernelSource {
+    name: "lora",
+    code: include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../kernels/lora.cu"
+    )),
+};
+
+fn grid(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn launched(kernel: &str, r: std::result::Result<(), cudarc::driver::DriverError>) -> Result<()> {
+    r.map_err(|e| llama_core::Error::cuda(kernel, e).into())
+}
+
+/// x *= s for a bf16 buffer.
+fn scale_bf16(device: &CudaDevice, x: &mut CudaSlice<bf16>, s: f32) -> Result<()> {
+    let f = device.function(&LORA, "lora_scale_bf16")?;
+    let n = x.len();
+    let mut launch = device.stream().launch_builder(&f);
+    launch.arg(x).arg(&n).arg(&s);
+    // SAFETY: x holds n values.
+    launched(
+        "lora_scale_bf16",
+        unsafe { launch.launch(grid(n)) }.map(|_| ()),
+    )
+}
+
+/// One matrix of a pair: the f32 master, its bf16 copy, its gradient and AdamW moments.
+struct Matrix {
+    master: CudaSlice<f32>,
+    copy: CudaSlice<bf16>,
+    grad: CudaSlice<f32>,
+    moments: Option<(CudaSlice<f32>, CudaSlice<f32>)>,
+}
+
+impl Matrix {
+    fn upload(device: &CudaDevice, values: &[f32]) -> Result<Matrix> {
+        let mut m = Matrix {
+            master: device.htod(values)?,
+            copy: device.zeros(values.len())?,
+            grad: device.zeros(values.len())?,
+            moments: None,
+        };
+        m.refresh(device)?;
+        Ok(m)
+    }
+
+    /// copy = bf16(master).
+    fn refresh(&mut self, device: &CudaDevice) -> Result<()> {
+        let f = device.function(&LORA, "lora_to_bf16")?;
+        let n = self.master.len();
+        let mut launch = device.stream().launch_builder(&f);
+        launch.arg(&self.master).arg(&mut self.copy).arg(&n);
+        // SAFETY: master and copy hold n values each.
+        launched(
+            "lora_to_bf16",
+            unsafe { launch.launch(grid(n)) }.map(|_| ()),
+        )
+    }
+
+    fn update(
+        &mut self,
+        device: &CudaDevice,
+        kind: OptimizerKind,
+        step: u64,
+        lr: f32,
+    ) -> Result<()> {
+        let n = self.master.len();
+        match kind {
+            OptimizerKind::AdamW {
+                betas: (b1, b2),
+                eps,
+                weight_decay,
+            } => {
+                if self.moments.is_none() {
+                    self.moments = Some((device.zeros(n)?, device.zeros(n)?));
+                }
+                let (m, v) = self.moments.as_mut().expect("set above");
+                let t = step as i32;
+                let step_size = lr / (1.0 - b1.powi(t));
+                let bias2_sqrt = (1.0 - b2.powi(t)).sqrt();
+                let f = device.function(&LORA, "lora_adamw")?;
+                let mut launch = device.stream().launch_builder(&f);
+                launch
+                    .arg(&mut self.master)
+                    .arg(&self.grad)
+                    .arg(m)
+                    .arg(v)
+                    .arg(&n);
+                launch
+                    .arg(&lr)
+                    .arg(&b1)
+                    .arg(&b2)
+                    .arg(&eps)
+                    .arg(&weight_decay)
+                    .arg(&step_size)
+                    .arg(&bias2_sqrt);
+                // SAFETY: master, grad and both moments hold n values each.
+                launched("lora_adamw", unsafe { launch.launch(grid(n)) }.map(|_| ()))?;
+            }
+            OptimizerKind::Sgd { weight_decay } => {
+                let f = device.function(&LORA, "lora_sgd")?;
+                let mut launch = device.stream().launch_builder(&f);
+                launch
+                    .arg(&mut self.master)
+                    .arg(&self.grad)
+                    .arg(&n)
+                    .arg(&lr)
+                    .arg(&weight_decay);
+                // SAFETY: master and grad hold n values each.
+                launched("lora_sgd", unsafe { launch.launch(grid(n)) }.map(|_| ()))?;
+            }
+        }
+        self.refresh(device)
+    }
+}
+
+/// A [`LoraPair`] on a device, with its gradients and optimizer state.
+pub struct CudaLoraPair {
+    device: Arc<CudaDevice>,
+    pub rank: usize,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub scaling: f32,
+    a: Matrix,
+    b: Matrix,
+}
+
+/// What [`CudaLoraPair::forward_add`] keeps: xs = s·(x·Aᵀ), [M, r] in bf16.
+pub struct CudaLoraSaved {
+    xs: CudaSlice<bf16>,
+}
+
+impl CudaLoraPair {
+    pub fn upload(device: &Arc<CudaDevice>, pair: &LoraPair) -> Result<CudaLoraPair> {
+        Ok(CudaLoraPair {
+            device: device.clone(),
+            rank: pair.rank,
+            in_features: pair.in_features,
+            out_features: pair.out_features,
+            scaling: pair.scaling,
+            a: Matrix::upload(device, &pair.a)?,
+            b: Matrix::upload(device, &pair.b)?,
+        })
+    }
+
+    /// The master weights, back on the host.
+    pub fn download(&self) -> Result<LoraPair> {
+        let (a, b) = (
+            self.device.dtoh(&self.a.master)?,
+            self.device.dtoh(&self.b.master)?,
+        );
+        LoraPair::from_parts(
+            a,
+            b,
+            self.rank,
+            self.in_features,
+            self.out_features,
+            self.scaling,
+        )
+    }
+
+    /// The accumulated gradients, on the host.
+    pub fn grads(&self) -> Result<LoraGrads> {
+        Ok(LoraGrads {
+            a: self.device.dtoh(&self.a.grad)?,
+            b: self.device.dtoh(&self.b.grad)?,
+        })
+    }
+
+    pub fn zero_grads(&mut self) -> Result<()> {
+        for m in [&mut self.a, &mut self.b] {
+            self.device
+                .stream()
+                .memset_zeros(&mut m.grad)
+                .map_err(|e| llama_core::Error::cuda("memset", e))?;
+        }
+        Ok(())
+    }
+
+    fn rows(&self, op: &'static str, x: usize, y: usize) -> Result<usize> {
+        let (k, n) = (self.in_features, self.out_features);
+        if x % k != 0 || y != x / k * n {
+            return shape_error(
+                op,
+                format!("x holds {x} and y {y} values for a [{n}, {k}] projection"),
+            );
+        }
+        Ok(x / k)
+    }
+
+    /// y [M, N] += s·(x·Aᵀ)·Bᵀ for x [M, K].
+    pub fn forward_add(
+        &self,
+        x: &CudaSlice<bf16>,
+        y: &mut CudaSlice<bf16>,
+    ) -> Result<CudaLoraSaved> {
+        let m = self.rows("CudaLoraPair::forward_add", x.len(), y.len())?;
+        let d = &*self.device;
+        let mut xs = d.zeros::<bf16>(m * self.rank)?;
+        linear(d, x, &self.a.copy, self.in_features, &mut xs)?;
+        scale_bf16(d, &mut xs, self.scaling)?;
+        linear_accumulate(d, &xs, &self.b.copy, self.rank, y)?;
+        Ok(CudaLoraSaved { xs })
+    }
+
+    /// Backward of [`Self::forward_add`] for dy [M, N]: dx [M, K] += s·(dy·B)·A; the
+    /// gradients of A and B accumulated (f32).
+    pub fn backward(
+        &mut self,
+        x: &CudaSlice<bf16>,
+        saved: &CudaLoraSaved,
+        dy: &CudaSlice<bf16>,
+        dx: &mut CudaSlice<bf16>,
+    ) -> Result<()> {
+        let m = self.rows("CudaLoraPair::backward", x.len(), dy.len())?;
+        let d = &*self.device;
+        let (r, k) = (self.rank, self.in_features);
+        // g = s·dy·B [M, r]: dy [M, N] times B [N, r] is dy·Wᵀ with W = Bᵀ; as a backward-input
+        // product it is dy · B with B read as [N, r].
+        let mut g = d.zeros::<bf16>(m * r)?;
+        llama_ops::cuda::linear_backward_input(d, dy, &self.b.copy, r, &mut g)?;
+        scale_bf16(d, &mut g, self.scaling)?;
+        linear_backward_weight(d, &g, x, k, &mut self.a.grad)?;
+        linear_backward_weight(d, dy, &saved.xs, r, &mut self.b.grad)?;
+        linear_backward_input_accumulate(d, &g, &self.a.copy, k, dx)?;
+        Ok(())
+    }
+
+    /// Σ of the squared gradients into `acc` (one f32 on the device).
+    pub fn grad_sumsq(&self, acc: &mut CudaSlice<f32>) -> Result<()> {
+        let f = self.device.function(&LORA, "lora_sumsq_f32")?;
+        for m in [&self.a, &self.b] {
+            let n = m.grad.len();
+            let mut launch = self.device.stream().launch_builder(&f);
+            launch.arg(&m.grad).arg(&n).arg(&mut *acc);
+            // SAFETY: grad holds n values, acc one.
+            launched(
+                "lora_sumsq_f32",
+                unsafe { launch.launch(grid(n)) }.map(|_| ()),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Multiplies the gradients by `factor` (clipping).
+    pub fn scale_grads(&mut self, factor: f32) -> Result<()> {
+        let f = self.device.function(&LORA, "lora_scale_f32")?;
+        for m in [&mut self.a, &mut self.b] {
+            let n = m.grad.len();
+            let mut launch = self.device.stream().launch_builder(&f);
+            launch.arg(&mut m.grad).arg(&n).arg(&factor);
+            // SAFETY: grad holds n values.
+            launched(
+                "lora_scale_f32",
+                unsafe { launch.launch(grid(n)) }.map(|_| ()),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// One optimizer update of both matrices (step counts from 1), then fresh bf16 copies.
+    pub fn update(&mut self, kind: OptimizerKind, step: u64, lr: f32) -> Result<()> {
+        let d = self.device.clone();
+        self.a.update(&d, kind, step, lr)?;
+        self.b.update(&d, kind, step, lr)
+    }
+
+    /// Device bytes held (masters, copies, gradients, moments).
+    pub fn memory_bytes(&self) -> usize {
+        let values = self.a.master.len() + self.b.master.len();
+        let moments = [&self.a, &self.b]
+            .iter()
+            .filter(|m| m.moments.is_some())
+            .map(|m| m.master.len() * 8)
+            .sum::<usize>();
+        values * (4 + 2 + 4) + moments
+    }
+}

@@ -1,0 +1,48 @@
+// LoRA training on the GPU (llama-peft, cuda.rs): the f32 master weights' bf16 copies, the
+// small scalings of the LoRA branch, the gradient norm and the AdamW update with torch's
+// arithmetic (decoupled weight decay, bias correction; see llama-peft/src/optim.rs).
+
+// dst = bf16(src): the copy of a master weight the products read.
+extern "C" __global__ void lora_to_bf16(const float* src, bf16_t* dst, size_t n) {
+    GRID_STRIDE_LOOP(i, n) { dst[i] = from_f32<bf16_t>(src[i]); }
+}
+
+// x *= s in place (bf16 values, f32 arithmetic): s·(x·Aᵀ) and s·(dy·B).
+extern "C" __global__ void lora_scale_bf16(bf16_t* x, size_t n, float s) {
+    GRID_STRIDE_LOOP(i, n) { x[i] = from_f32<bf16_t>(s * to_f32(x[i])); }
+}
+
+// x *= s in place (f32): gradient clipping.
+extern "C" __global__ void lora_scale_f32(float* x, size_t n, float s) {
+    GRID_STRIDE_LOOP(i, n) { x[i] *= s; }
+}
+
+// *out += Σ x² (one atomic add per block).
+extern "C" __global__ void lora_sumsq_f32(const float* x, size_t n, float* out) {
+    float acc = 0.0f;
+    GRID_STRIDE_LOOP(i, n) { acc += x[i] * x[i]; }
+    acc = block_sum(acc);
+    if (threadIdx.x == 0) atomicAdd(out, acc);
+}
+
+// torch.optim.AdamW on n values: p ← p·(1 − lr·wd); m ← m + (1 − β₁)(g − m);
+// v ← β₂v + (1 − β₂)g²; p ← p − step_size · m / (√v / bias2_sqrt + eps),
+// step_size = lr / (1 − β₁ᵗ), bias2_sqrt = √(1 − β₂ᵗ).
+extern "C" __global__ void lora_adamw(float* p, const float* g, float* m, float* v, size_t n,
+                                      float lr, float b1, float b2, float eps, float wd,
+                                      float step_size, float bias2_sqrt) {
+    GRID_STRIDE_LOOP(i, n) {
+        float pi = p[i] * (1.0f - lr * wd);
+        float mi = m[i] + (g[i] - m[i]) * (1.0f - b1);
+        float vi = v[i] * b2 + (1.0f - b2) * g[i] * g[i];
+        pi -= step_size * mi / (sqrtf(vi) / bias2_sqrt + eps);
+        p[i] = pi;
+        m[i] = mi;
+        v[i] = vi;
+    }
+}
+
+// Plain SGD: p ← p − lr·(g + wd·p).
+extern "C" __global__ void lora_sgd(float* p, const float* g, size_t n, float lr, float wd) {
+    GRID_STRIDE_LOOP(i, n) { p[i] -= lr * (g[i] + wd * p[i]); }
+}
