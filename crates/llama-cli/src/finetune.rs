@@ -449,7 +449,7 @@ fn bench_train_cuda(
     report_train(
         args,
         &name,
-        &device.name().to_string(),
+        device.name(),
         tokens,
         best,
         Some(peak_mib),
