@@ -445,6 +445,30 @@ __device__ void swap_axes_impl(const T* src, T* dst, unsigned batch, unsigned se
     }
 }
 
+// The GEMM backward of causal self-attention (cuda.rs, backward_gemm) works on blocks of
+// score rows: rows first.. of the [B, H, T] query rows, each against the T keys of its
+// sequence (row position i = row mod T).
+// P = exp(scale·S − L) on the keys j ≤ i, 0 after them.
+template <typename T>
+__device__ void attn_probs_impl(const float* s, const float* lse, T* p, size_t first, size_t rows,
+                                unsigned seq, float scale) {
+    GRID_STRIDE_LOOP(idx, rows * seq) {
+        size_t row = first + idx / seq;
+        unsigned j = idx % seq, i = row % seq;
+        p[idx] = from_f32<T>(j <= i ? expf(scale * s[idx] - lse[row]) : 0.0f);
+    }
+}
+
+// dS = scale · P ∘ (dP − Δ), written over P (Δ = rowsum(dO ∘ O)).
+template <typename T>
+__device__ void attn_dscores_impl(T* p, const float* dp, const float* delta, size_t first, size_t rows,
+                                  unsigned seq, float scale) {
+    GRID_STRIDE_LOOP(idx, rows * seq) {
+        float pv = to_f32(p[idx]);
+        p[idx] = from_f32<T>(scale * pv * (dp[idx] - delta[first + idx / seq]));
+    }
+}
+
 #define ATTN_KERNELS(name, T)                                                                          \
     extern "C" __global__ void attn_forward_##name(const T* q, const T* k, const T* v, const int* pad,   \
                                                    T* out, float* lse, float* part_ml, float* part_o,   \
@@ -478,6 +502,14 @@ __device__ void swap_axes_impl(const T* src, T* dst, unsigned batch, unsigned se
                                                const float* lse, const float* delta, const int* pad,     \
                                                T* dk, T* dv, AttnDims s, float scale) {                  \
         attn_dkv_impl(q, k, v, dout, lse, delta, pad, dk, dv, s, scale);                                 \
+    }                                                                                                   \
+    extern "C" __global__ void attn_probs_##name(const float* s, const float* lse, T* p, size_t first,   \
+                                                 size_t rows, unsigned seq, float scale) {              \
+        attn_probs_impl(s, lse, p, first, rows, seq, scale);                                             \
+    }                                                                                                   \
+    extern "C" __global__ void attn_dscores_##name(T* p, const float* dp, const float* delta,           \
+                                                   size_t first, size_t rows, unsigned seq, float scale) { \
+        attn_dscores_impl(p, dp, delta, first, rows, seq, scale);                                        \
     }
 
 ATTN_KERNELS(f32, float)

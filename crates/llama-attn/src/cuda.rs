@@ -292,6 +292,192 @@ pub fn backward<T: CudaElement>(
     Ok(())
 }
 
+/// Row-major [rows, cols] matrices, `rows · cols` apart from `offset` on.
+fn dense<T>(
+    data: &CudaSlice<T>,
+    offset: usize,
+    rows: usize,
+    cols: usize,
+    transpose: bool,
+) -> llama_ops::cuda::Strided<'_, T> {
+    llama_ops::cuda::Strided {
+        data,
+        offset,
+        rows,
+        cols,
+        stride: rows * cols,
+        transpose,
+    }
+}
+
+/// Scores per block of [`backward_gemm`] by default: 64 M f32 (256 MB) at a time.
+pub const GEMM_BACKWARD_SCORES: usize = 1 << 26;
+
+/// The backward of causal self-attention (no padding, seq_q = seq_k) through cuBLAS batched
+/// products on the tensor cores, a block of (sequence, KV head) pairs at a time; each pair's
+/// `group` query heads are contiguous rows, so grouped-query attention needs no copies:
+///   S = Q Kᵀ (f32), P = exp(scale·S − L) causal, dV = Pᵀ dO, dP = dO Vᵀ,
+///   dS = scale · P ∘ (dP − Δ), dQ = dS K, dK = dSᵀ Q.
+/// Same inputs and outputs as [`backward`]; scratch of about `block_scores` f32 and as many T
+/// (at least one pair's `group · T · T`).
+#[allow(clippy::too_many_arguments)]
+pub fn backward_gemm<T: CudaElement>(
+    device: &CudaDevice,
+    q: &CudaSlice<T>,
+    k: &CudaSlice<T>,
+    v: &CudaSlice<T>,
+    out: &CudaSlice<T>,
+    lse: &CudaSlice<f32>,
+    dout: &CudaSlice<T>,
+    s: &AttnShape,
+    dq: &mut CudaSlice<T>,
+    dk: &mut CudaSlice<T>,
+    dv: &mut CudaSlice<T>,
+    block_scores: usize,
+) -> Result<()> {
+    use llama_ops::cuda::{batched_matmul, Strided};
+    s.check("cuda backward_gemm", q.len(), k.len(), v.len())?;
+    s.check_backward(
+        "cuda backward_gemm",
+        [
+            out.len(),
+            dout.len(),
+            dq.len(),
+            lse.len(),
+            dk.len(),
+            dv.len(),
+        ],
+    )?;
+    let (t, d, group) = (s.seq_q, s.head_dim, s.group());
+    if s.seq_k != t || s.kv_stride != t {
+        return shape_error(
+            "cuda backward_gemm",
+            format!("self-attention only: {} queries, {} keys", t, s.seq_k),
+        );
+    }
+    let rows = s.q_rows();
+    if rows == 0 {
+        return Ok(());
+    }
+    let (scale, dim) = (1.0 / (d as f32).sqrt(), d as u32);
+    let mut delta = device.zeros::<f32>(rows)?;
+    let name = format!("attn_delta_{}", T::SUFFIX);
+    let f = device.function(&ATTENTION, &name)?;
+    let mut launch = device.stream().launch_builder(&f);
+    launch
+        .arg(out)
+        .arg(dout)
+        .arg(&mut delta)
+        .arg(&rows)
+        .arg(&dim);
+    // SAFETY: out and dout hold rows · D values, delta rows.
+    launched(&name, unsafe { launch.launch(warps(rows)) })?;
+    // Blocks of (sequence, KV head) pairs: each pair is `group · T` score rows of T keys.
+    let pairs = s.batch * s.kv_heads;
+    let pair_rows = group * t;
+    let per_block = (block_scores / (pair_rows * t)).clamp(1, pairs);
+    let mut scores = device.zeros::<f32>(per_block * pair_rows * t)?;
+    let mut probs = device.zeros::<T>(per_block * pair_rows * t)?;
+    let seq = t as u32;
+    for first in (0..pairs).step_by(per_block) {
+        let count = per_block.min(pairs - first);
+        let (qo, ko) = (first * pair_rows * d, first * t * d);
+        let (q_op, k_op) = (dense(q, qo, pair_rows, d, false), dense(k, ko, t, d, false));
+        let block_scores = pair_rows * t;
+        // S = Q Kᵀ
+        batched_matmul(
+            device,
+            q_op,
+            Strided {
+                transpose: true,
+                ..k_op
+            },
+            &mut scores,
+            0,
+            block_scores,
+            count,
+            false,
+        )?;
+        let (first_row, block_rows) = (first * pair_rows, count * pair_rows);
+        let kernel = |name: &str| device.function(&ATTENTION, &format!("{name}_{}", T::SUFFIX));
+        let elems = block_rows * t;
+        let grid = LaunchConfig {
+            grid_dim: (elems.div_ceil(256).clamp(1, 1 << 20) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let f = kernel("attn_probs")?;
+        let mut launch = device.stream().launch_builder(&f);
+        launch
+            .arg(&scores)
+            .arg(lse)
+            .arg(&mut probs)
+            .arg(&first_row)
+            .arg(&block_rows)
+            .arg(&seq)
+            .arg(&scale);
+        // SAFETY: scores and probs hold at least block_rows · T values; lse covers every row.
+        launched("attn_probs", unsafe { launch.launch(grid) })?;
+        // dV = Pᵀ dO (the group's heads summed by the product itself)
+        let p_op = dense(&probs, 0, pair_rows, t, false);
+        let do_op = dense(dout, qo, pair_rows, d, false);
+        batched_matmul(
+            device,
+            Strided {
+                transpose: true,
+                ..p_op
+            },
+            do_op,
+            dv,
+            ko,
+            t * d,
+            count,
+            false,
+        )?;
+        // dP = dO Vᵀ
+        let v_op = dense(v, ko, t, d, true);
+        batched_matmul(
+            device,
+            do_op,
+            v_op,
+            &mut scores,
+            0,
+            block_scores,
+            count,
+            false,
+        )?;
+        let f = kernel("attn_dscores")?;
+        let mut launch = device.stream().launch_builder(&f);
+        launch
+            .arg(&mut probs)
+            .arg(&scores)
+            .arg(&delta)
+            .arg(&first_row)
+            .arg(&block_rows)
+            .arg(&seq)
+            .arg(&scale);
+        // SAFETY: as for attn_probs; delta covers every row.
+        launched("attn_dscores", unsafe { launch.launch(grid) })?;
+        // dQ = dS K, dK = dSᵀ Q
+        let ds_op = dense(&probs, 0, pair_rows, t, false);
+        batched_matmul(device, ds_op, k_op, dq, qo, pair_rows * d, count, false)?;
+        batched_matmul(
+            device,
+            Strided {
+                transpose: true,
+                ..ds_op
+            },
+            q_op,
+            dk,
+            ko,
+            t * d,
+            count,
+            false,
+        )?;
+    }
+    Ok(())
+}
+
 /// A KV cache in device memory: the same layout and growth policy as [`crate::KvCache`]
 /// (through [`CacheLayout`]), its keys and values in T; appends and growth are kernel copies.
 pub struct CudaKvCache<T: CudaElement> {

@@ -11,7 +11,7 @@ use llama_ops::Weight;
 use llama_rope::cuda::{apply, DeviceTables, RopeElement};
 use llama_rope::{QkShape, RopeConfig, RotaryEmbedding};
 
-use crate::cuda::{backward, forward, CudaKvCache, ATTENTION};
+use crate::cuda::{backward_gemm, forward, CudaKvCache, ATTENTION, GEMM_BACKWARD_SCORES};
 use crate::error::Result;
 use crate::layer::{AttentionConfig, LlamaAttention};
 use crate::shape::{AttnShape, Mask};
@@ -259,10 +259,6 @@ impl<T: CudaElement + RopeElement> CudaLlamaAttention<T> {
         let (batch, seq) = (saved.batch, saved.seq);
         let shape =
             AttnShape::self_attention(batch, cfg.num_heads, cfg.num_kv_heads, seq, cfg.head_dim);
-        let mask = Mask {
-            causal: true,
-            padding: None,
-        };
         let mut d_attn = d.zeros::<T>(d_merged.len())?;
         self.swap_axes(d_merged, &mut d_attn, (batch, seq, cfg.num_heads), true)?;
         let (mut dq, mut dk, mut dv) = (
@@ -270,7 +266,7 @@ impl<T: CudaElement + RopeElement> CudaLlamaAttention<T> {
             d.zeros::<T>(saved.k.len())?,
             d.zeros::<T>(saved.v.len())?,
         );
-        backward(
+        backward_gemm(
             d,
             &saved.q,
             &saved.k,
@@ -279,10 +275,10 @@ impl<T: CudaElement + RopeElement> CudaLlamaAttention<T> {
             &saved.lse,
             &d_attn,
             &shape,
-            &mask,
             &mut dq,
             &mut dk,
             &mut dv,
+            GEMM_BACKWARD_SCORES,
         )?;
         // q and k were rotated after the projection: rotate their gradients back.
         let tables = self.tables(&saved.positions)?;

@@ -135,6 +135,103 @@ fn forward_and_backward_match_the_cpu() {
     }
 }
 
+/// The tensor-core GEMM backward of causal self-attention (the training path) against the
+/// CPU: f32 and bf16, grouped heads, one pair per block and the default block.
+#[test]
+fn gemm_backward_matches_the_cpu() {
+    let Some(gpu) = cuda_or_skip!() else { return };
+    let mut rng = TestRng::new(5);
+    let s = |batch, heads, kv_heads, seq, head_dim| AttnShape {
+        batch,
+        heads,
+        kv_heads,
+        seq_q: seq,
+        seq_k: seq,
+        kv_stride: seq,
+        head_dim,
+    };
+    let mask = Mask {
+        causal: true,
+        padding: None,
+    };
+    for shape in [s(2, 4, 2, 37, 16), s(1, 9, 3, 130, 64), s(2, 8, 8, 67, 128)] {
+        let (q, k, v, dout) = (
+            rng.vec(shape.q_len(), 2.0),
+            rng.vec(shape.kv_len(), 2.0),
+            rng.vec(shape.kv_len(), 1.0),
+            rng.vec(shape.q_len(), 1.0),
+        );
+        let (mut out, mut lse) = (vec![0f32; shape.q_len()], vec![0f32; shape.q_rows()]);
+        llama_attn::forward(&q, &k, &v, &shape, &mask, &mut out, &mut lse).unwrap();
+        let (mut dq, mut dk, mut dv) = (
+            vec![0f32; shape.q_len()],
+            vec![0f32; shape.kv_len()],
+            vec![0f32; shape.kv_len()],
+        );
+        llama_attn::backward(
+            &q, &k, &v, &out, &lse, &dout, &shape, &mask, &mut dq, &mut dk, &mut dv,
+        )
+        .unwrap();
+        let ld = gpu.htod(&lse).unwrap();
+        for block in [1, cuda::GEMM_BACKWARD_SCORES] {
+            let up = |x: &[f32]| gpu.htod(x).unwrap();
+            let (mut dqd, mut dkd, mut dvd) = (
+                gpu.zeros::<f32>(shape.q_len()).unwrap(),
+                gpu.zeros::<f32>(shape.kv_len()).unwrap(),
+                gpu.zeros::<f32>(shape.kv_len()).unwrap(),
+            );
+            cuda::backward_gemm(
+                &gpu,
+                &up(&q),
+                &up(&k),
+                &up(&v),
+                &up(&out),
+                &ld,
+                &up(&dout),
+                &shape,
+                &mut dqd,
+                &mut dkd,
+                &mut dvd,
+                block,
+            )
+            .unwrap();
+            for (what, got, want) in [("dq", &dqd, &dq), ("dk", &dkd, &dk), ("dv", &dvd, &dv)] {
+                let name = format!("gemm {what} {shape:?} block {block}");
+                assert_close(&name, &gpu.dtoh(got).unwrap(), want, &[want.len()], 1e-4);
+            }
+            let b16 = |x: &[f32]| {
+                gpu.htod(&x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>())
+                    .unwrap()
+            };
+            let (mut dqb, mut dkb, mut dvb) = (
+                gpu.zeros::<bf16>(shape.q_len()).unwrap(),
+                gpu.zeros::<bf16>(shape.kv_len()).unwrap(),
+                gpu.zeros::<bf16>(shape.kv_len()).unwrap(),
+            );
+            cuda::backward_gemm(
+                &gpu,
+                &b16(&q),
+                &b16(&k),
+                &b16(&v),
+                &b16(&out),
+                &ld,
+                &b16(&dout),
+                &shape,
+                &mut dqb,
+                &mut dkb,
+                &mut dvb,
+                block,
+            )
+            .unwrap();
+            for (what, got, want) in [("dq", &dqb, &dq), ("dk", &dkb, &dk), ("dv", &dvb, &dv)] {
+                let got: Vec<f32> = gpu.dtoh(got).unwrap().iter().map(|v| v.to_f32()).collect();
+                let name = format!("gemm bf16 {what} {shape:?} block {block}");
+                assert_close(&name, &got, want, &[want.len()], 3e-2);
+            }
+        }
+    }
+}
+
 #[test]
 fn bf16_forward_matches_the_cpu_on_the_same_inputs() {
     let Some(gpu) = cuda_or_skip!() else { return };

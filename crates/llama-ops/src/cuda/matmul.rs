@@ -233,3 +233,109 @@ pub fn linear_backward_weight<T: CudaElement>(
     };
     gemm(device, (k, n, m), xt, dy_op, dw, true)
 }
+
+/// One side of a batched product: `count` row-major matrices [rows, cols] in `data`, `stride`
+/// elements apart from `offset` on, entering the product as stored or transposed.
+#[derive(Clone, Copy)]
+pub struct Strided<'a, T> {
+    pub data: &'a CudaSlice<T>,
+    pub offset: usize,
+    pub rows: usize,
+    pub cols: usize,
+    pub stride: usize,
+    pub transpose: bool,
+}
+
+impl<T> Strided<'_, T> {
+    /// (rows, cols) of the operand as it enters the product.
+    fn dims(&self) -> (usize, usize) {
+        if self.transpose {
+            (self.cols, self.rows)
+        } else {
+            (self.rows, self.cols)
+        }
+    }
+
+    /// Whether `count` matrices fit in the buffer.
+    fn fits(&self, count: usize) -> bool {
+        count == 0
+            || self.offset + (count - 1) * self.stride + self.rows * self.cols <= self.data.len()
+    }
+}
+
+/// Cᵢ [m, n] = op(Aᵢ) · op(Bᵢ) (+ Cᵢ when `accumulate`) for i < count: row-major, f32 compute
+/// (cublasGemmStridedBatchedEx). C's matrices are dense, `c_stride` apart from `c_offset`.
+#[allow(clippy::too_many_arguments)]
+pub fn batched_matmul<A: CudaElement, C: CudaElement>(
+    device: &CudaDevice,
+    a: Strided<A>,
+    b: Strided<A>,
+    c: &mut CudaSlice<C>,
+    c_offset: usize,
+    c_stride: usize,
+    count: usize,
+    accumulate: bool,
+) -> Result<()> {
+    let op = "cuda batched_matmul";
+    let ((m, k), (kb, n)) = (a.dims(), b.dims());
+    let c_fits = count == 0 || c_offset + (count - 1) * c_stride + m * n <= c.len();
+    if k != kb || !a.fits(count) || !b.fits(count) || !c_fits {
+        return Err(crate::OpsError::Shape {
+            op,
+            reason: format!("[{m}, {k}]·[{kb}, {n}] × {count} does not fit its buffers"),
+        });
+    }
+    if count == 0 || m == 0 || n == 0 {
+        return Ok(());
+    }
+    let blas = handle(device)?;
+    let int = |what: &'static str, v: usize| to_u32(what, v).map(|v| v as i32);
+    let op_of = |t: bool| {
+        if t {
+            sys::cublasOperation_t::CUBLAS_OP_T
+        } else {
+            sys::cublasOperation_t::CUBLAS_OP_N
+        }
+    };
+    let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
+    let stream = device.stream();
+    let (a_ptr, _ra) = a.data.device_ptr(stream);
+    let (b_ptr, _rb) = b.data.device_ptr(stream);
+    let (c_ptr, _rc) = c.device_ptr_mut(stream);
+    let elem_a = std::mem::size_of::<A>() as u64;
+    let elem_c = std::mem::size_of::<C>() as u64;
+    // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: B comes first, each
+    // operand transposed in cuBLAS's terms exactly when it is in ours, leading dimension its
+    // stored row length.
+    // SAFETY: `fits` checked that every matrix of A, B and C lies inside its buffer; the
+    // offsets are applied in bytes to the recorded device pointers; alpha and beta are f32
+    // as COMPUTE_32F requires; the handle is bound to this device's stream.
+    unsafe {
+        blas::gemm_strided_batched_ex(
+            *blas.handle(),
+            op_of(b.transpose),
+            op_of(a.transpose),
+            int("n", n)?,
+            int("m", m)?,
+            int("k", k)?,
+            (&alpha) as *const f32 as *const _,
+            (b_ptr + b.offset as u64 * elem_a) as *const _,
+            data_type(A::DTYPE),
+            int("ldb", b.cols)?,
+            b.stride as i64,
+            (a_ptr + a.offset as u64 * elem_a) as *const _,
+            data_type(A::DTYPE),
+            int("lda", a.cols)?,
+            a.stride as i64,
+            (&beta) as *const f32 as *const _,
+            (c_ptr + c_offset as u64 * elem_c) as *mut _,
+            data_type(C::DTYPE),
+            int("ldc", n)?,
+            c_stride as i64,
+            int("count", count)?,
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| llama_core::Error::cuda("cublasGemmStridedBatchedEx", e).into())
+}
