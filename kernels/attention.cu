@@ -445,27 +445,43 @@ __device__ void swap_axes_impl(const T* src, T* dst, unsigned batch, unsigned se
     }
 }
 
-// The GEMM backward of causal self-attention (cuda.rs, backward_gemm) works on blocks of
-// score rows: rows first.. of the [B, H, T] query rows, each against the T keys of its
-// sequence (row position i = row mod T).
+// The GEMM backward of causal self-attention (cuda.rs, backward_gemm) works on tiles: for
+// `count` (sequence, KV head) pairs from `first` on, the rows i0.. i0 + tile of one query head
+// of the group (starting `head_row` = j·T rows into the pair's group · T rows), each against
+// keys 0..width (width = i0 + tile: later keys are masked for every row of the tile). Tile
+// element idx: pair p = idx / (tile·width), row r, key c; its logsumexp row
+// (first + p)·pair_rows + head_row + i0 + r, its position i0 + r.
+struct TileDims {
+    size_t first;
+    unsigned count, pair_rows, head_row, i0, tile, width;
+};
+
+__device__ __forceinline__ size_t tile_row(const TileDims& t, size_t idx, unsigned* pos, unsigned* key) {
+    size_t per_pair = (size_t)t.tile * t.width;
+    size_t p = idx / per_pair;
+    unsigned r = (unsigned)((idx % per_pair) / t.width);
+    *key = (unsigned)(idx % t.width);
+    *pos = t.i0 + r;
+    return (t.first + p) * t.pair_rows + t.head_row + t.i0 + r;
+}
+
 // P = exp(scale·S − L) on the keys j ≤ i, 0 after them.
 template <typename T>
-__device__ void attn_probs_impl(const float* s, const float* lse, T* p, size_t first, size_t rows,
-                                unsigned seq, float scale) {
-    GRID_STRIDE_LOOP(idx, rows * seq) {
-        size_t row = first + idx / seq;
-        unsigned j = idx % seq, i = row % seq;
-        p[idx] = from_f32<T>(j <= i ? expf(scale * s[idx] - lse[row]) : 0.0f);
+__device__ void attn_probs_impl(const float* s, const float* lse, T* p, TileDims t, float scale) {
+    GRID_STRIDE_LOOP(idx, (size_t)t.count * t.tile * t.width) {
+        unsigned pos, key;
+        size_t row = tile_row(t, idx, &pos, &key);
+        p[idx] = from_f32<T>(key <= pos ? expf(scale * s[idx] - lse[row]) : 0.0f);
     }
 }
 
 // dS = scale · P ∘ (dP − Δ), written over P (Δ = rowsum(dO ∘ O)).
 template <typename T>
-__device__ void attn_dscores_impl(T* p, const float* dp, const float* delta, size_t first, size_t rows,
-                                  unsigned seq, float scale) {
-    GRID_STRIDE_LOOP(idx, rows * seq) {
-        float pv = to_f32(p[idx]);
-        p[idx] = from_f32<T>(scale * pv * (dp[idx] - delta[first + idx / seq]));
+__device__ void attn_dscores_impl(T* p, const float* dp, const float* delta, TileDims t, float scale) {
+    GRID_STRIDE_LOOP(idx, (size_t)t.count * t.tile * t.width) {
+        unsigned pos, key;
+        size_t row = tile_row(t, idx, &pos, &key);
+        p[idx] = from_f32<T>(scale * to_f32(p[idx]) * (dp[idx] - delta[row]));
     }
 }
 
@@ -503,13 +519,13 @@ __device__ void attn_dscores_impl(T* p, const float* dp, const float* delta, siz
                                                T* dk, T* dv, AttnDims s, float scale) {                  \
         attn_dkv_impl(q, k, v, dout, lse, delta, pad, dk, dv, s, scale);                                 \
     }                                                                                                   \
-    extern "C" __global__ void attn_probs_##name(const float* s, const float* lse, T* p, size_t first,   \
-                                                 size_t rows, unsigned seq, float scale) {              \
-        attn_probs_impl(s, lse, p, first, rows, seq, scale);                                             \
+    extern "C" __global__ void attn_probs_##name(const float* s, const float* lse, T* p, TileDims t,     \
+                                                 float scale) {                                         \
+        attn_probs_impl(s, lse, p, t, scale);                                                            \
     }                                                                                                   \
-    extern "C" __global__ void attn_dscores_##name(T* p, const float* dp, const float* delta,           \
-                                                   size_t first, size_t rows, unsigned seq, float scale) { \
-        attn_dscores_impl(p, dp, delta, first, rows, seq, scale);                                        \
+    extern "C" __global__ void attn_dscores_##name(T* p, const float* dp, const float* delta, TileDims t, \
+                                                   float scale) {                                       \
+        attn_dscores_impl(p, dp, delta, t, scale);                                                       \
     }
 
 ATTN_KERNELS(f32, float)

@@ -292,34 +292,64 @@ pub fn backward<T: CudaElement>(
     Ok(())
 }
 
-/// Row-major [rows, cols] matrices, `rows · cols` apart from `offset` on.
-fn dense<T>(
+/// Matrices [rows, cols] of `data`, `stride` apart from `offset` on, as stored.
+fn strided<T>(
     data: &CudaSlice<T>,
     offset: usize,
-    rows: usize,
-    cols: usize,
-    transpose: bool,
+    (rows, cols): (usize, usize),
+    stride: usize,
 ) -> llama_ops::cuda::Strided<'_, T> {
     llama_ops::cuda::Strided {
         data,
         offset,
         rows,
         cols,
-        stride: rows * cols,
-        transpose,
+        stride,
+        transpose: false,
     }
 }
+
+/// The same matrices, transposed in the product.
+fn transposed<T>(m: llama_ops::cuda::Strided<'_, T>) -> llama_ops::cuda::Strided<'_, T> {
+    llama_ops::cuda::Strided {
+        transpose: true,
+        ..m
+    }
+}
+
+/// The kernels' `TileDims`: a tile of query rows of one head of the group, for `count`
+/// (sequence, KV head) pairs, against keys 0..width.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct TileDims {
+    first: u64,
+    count: u32,
+    pair_rows: u32,
+    head_row: u32,
+    i0: u32,
+    tile: u32,
+    width: u32,
+}
+
+// SAFETY: TileDims is #[repr(C)], a u64 and six u32, exactly the layout of the kernels'
+// `struct TileDims` (size_t and six unsigned), and holds no pointers.
+unsafe impl DeviceRepr for TileDims {}
 
 /// Scores per block of [`backward_gemm`] by default: 64 M f32 (256 MB) at a time.
 pub const GEMM_BACKWARD_SCORES: usize = 1 << 26;
 
+/// Query rows per tile of [`backward_gemm`]: tile i0.. needs keys 0..i0 + tile only, so the
+/// products skip most of the masked half of the scores.
+const QUERY_TILE: usize = 256;
+
 /// The backward of causal self-attention (no padding, seq_q = seq_k) through cuBLAS batched
-/// products on the tensor cores, a block of (sequence, KV head) pairs at a time; each pair's
-/// `group` query heads are contiguous rows, so grouped-query attention needs no copies:
-///   S = Q Kᵀ (f32), P = exp(scale·S − L) causal, dV = Pᵀ dO, dP = dO Vᵀ,
-///   dS = scale · P ∘ (dP − Δ), dQ = dS K, dK = dSᵀ Q.
+/// products on the tensor cores. For a block of (sequence, KV head) pairs at a time, each
+/// head j of the pair's group and each tile of its query rows i0..i0 + tile (keys 0..width,
+/// width = i0 + tile):
+///   S = Q Kᵀ (f32), P = exp(scale·S − L) causal, dV += Pᵀ dO, dP = dO Vᵀ,
+///   dS = scale · P ∘ (dP − Δ), dQ = dS K, dK += dSᵀ Q.
 /// Same inputs and outputs as [`backward`]; scratch of about `block_scores` f32 and as many T
-/// (at least one pair's `group · T · T`).
+/// (at least one pair's tile · T).
 #[allow(clippy::too_many_arguments)]
 pub fn backward_gemm<T: CudaElement>(
     device: &CudaDevice,
@@ -335,7 +365,7 @@ pub fn backward_gemm<T: CudaElement>(
     dv: &mut CudaSlice<T>,
     block_scores: usize,
 ) -> Result<()> {
-    use llama_ops::cuda::{batched_matmul, Strided};
+    use llama_ops::cuda::batched_matmul;
     s.check("cuda backward_gemm", q.len(), k.len(), v.len())?;
     s.check_backward(
         "cuda backward_gemm",
@@ -352,7 +382,7 @@ pub fn backward_gemm<T: CudaElement>(
     if s.seq_k != t || s.kv_stride != t {
         return shape_error(
             "cuda backward_gemm",
-            format!("self-attention only: {} queries, {} keys", t, s.seq_k),
+            format!("self-attention only: {t} queries, {} keys", s.seq_k),
         );
     }
     let rows = s.q_rows();
@@ -372,108 +402,121 @@ pub fn backward_gemm<T: CudaElement>(
         .arg(&dim);
     // SAFETY: out and dout hold rows · D values, delta rows.
     launched(&name, unsafe { launch.launch(warps(rows)) })?;
-    // Blocks of (sequence, KV head) pairs: each pair is `group · T` score rows of T keys.
-    let pairs = s.batch * s.kv_heads;
-    let pair_rows = group * t;
-    let per_block = (block_scores / (pair_rows * t)).clamp(1, pairs);
-    let mut scores = device.zeros::<f32>(per_block * pair_rows * t)?;
-    let mut probs = device.zeros::<T>(per_block * pair_rows * t)?;
-    let seq = t as u32;
+    let zero = |x: &mut CudaSlice<T>| {
+        device
+            .stream()
+            .memset_zeros(x)
+            .map_err(|e| llama_core::Error::cuda("memset", e))
+    };
+    zero(dk)?;
+    zero(dv)?;
+    let u32_of = |v: usize| v as u32;
+    let (pairs, pair_rows, max_tile) = (s.batch * s.kv_heads, group * t, QUERY_TILE.min(t));
+    let per_block = (block_scores / (max_tile * t)).clamp(1, pairs);
+    let mut scores = device.zeros::<f32>(per_block * max_tile * t)?;
+    let mut probs = device.zeros::<T>(per_block * max_tile * t)?;
+    let kernel = |name: &str| device.function(&ATTENTION, &format!("{name}_{}", T::SUFFIX));
     for first in (0..pairs).step_by(per_block) {
         let count = per_block.min(pairs - first);
-        let (qo, ko) = (first * pair_rows * d, first * t * d);
-        let (q_op, k_op) = (dense(q, qo, pair_rows, d, false), dense(k, ko, t, d, false));
-        let block_scores = pair_rows * t;
-        // S = Q Kᵀ
-        batched_matmul(
-            device,
-            q_op,
-            Strided {
-                transpose: true,
-                ..k_op
-            },
-            &mut scores,
-            0,
-            block_scores,
-            count,
-            false,
-        )?;
-        let (first_row, block_rows) = (first * pair_rows, count * pair_rows);
-        let kernel = |name: &str| device.function(&ATTENTION, &format!("{name}_{}", T::SUFFIX));
-        let elems = block_rows * t;
-        let grid = LaunchConfig {
-            grid_dim: (elems.div_ceil(256).clamp(1, 1 << 20) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let f = kernel("attn_probs")?;
-        let mut launch = device.stream().launch_builder(&f);
-        launch
-            .arg(&scores)
-            .arg(lse)
-            .arg(&mut probs)
-            .arg(&first_row)
-            .arg(&block_rows)
-            .arg(&seq)
-            .arg(&scale);
-        // SAFETY: scores and probs hold at least block_rows · T values; lse covers every row.
-        launched("attn_probs", unsafe { launch.launch(grid) })?;
-        // dV = Pᵀ dO (the group's heads summed by the product itself)
-        let p_op = dense(&probs, 0, pair_rows, t, false);
-        let do_op = dense(dout, qo, pair_rows, d, false);
-        batched_matmul(
-            device,
-            Strided {
-                transpose: true,
-                ..p_op
-            },
-            do_op,
-            dv,
-            ko,
-            t * d,
-            count,
-            false,
-        )?;
-        // dP = dO Vᵀ
-        let v_op = dense(v, ko, t, d, true);
-        batched_matmul(
-            device,
-            do_op,
-            v_op,
-            &mut scores,
-            0,
-            block_scores,
-            count,
-            false,
-        )?;
-        let f = kernel("attn_dscores")?;
-        let mut launch = device.stream().launch_builder(&f);
-        launch
-            .arg(&mut probs)
-            .arg(&scores)
-            .arg(&delta)
-            .arg(&first_row)
-            .arg(&block_rows)
-            .arg(&seq)
-            .arg(&scale);
-        // SAFETY: as for attn_probs; delta covers every row.
-        launched("attn_dscores", unsafe { launch.launch(grid) })?;
-        // dQ = dS K, dK = dSᵀ Q
-        let ds_op = dense(&probs, 0, pair_rows, t, false);
-        batched_matmul(device, ds_op, k_op, dq, qo, pair_rows * d, count, false)?;
-        batched_matmul(
-            device,
-            Strided {
-                transpose: true,
-                ..ds_op
-            },
-            q_op,
-            dk,
-            ko,
-            t * d,
-            count,
-            false,
-        )?;
+        let kv_at = first * t * d;
+        for j in 0..group {
+            for i0 in (0..t).step_by(max_tile) {
+                let (tile, width) = (max_tile.min(t - i0), (i0 + max_tile).min(t));
+                let q_at = (first * pair_rows + j * t + i0) * d;
+                let q_op = strided(q, q_at, (tile, d), pair_rows * d);
+                let do_op = strided(dout, q_at, (tile, d), pair_rows * d);
+                let (k_op, v_op) = (
+                    strided(k, kv_at, (width, d), t * d),
+                    strided(v, kv_at, (width, d), t * d),
+                );
+                let tile_scores = tile * width;
+                let dims = TileDims {
+                    first: first as u64,
+                    count: u32_of(count),
+                    pair_rows: u32_of(pair_rows),
+                    head_row: u32_of(j * t),
+                    i0: u32_of(i0),
+                    tile: u32_of(tile),
+                    width: u32_of(width),
+                };
+                let grid = LaunchConfig {
+                    grid_dim: (
+                        (count * tile_scores).div_ceil(256).clamp(1, 1 << 20) as u32,
+                        1,
+                        1,
+                    ),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // S = Q Kᵀ, then P
+                batched_matmul(
+                    device,
+                    q_op,
+                    transposed(k_op),
+                    &mut scores,
+                    0,
+                    tile_scores,
+                    count,
+                    false,
+                )?;
+                let f = kernel("attn_probs")?;
+                let mut launch = device.stream().launch_builder(&f);
+                launch
+                    .arg(&scores)
+                    .arg(lse)
+                    .arg(&mut probs)
+                    .arg(&dims)
+                    .arg(&scale);
+                // SAFETY: scores and probs hold count · tile · width values (per_block ≥ count,
+                // max_tile ≥ tile, T ≥ width); every logsumexp row the tile names exists.
+                launched("attn_probs", unsafe { launch.launch(grid) })?;
+                // dV += Pᵀ dO, dP = dO Vᵀ
+                let p_op = strided(&probs, 0, (tile, width), tile_scores);
+                batched_matmul(
+                    device,
+                    transposed(p_op),
+                    do_op,
+                    dv,
+                    kv_at,
+                    t * d,
+                    count,
+                    true,
+                )?;
+                batched_matmul(
+                    device,
+                    do_op,
+                    transposed(v_op),
+                    &mut scores,
+                    0,
+                    tile_scores,
+                    count,
+                    false,
+                )?;
+                let f = kernel("attn_dscores")?;
+                let mut launch = device.stream().launch_builder(&f);
+                launch
+                    .arg(&mut probs)
+                    .arg(&scores)
+                    .arg(&delta)
+                    .arg(&dims)
+                    .arg(&scale);
+                // SAFETY: as for attn_probs; delta covers every row.
+                launched("attn_dscores", unsafe { launch.launch(grid) })?;
+                // dQ = dS K, dK += dSᵀ Q
+                let ds_op = strided(&probs, 0, (tile, width), tile_scores);
+                batched_matmul(device, ds_op, k_op, dq, q_at, pair_rows * d, count, false)?;
+                batched_matmul(
+                    device,
+                    transposed(ds_op),
+                    q_op,
+                    dk,
+                    kv_at,
+                    t * d,
+                    count,
+                    true,
+                )?;
+            }
+        }
     }
     Ok(())
 }

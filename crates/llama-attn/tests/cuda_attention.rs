@@ -136,7 +136,8 @@ fn forward_and_backward_match_the_cpu() {
 }
 
 /// The tensor-core GEMM backward of causal self-attention (the training path) against the
-/// CPU: f32 and bf16, grouped heads, one pair per block and the default block.
+/// CPU: f32 and bf16, grouped heads, several query tiles, one pair per block and the default
+/// block.
 #[test]
 fn gemm_backward_matches_the_cpu() {
     let Some(gpu) = cuda_or_skip!() else { return };
@@ -154,7 +155,13 @@ fn gemm_backward_matches_the_cpu() {
         causal: true,
         padding: None,
     };
-    for shape in [s(2, 4, 2, 37, 16), s(1, 9, 3, 130, 64), s(2, 8, 8, 67, 128)] {
+    // 600 positions: query tiles of 256, 256 and 88 rows.
+    for shape in [
+        s(2, 4, 2, 37, 16),
+        s(1, 9, 3, 130, 64),
+        s(2, 8, 8, 67, 128),
+        s(1, 4, 2, 600, 64),
+    ] {
         let (q, k, v, dout) = (
             rng.vec(shape.q_len(), 2.0),
             rng.vec(shape.kv_len(), 2.0),
