@@ -277,3 +277,119 @@ fn merging_keeps_the_logits_and_unmerging_restores_the_weights() {
         std::fs::remove_dir_all(&out).ok();
     }
 }
+
+/// An adapter that also trains embed_tokens and lm_head (peft's modules_to_save).
+fn adapter_with_modules(model: &mut LlamaModel) {
+    let mut config = LoraConfig::new(4, 8.0);
+    config.modules_to_save =
+        LoraConfig::parse_modules_to_save(&["embed_tokens", "lm_head"]).unwrap();
+    model.get_peft_model(config).unwrap();
+    randomise_pairs(model);
+}
+
+/// Random non-zero pairs (the modules keep the base's values).
+fn randomise_pairs(model: &mut LlamaModel) {
+    let mut rng = SplitMix64::new(13);
+    let mut adapter = model.adapter().unwrap().clone();
+    for layer in &mut adapter.layers {
+        for p in layer.0.iter_mut().flatten() {
+            for v in p.a.iter_mut().chain(p.b.iter_mut()) {
+                *v = (rng.next_f64() as f32 - 0.5) * 0.2;
+            }
+        }
+    }
+    model.set_adapter(Some(adapter)).unwrap();
+}
+
+#[test]
+fn saved_module_gradients_match_finite_differences() {
+    for dir in model_dirs() {
+        let mut model = load_model(&dir);
+        adapter_with_modules(&mut model);
+        let b = pattern_batches(&model, 6, 2, 2).remove(0);
+        let mut grads = model.adapter().unwrap().zero_grads();
+        let options = StepOptions {
+            gradient_checkpointing: true,
+            grad_scale: 1.0,
+            dropout_seed: None,
+        };
+        model.loss_and_grads(&b, &mut grads, &options).unwrap();
+        for (m, g) in grads.modules.iter().enumerate() {
+            let g = g.as_ref().expect("both modules are trained");
+            // the three largest entries, each against a central difference of the loss
+            let mut order: Vec<usize> = (0..g.len()).collect();
+            order.sort_by(|&i, &j| g[j].abs().total_cmp(&g[i].abs()));
+            for &at in &order[..3] {
+                let h = 1e-2f32;
+                let mut loss_at = |delta: f32| {
+                    let mut adapter = model.adapter().unwrap().clone();
+                    let module = [
+                        &mut adapter.modules.embed_tokens,
+                        &mut adapter.modules.lm_head,
+                    ][m]
+                        .as_mut()
+                        .unwrap();
+                    let llama_ops::Weight::Dense { data, .. } = module else {
+                        panic!("modules are dense f32")
+                    };
+                    data[at] += delta;
+                    let mut probe = load_model(&dir);
+                    probe.set_adapter(Some(adapter)).unwrap();
+                    probe.loss(&b.ids, &b.labels, b.batch).unwrap() as f64
+                };
+                let numeric = (loss_at(h) - loss_at(-h)) / (2.0 * h as f64);
+                let rel = (numeric - g[at] as f64).abs() / (g[at] as f64).abs();
+                assert!(
+                    rel < 0.05,
+                    "{} module {m} entry {at}: analytic {} numeric {numeric}",
+                    dir.display(),
+                    g[at]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn saved_modules_round_trip_and_merge() {
+    for dir in model_dirs() {
+        let mut model = load_model(&dir);
+        adapter_with_modules(&mut model);
+        // move the modules away from the base so that applying them shows
+        let data = pattern_batches(&model, 7, 4, 2);
+        let mut trainer = Trainer::new(&model, train_config(4, 1)).unwrap();
+        let plan = RunPlan {
+            total_steps: 4,
+            shuffle: false,
+            seed: 1,
+            save_every: None,
+            out_dir: None,
+        };
+        trainer
+            .run(&mut model, &data, &plan, &mut |_| Ok(()))
+            .unwrap();
+        let ids: Vec<u32> = data[0].ids.clone();
+        let with = model.forward(&ids, data[0].batch).unwrap();
+        let out = scratch("modules");
+        model.adapter().unwrap().save(&out, None).unwrap();
+        let mut fresh = load_model(&dir);
+        let base = fresh.forward(&ids, data[0].batch).unwrap();
+        assert!(
+            llama_fixtures::rel_error(&base, &with) > 1e-3,
+            "{}",
+            dir.display()
+        );
+        fresh
+            .set_adapter(Some(LoraAdapter::load(&out, fresh.dims()).unwrap()))
+            .unwrap();
+        assert_eq!(fresh.adapter(), model.adapter());
+        let adapter = fresh.merge_adapter().unwrap().unwrap();
+        let merged = fresh.forward(&ids, data[0].batch).unwrap();
+        assert_close("merged with modules", &merged, &with, &[with.len()], 1e-5);
+        fresh.unmerge_adapter(adapter).unwrap();
+        fresh.set_adapter(None).unwrap();
+        let again = fresh.forward(&ids, data[0].batch).unwrap();
+        assert_close("unmerged base", &again, &base, &[base.len()], 1e-5);
+        std::fs::remove_dir_all(&out).ok();
+    }
+}

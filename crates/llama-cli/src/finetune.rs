@@ -43,6 +43,9 @@ pub struct FinetuneArgs {
     /// Layer indices to adapt (default: all).
     #[arg(long, value_delimiter = ',')]
     layers_to_transform: Option<Vec<usize>>,
+    /// Whole modules trained beside the adapter, in f32: embed_tokens, lm_head.
+    #[arg(long, value_delimiter = ',')]
+    modules_to_save: Vec<String>,
     /// lora_A's initialisation: kaiming (peft's default) or gaussian.
     #[arg(long, default_value = "kaiming")]
     init_lora_weights: String,
@@ -110,6 +113,7 @@ impl FinetuneArgs {
         c.layers_to_transform = self.layers_to_transform.clone();
         c.init_lora_weights = LoraConfig::parse_init(&self.init_lora_weights).map_err(err)?;
         c.random_state = self.seed;
+        c.modules_to_save = LoraConfig::parse_modules_to_save(&self.modules_to_save).map_err(err)?;
         Ok(c)
     }
 

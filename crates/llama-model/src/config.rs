@@ -210,6 +210,7 @@ impl LlamaConfig {
             intermediate: self.intermediate_size,
             q_width: self.num_attention_heads * self.head_dim,
             kv_width: self.num_key_value_heads * self.head_dim,
+            vocab: self.vocab_size,
         }
     }
 

@@ -114,6 +114,13 @@ impl CudaTrainer {
             ));
         }
         config.optimizer.validate()?;
+        if !adapter.config.modules_to_save.is_empty() {
+            return Err(ModelError::input(
+                "modules_to_save",
+                "training whole embed_tokens / lm_head copies runs on the CPU in this version"
+                    .to_string(),
+            ));
+        }
         let device = model.device().clone();
         let lora = adapter
             .layers
@@ -170,6 +177,7 @@ impl CudaTrainer {
         Ok(LoraAdapter {
             config: self.lora_config.clone(),
             layers,
+            modules: Default::default(),
         })
     }
 
@@ -186,7 +194,10 @@ impl CudaTrainer {
                 Ok(out)
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(AdapterGrads { layers })
+        Ok(AdapterGrads {
+            layers,
+            modules: [None, None],
+        })
     }
 
     fn pairs_mut(&mut self) -> impl Iterator<Item = &mut CudaLoraPair> {

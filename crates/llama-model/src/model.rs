@@ -193,7 +193,8 @@ impl LlamaModel {
     /// Applies `adapter` in every forward from now on (replacing any other); None removes it.
     /// An adapter shaped for another model is an error.
     pub fn set_adapter(&mut self, adapter: Option<LoraAdapter>) -> Result<()> {
-        if let Some(a) = &adapter {
+        let mut adapter = adapter;
+        if let Some(a) = &mut adapter {
             let dims = self.dims();
             let fits = a.layers.len() == dims.num_layers
                 && a.pairs()
@@ -204,11 +205,19 @@ impl LlamaModel {
                     "its matrices do not fit this model's layers".to_string(),
                 ));
             }
-            if !a.config.modules_to_save.is_empty() {
+            // The modules it trains start as copies of this model's.
+            a.init_modules(&self.embed_tokens, self.lm_head())?;
+            let module_fits = [&a.modules.embed_tokens, &a.modules.lm_head]
+                .into_iter()
+                .flatten()
+                .all(|w| w.shape() == (dims.vocab, dims.hidden));
+            if !module_fits {
                 return Err(ModelError::input(
                     "modules_to_save",
-                    "training or applying whole embed_tokens / lm_head copies is not supported yet"
-                        .to_string(),
+                    format!(
+                        "embed_tokens / lm_head copies must be [{}, {}]",
+                        dims.vocab, dims.hidden
+                    ),
                 ));
             }
         }
@@ -216,20 +225,50 @@ impl LlamaModel {
         Ok(())
     }
 
+    /// Puts a fresh adapter with `config`'s settings on the model (Unsloth's
+    /// `get_peft_model`): A random, B zero, saved modules copied from the model.
+    pub fn get_peft_model(&mut self, config: llama_peft::LoraConfig) -> Result<()> {
+        let adapter = LoraAdapter::new(config, self.dims())?;
+        self.set_adapter(Some(adapter))
+    }
+
     /// Adds s·B·A of every pair into its base weight (which becomes dense f32) and returns the
     /// adapter, no longer applied by the forward (peft's `merge_and_unload`).
+    /// Trained modules (modules_to_save) replace the model's own, which the returned adapter
+    /// holds in their place for [`Self::unmerge_adapter`].
     pub fn merge_adapter(&mut self) -> Result<Option<LoraAdapter>> {
-        let Some(adapter) = self.adapter.take() else {
+        let Some(mut adapter) = self.adapter.take() else {
             return Ok(None);
         };
         self.add_adapter_deltas(&adapter, 1.0)?;
+        self.swap_modules(&mut adapter);
         Ok(Some(adapter))
+    }
+
+    /// Exchanges the model's embed_tokens / lm_head with the adapter's trained copies.
+    fn swap_modules(&mut self, adapter: &mut LoraAdapter) {
+        if let Some(head) = &mut adapter.modules.lm_head {
+            // A tied model gets an lm_head of its own (and gives it back on unmerge).
+            let mut own = self
+                .lm_head
+                .take()
+                .unwrap_or_else(|| self.embed_tokens.clone());
+            std::mem::swap(&mut own, head);
+            self.lm_head = Some(own);
+        }
+        if let Some(embed) = &mut adapter.modules.embed_tokens {
+            std::mem::swap(&mut self.embed_tokens, embed);
+        }
     }
 
     /// Subtracts a merged adapter's s·B·A again and applies it unmerged from now on (peft's
     /// `unmerge_adapter`); the base weights stay dense f32.
-    pub fn unmerge_adapter(&mut self, adapter: LoraAdapter) -> Result<()> {
+    pub fn unmerge_adapter(&mut self, mut adapter: LoraAdapter) -> Result<()> {
         self.add_adapter_deltas(&adapter, -1.0)?;
+        self.swap_modules(&mut adapter);
+        if adapter.modules.lm_head.is_some() && self.config.tie_word_embeddings {
+            self.lm_head = None;
+        }
         self.set_adapter(Some(adapter))
     }
 
@@ -322,9 +361,22 @@ impl LlamaModel {
         }
     }
 
-    /// The lm_head matrix, [V, C] (the embeddings when tied).
+    /// The lm_head matrix, [V, C]: the adapter's trained copy when it has one, else the
+    /// model's (the embeddings when tied).
     pub fn lm_head(&self) -> &Weight {
-        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+        self.adapter
+            .as_ref()
+            .and_then(|a| a.modules.lm_head.as_ref())
+            .or(self.lm_head.as_ref())
+            .unwrap_or(&self.embed_tokens)
+    }
+
+    /// The embedding matrix the forward reads: the adapter's trained copy when it has one.
+    fn embeddings(&self) -> &Weight {
+        self.adapter
+            .as_ref()
+            .and_then(|a| a.modules.embed_tokens.as_ref())
+            .unwrap_or(&self.embed_tokens)
     }
 
     /// Bytes held by the weights.
@@ -371,7 +423,7 @@ impl LlamaModel {
                     ),
                 ));
             }
-            self.embed_tokens.row(id as usize, row)?;
+            self.embeddings().row(id as usize, row)?;
         }
         Ok(h)
     }

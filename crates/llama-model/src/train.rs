@@ -9,8 +9,11 @@
 //!              logits never exist whole); dn = dlogits·lm_head; dh_L = rms_norm_backward;
 //!              each layer's backward in reverse; the embeddings are frozen.
 
-use llama_ops::{cross_entropy, cross_entropy_backward, rms_norm_backward, CrossEntropyOptions};
-use llama_peft::{AdapterGrads, LoraAdapter};
+use llama_ops::{
+    cross_entropy, cross_entropy_backward, linear_backward_weight, rms_norm_backward,
+    CrossEntropyOptions,
+};
+use llama_peft::AdapterGrads;
 
 use crate::error::{ModelError, Result};
 use crate::layer::{layer_dropout, AttnInput, LayerAdapter, LayerTape};
@@ -51,32 +54,18 @@ impl LlamaModel {
                 format!("{} labels for {} ids", labels.len(), ids.len()),
             ));
         }
-        let Some(adapter) = self.adapter.take() else {
+        let Some(adapter) = self.adapter.as_ref() else {
             return Err(ModelError::input(
                 "adapter",
                 "training needs a LoRA adapter (get_peft_model or --init-adapter)".to_string(),
             ));
         };
-        if grads.layers.len() != adapter.layers.len() {
-            self.adapter = Some(adapter);
+        if !grads.fits(adapter) {
             return Err(ModelError::input(
                 "grads",
                 "gradients shaped for another adapter".to_string(),
             ));
         }
-        let result = self.step_with(&adapter, b, seq, grads, options);
-        self.adapter = Some(adapter);
-        result
-    }
-
-    fn step_with(
-        &mut self,
-        adapter: &LoraAdapter,
-        b: &Batch,
-        seq: usize,
-        grads: &mut AdapterGrads,
-        options: &StepOptions,
-    ) -> Result<f32> {
         let batch = b.batch;
         let positions = self.positions(batch, seq, 0, None)?;
         let eps = self.config.rms_norm_eps;
@@ -109,7 +98,9 @@ impl LlamaModel {
         }
         let normed = self.final_norm(&h)?;
         let targets = shift_labels(&b.labels, seq);
-        let (loss, d_normed) = self.head_backward(&normed, &targets, options.grad_scale)?;
+        let head_grad = grads.modules[1].as_deref_mut();
+        let (loss, d_normed) =
+            self.head_backward(&normed, &targets, options.grad_scale, head_grad)?;
         let mut dh = vec![0f32; h.len()];
         let mut dw = vec![0f32; self.norm.len()];
         rms_norm_backward(&h, &self.norm, &d_normed, eps, &mut dh, &mut dw)?;
@@ -138,17 +129,27 @@ impl LlamaModel {
                 &mut grads.layers[i],
             )?;
         }
+        // h₀ = embed(ids): each row's gradient goes to its token's row.
+        if let Some(g) = grads.modules[0].as_mut() {
+            let c = self.config.hidden_size;
+            for (row, &id) in dh.chunks_exact(c).zip(&b.ids) {
+                let at = id as usize * c;
+                g[at..at + c].iter_mut().zip(row).for_each(|(g, d)| *g += d);
+            }
+        }
         Ok(loss)
     }
 
     /// Cross entropy of normed hidden states [N, C] against `targets` [N] and its gradient
     /// [N, C] times `scale`, a chunk of rows at a time (each chunk's logits are made, turned
     /// into their gradient in place and multiplied back through lm_head).
+    /// When lm_head is trained (modules_to_save), its gradient is added to `head_grad`.
     fn head_backward(
         &self,
         normed: &[f32],
         targets: &[i64],
         scale: f32,
+        mut head_grad: Option<&mut [f32]>,
     ) -> Result<(f32, Vec<f32>)> {
         let (c, v) = (self.config.hidden_size, self.config.vocab_size);
         let opts = CrossEntropyOptions::default();
@@ -172,6 +173,10 @@ impl LlamaModel {
             // d(chunk mean)/d(batch mean) = n_chunk / n_batch
             let dloss = scale * ce.n_valid as f32 / scored as f32;
             cross_entropy_backward(logits, t, &ce, dloss, &opts)?;
+            // logits = x · Wᵀ: dW += dlogitsᵀ · x
+            if let Some(g) = head_grad.as_deref_mut() {
+                linear_backward_weight(logits, x, c, g)?;
+            }
             self.lm_head().backward_input(logits, dx)?;
         }
         let loss = if scored == 0 {

@@ -4,10 +4,11 @@
 
 use std::path::{Path, PathBuf};
 
-use llama_core::{SplitMix64, Tensor};
+use llama_core::{DType, SplitMix64, Tensor};
+use llama_ops::Weight;
 use safetensors::SafeTensors;
 
-use crate::config::{LoraConfig, ModelDims, Target};
+use crate::config::{LoraConfig, ModelDims, SavedModule, Target};
 use crate::error::{PeftError, Result};
 use crate::lora::{LoraGrads, LoraPair};
 
@@ -21,30 +22,96 @@ impl LayerLora {
     }
 }
 
-/// Gradients for every pair of an adapter, laid out like it.
+/// Whole modules trained beside the pairs (peft's `modules_to_save`): dense f32 copies of
+/// embed_tokens and lm_head, [V, C], that replace the base's in the forward.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SavedModules {
+    pub embed_tokens: Option<Weight>,
+    pub lm_head: Option<Weight>,
+}
+
+impl SavedModules {
+    /// The copy of `module`, if trained.
+    pub fn get(&self, module: SavedModule) -> Option<&Weight> {
+        match module {
+            SavedModule::EmbedTokens => self.embed_tokens.as_ref(),
+            SavedModule::LmHead => self.lm_head.as_ref(),
+        }
+    }
+
+    fn slot(&mut self, module: SavedModule) -> &mut Option<Weight> {
+        match module {
+            SavedModule::EmbedTokens => &mut self.embed_tokens,
+            SavedModule::LmHead => &mut self.lm_head,
+        }
+    }
+
+    /// The values of each copy, embed_tokens first.
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut [f32]> {
+        [&mut self.embed_tokens, &mut self.lm_head]
+            .into_iter()
+            .flatten()
+            .filter_map(|w| match w {
+                Weight::Dense { data, .. } => Some(&mut data[..]),
+                Weight::Quant { .. } => None,
+            })
+    }
+}
+
+/// peft's on-disk name of a saved module (`modules_to_save.default` dropped).
+pub fn module_name(module: SavedModule) -> &'static str {
+    match module {
+        SavedModule::EmbedTokens => "base_model.model.model.embed_tokens.weight",
+        SavedModule::LmHead => "base_model.model.lm_head.weight",
+    }
+}
+
+/// Gradients for every pair of an adapter, laid out like it, and for its saved modules
+/// ([embed_tokens, lm_head]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct AdapterGrads {
     pub layers: Vec<[Option<LoraGrads>; 7]>,
+    pub modules: [Option<Vec<f32>>; 2],
 }
 
 impl AdapterGrads {
     /// Every gradient matrix in [`LoraAdapter::parameters_mut`]'s order (per pair: A, B).
     pub fn slices(&self) -> Vec<&[f32]> {
-        self.layers
-            .iter()
-            .flatten()
-            .flatten()
-            .flat_map(|g| [&g.a[..], &g.b[..]])
+        let pairs = self.layers.iter().flatten().flatten();
+        let pairs = pairs.flat_map(|g| [&g.a[..], &g.b[..]]);
+        pairs
+            .chain(self.modules.iter().flatten().map(|m| &m[..]))
             .collect()
     }
 
     pub fn slices_mut(&mut self) -> Vec<&mut [f32]> {
-        self.layers
-            .iter_mut()
-            .flatten()
-            .flatten()
-            .flat_map(|g| [&mut g.a[..], &mut g.b[..]])
+        let pairs = self.layers.iter_mut().flatten().flatten();
+        let pairs = pairs.flat_map(|g| [&mut g.a[..], &mut g.b[..]]);
+        pairs
+            .chain(self.modules.iter_mut().flatten().map(|m| &mut m[..]))
             .collect()
+    }
+
+    /// Whether these gradients are shaped for `adapter`.
+    pub fn fits(&self, adapter: &LoraAdapter) -> bool {
+        let size = |w: &Option<Weight>| w.as_ref().map(|w| w.shape().0 * w.shape().1);
+        let modules = [
+            size(&adapter.modules.embed_tokens),
+            size(&adapter.modules.lm_head),
+        ];
+        self.layers.len() == adapter.layers.len()
+            && self.layers.iter().zip(&adapter.layers).all(|(g, l)| {
+                g.iter().zip(&l.0).all(|(g, p)| match (g, p) {
+                    (Some(g), Some(p)) => g.a.len() == p.a.len() && g.b.len() == p.b.len(),
+                    (None, None) => true,
+                    _ => false,
+                })
+            })
+            && self
+                .modules
+                .iter()
+                .map(|m| m.as_ref().map(Vec::len))
+                .eq(modules)
     }
 
     /// Sets every gradient to zero (keeps the memory).
@@ -73,6 +140,7 @@ pub fn peft_name(layer: usize, target: Target, which: &str, in_memory: bool) -> 
 pub struct LoraAdapter {
     pub config: LoraConfig,
     pub layers: Vec<LayerLora>,
+    pub modules: SavedModules,
 }
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -104,7 +172,27 @@ impl LoraAdapter {
                 layer
             })
             .collect();
-        Ok(LoraAdapter { config, layers })
+        Ok(LoraAdapter {
+            config,
+            layers,
+            modules: SavedModules::default(),
+        })
+    }
+
+    /// Makes the f32 copies of the modules `config.modules_to_save` names that are not there
+    /// yet, from the base's embed_tokens and lm_head.
+    pub fn init_modules(&mut self, embed_tokens: &Weight, lm_head: &Weight) -> Result<()> {
+        for &m in &self.config.modules_to_save {
+            let base = match m {
+                SavedModule::EmbedTokens => embed_tokens,
+                SavedModule::LmHead => lm_head,
+            };
+            let slot = self.modules.slot(m);
+            if slot.is_none() {
+                *slot = Some(base.convert(DType::F32)?);
+            }
+        }
+        Ok(())
     }
 
     /// The pair on `target` in `layer`, if adapted.
@@ -123,27 +211,41 @@ impl LoraAdapter {
 
     /// Every trainable matrix (per pair: A, B), in [`AdapterGrads::slices`]' order.
     pub fn parameters_mut(&mut self) -> Vec<&mut [f32]> {
-        self.layers
+        let pairs = self
+            .layers
             .iter_mut()
             .flat_map(|l| l.0.iter_mut())
             .flatten()
-            .flat_map(|p| [&mut p.a[..], &mut p.b[..]])
-            .collect()
+            .flat_map(|p| [&mut p.a[..], &mut p.b[..]]);
+        pairs.chain(self.modules.values_mut()).collect()
     }
 
     /// Number of trainable values.
     pub fn parameter_count(&self) -> usize {
-        self.pairs().map(|(_, _, p)| p.a.len() + p.b.len()).sum()
+        let modules: usize = [&self.modules.embed_tokens, &self.modules.lm_head]
+            .into_iter()
+            .flatten()
+            .map(|w| w.shape().0 * w.shape().1)
+            .sum();
+        self.pairs()
+            .map(|(_, _, p)| p.a.len() + p.b.len())
+            .sum::<usize>()
+            + modules
     }
 
     /// Zero gradients shaped like this adapter.
     pub fn zero_grads(&self) -> AdapterGrads {
+        let zeros = |w: &Option<Weight>| w.as_ref().map(|w| vec![0.0; w.shape().0 * w.shape().1]);
         AdapterGrads {
             layers: self
                 .layers
                 .iter()
                 .map(|l| l.0.each_ref().map(|p| p.as_ref().map(LoraPair::zero_grads)))
                 .collect(),
+            modules: [
+                zeros(&self.modules.embed_tokens),
+                zeros(&self.modules.lm_head),
+            ],
         }
     }
 
@@ -164,6 +266,15 @@ impl LoraAdapter {
                 peft_name(i, t, "B", false),
                 Tensor::from_slice(&p.b, vec![p.out_features, p.rank])?,
             ));
+        }
+        for m in [SavedModule::EmbedTokens, SavedModule::LmHead] {
+            if let Some(w) = self.modules.get(m) {
+                let (rows, cols) = w.shape();
+                tensors.push((
+                    module_name(m).to_string(),
+                    Tensor::from_slice(&w.to_f32()?, vec![rows, cols])?,
+                ));
+            }
         }
         let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
         Tensor::save_safetensors(&refs, &dir.join(WEIGHTS_FILE))?;
@@ -224,6 +335,10 @@ impl LoraAdapter {
                     *p = LoraPair::from_parts(a, b, r, inp, out, scaling)?;
                 }
             }
+        }
+        for m in adapter.config.modules_to_save.clone() {
+            let values = read(module_name(m), [dims.vocab, dims.hidden])?;
+            *adapter.modules.slot(m) = Some(Weight::dense(values, dims.vocab, dims.hidden)?);
         }
         Ok(adapter)
     }

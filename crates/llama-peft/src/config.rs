@@ -26,6 +26,8 @@ pub struct ModelDims {
     pub q_width: usize,
     /// num_kv_heads · head_dim.
     pub kv_width: usize,
+    /// The vocabulary (rows of embed_tokens and lm_head).
+    pub vocab: usize,
 }
 
 impl Target {

@@ -22,7 +22,10 @@ mod lora;
 mod optim;
 pub mod reference;
 
-pub use adapter::{peft_name, AdapterGrads, LayerLora, LoraAdapter, CONFIG_FILE, WEIGHTS_FILE};
+pub use adapter::{
+    module_name, peft_name, AdapterGrads, LayerLora, LoraAdapter, SavedModules, CONFIG_FILE,
+    WEIGHTS_FILE,
+};
 pub use config::{LoraConfig, LoraInit, ModelDims, SavedModule, Target};
 pub use error::{PeftError, Result};
 pub use lora::{Dropout, LoraGrads, LoraPair, LoraSaved};
