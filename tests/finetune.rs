@@ -321,7 +321,7 @@ fn saved_module_gradients_match_finite_differences() {
             order.sort_by(|&i, &j| g[j].abs().total_cmp(&g[i].abs()));
             for &at in &order[..3] {
                 let h = 1e-2f32;
-                let mut loss_at = |delta: f32| {
+                let loss_at = |delta: f32| {
                     let mut adapter = model.adapter().unwrap().clone();
                     let module = [
                         &mut adapter.modules.embed_tokens,
