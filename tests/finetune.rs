@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use llama_core::{DType, SplitMix64};
-use llama_fixtures::{assert_close, fixtures_dir};
+use llama_fixtures::{assert_close, fixture_names, fixtures_dir};
 use llama_model::data::{batches, tokenize, Record};
 use llama_model::{
     load, save_hf, Batch, LlamaModel, Precision, RunPlan, StepOptions, TrainConfig, Trainer,
@@ -14,14 +14,10 @@ use llama_peft::{LoraAdapter, LoraConfig, OptimizerKind, Schedule, ScheduleKind}
 
 fn model_dirs() -> Vec<PathBuf> {
     let root = fixtures_dir().join("models");
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
-        .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("config.json").exists())
-        .collect();
-    dirs.sort();
-    assert!(!dirs.is_empty());
-    dirs
+    fixture_names("models", "config.json")
+        .iter()
+        .map(|n| root.join(n))
+        .collect()
 }
 
 fn load_model(dir: &Path) -> LlamaModel {

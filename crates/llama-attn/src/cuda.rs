@@ -214,6 +214,32 @@ pub fn forward<T: CudaElement>(
     Ok(())
 }
 
+/// Δ = rowsum(dO ∘ O) for each of the `rows` query rows of D = `dim` values (at least one
+/// value is allocated).
+fn row_deltas<T: CudaElement>(
+    device: &CudaDevice,
+    out: &CudaSlice<T>,
+    dout: &CudaSlice<T>,
+    rows: usize,
+    dim: u32,
+) -> Result<CudaSlice<f32>> {
+    let mut delta = device.zeros::<f32>(rows.max(1))?;
+    if rows > 0 {
+        let name = format!("attn_delta_{}", T::SUFFIX);
+        let f = device.function(&ATTENTION, &name)?;
+        let mut launch = device.stream().launch_builder(&f);
+        launch
+            .arg(out)
+            .arg(dout)
+            .arg(&mut delta)
+            .arg(&rows)
+            .arg(&dim);
+        // SAFETY: the callers checked that out and dout hold rows · D values; delta holds rows.
+        launched(&name, unsafe { launch.launch(warps(rows)) })?;
+    }
+    Ok(delta)
+}
+
 /// Backward: dQ, dK, dV on the device from the forward's inputs, O, L and dO (see
 /// [`crate::backward`]); deterministic (no atomics): one warp per query for dQ, one per key
 /// for dK and dV.
@@ -249,20 +275,8 @@ pub fn backward<T: CudaElement>(
     let d = dims(s, mask)?;
     let pad = upload_padding(device, mask)?;
     let (null, scale, dim) = (0u64, 1.0 / (s.head_dim as f32).sqrt(), s.head_dim as u32);
-    let mut delta = device.zeros::<f32>(rows.max(1))?;
+    let delta = row_deltas(device, out, dout, rows, dim)?;
     if rows > 0 {
-        let name = format!("attn_delta_{}", T::SUFFIX);
-        let f = device.function(&ATTENTION, &name)?;
-        let mut launch = device.stream().launch_builder(&f);
-        launch
-            .arg(out)
-            .arg(dout)
-            .arg(&mut delta)
-            .arg(&rows)
-            .arg(&dim);
-        // SAFETY: out and dout hold rows · D values, delta rows.
-        launched(&name, unsafe { launch.launch(warps(rows)) })?;
-
         let name = format!("attn_dq_{}", T::SUFFIX);
         let f = device.function(&ATTENTION, &name)?;
         let mut launch = device.stream().launch_builder(&f);
@@ -390,18 +404,7 @@ pub fn backward_gemm<T: CudaElement>(
         return Ok(());
     }
     let (scale, dim) = (1.0 / (d as f32).sqrt(), d as u32);
-    let mut delta = device.zeros::<f32>(rows)?;
-    let name = format!("attn_delta_{}", T::SUFFIX);
-    let f = device.function(&ATTENTION, &name)?;
-    let mut launch = device.stream().launch_builder(&f);
-    launch
-        .arg(out)
-        .arg(dout)
-        .arg(&mut delta)
-        .arg(&rows)
-        .arg(&dim);
-    // SAFETY: out and dout hold rows · D values, delta rows.
-    launched(&name, unsafe { launch.launch(warps(rows)) })?;
+    let delta = row_deltas(device, out, dout, rows, dim)?;
     let zero = |x: &mut CudaSlice<T>| {
         device
             .stream()

@@ -113,7 +113,8 @@ impl FinetuneArgs {
         c.layers_to_transform = self.layers_to_transform.clone();
         c.init_lora_weights = LoraConfig::parse_init(&self.init_lora_weights).map_err(err)?;
         c.random_state = self.seed;
-        c.modules_to_save = LoraConfig::parse_modules_to_save(&self.modules_to_save).map_err(err)?;
+        c.modules_to_save =
+            LoraConfig::parse_modules_to_save(&self.modules_to_save).map_err(err)?;
         Ok(c)
     }
 

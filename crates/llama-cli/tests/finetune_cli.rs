@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use llama_fixtures::{assert_close, fixtures_dir};
+use llama_fixtures::{assert_close, fixture_names, fixtures_dir};
 use llama_model::{load, Precision};
 use llama_peft::LoraAdapter;
 
@@ -23,14 +23,8 @@ fn fastllama(args: &[&str]) -> String {
 }
 
 fn first_model() -> PathBuf {
-    let root = fixtures_dir().join("models");
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("config.json").exists())
-        .collect();
-    dirs.sort();
-    dirs.remove(0)
+    let first = fixture_names("models", "config.json").remove(0);
+    fixtures_dir().join("models").join(first)
 }
 
 fn read_logits(path: &Path) -> Vec<f32> {

@@ -17,6 +17,26 @@ pub fn fixtures_dir() -> PathBuf {
     }
 }
 
+/// The names of the directories under `fixtures_dir()/subdir` that hold a file `marker`
+/// (`models` with `config.json`, `peft` with `adapter_config.json`), sorted. Panics when there
+/// are none: a test over every fixture of a kind would then test nothing.
+pub fn fixture_names(subdir: &str, marker: &str) -> Vec<String> {
+    let root = fixtures_dir().join(subdir);
+    let mut names: Vec<String> = std::fs::read_dir(&root)
+        .unwrap_or_else(|e| panic!("{}: {e} (set {FIXTURES_ENV})", root.display()))
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join(marker).exists())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert!(
+        !names.is_empty(),
+        "no {subdir} fixtures with {marker} under {}",
+        root.display()
+    );
+    names
+}
+
 /// One fixture: its tensors (read whole into memory) and its JSON notes.
 pub struct Fixture {
     name: String,

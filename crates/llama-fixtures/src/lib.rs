@@ -18,7 +18,7 @@ mod rng;
 mod skip;
 
 pub use compare::{assert_close, check_close, rel_error, to_f32, to_f64, Mismatch};
-pub use fixture::{fixtures_dir, Fixture, FIXTURES_ENV};
+pub use fixture::{fixture_names, fixtures_dir, Fixture, FIXTURES_ENV};
 pub use params::{param, Suite};
 pub use rng::TestRng;
 pub use skip::{cuda_device_or_skip, SKIP_LOG_ENV};

@@ -89,6 +89,27 @@ fn project_backward(
     Ok(())
 }
 
+/// The sizes and settings a layer's forward and backward read.
+struct LayerSizes {
+    c: usize,
+    f: usize,
+    q_width: usize,
+    eps: f32,
+    act: llama_ops::GatedAct,
+}
+
+impl LayerSizes {
+    fn of(cfg: &crate::LlamaConfig) -> LayerSizes {
+        LayerSizes {
+            c: cfg.hidden_size,
+            f: cfg.intermediate_size,
+            q_width: cfg.num_attention_heads * cfg.head_dim,
+            eps: cfg.rms_norm_eps,
+            act: cfg.hidden_act,
+        }
+    }
+}
+
 /// A LoRA training run on the GPU.
 pub struct CudaTrainer {
     model: CudaLlamaModel,
@@ -329,14 +350,13 @@ impl CudaTrainer {
         batch: usize,
         positions: &[u32],
     ) -> Result<(CudaSlice<bf16>, Tape)> {
-        let cfg = &self.model.config;
-        let (c, f, eps, act) = (
-            cfg.hidden_size,
-            cfg.intermediate_size,
-            cfg.rms_norm_eps,
-            cfg.hidden_act,
-        );
-        let q_width = cfg.num_attention_heads * cfg.head_dim;
+        let LayerSizes {
+            c,
+            f,
+            q_width,
+            eps,
+            act,
+        } = LayerSizes::of(&self.model.config);
         let d = self.model.device().clone();
         let layer: &mut CudaLayer = &mut self.model.layers[i];
         let pairs = &self.lora[i];
@@ -394,14 +414,13 @@ impl CudaTrainer {
         tape: &Tape,
         dout: &CudaSlice<bf16>,
     ) -> Result<CudaSlice<bf16>> {
-        let cfg = &self.model.config;
-        let (c, f, eps, act) = (
-            cfg.hidden_size,
-            cfg.intermediate_size,
-            cfg.rms_norm_eps,
-            cfg.hidden_act,
-        );
-        let q_width = cfg.num_attention_heads * cfg.head_dim;
+        let LayerSizes {
+            c,
+            f,
+            q_width,
+            eps,
+            act,
+        } = LayerSizes::of(&self.model.config);
         let d = self.model.device().clone();
         let layer: &mut CudaLayer = &mut self.model.layers[i];
         let [pq, pk, pv, po, p_gate, p_up, p_down] = self.lora[i].each_mut().map(Option::as_mut);

@@ -2,22 +2,18 @@
 //! under `$LLAMA_FIXTURES/peft`: the loss, every LoRA gradient, the losses of three AdamW steps
 //! and the matrices after one SGD step, within bf16 tolerance. Skipped, and counted, without a CUDA device.
 
-use llama_fixtures::{assert_close, cuda_or_skip, fixtures_dir, Fixture};
+mod common;
+
+use common::{adapter_matrices, check_matrices, grad_matrices};
+use llama_fixtures::{assert_close, cuda_or_skip, fixture_names, fixtures_dir, Fixture};
 use llama_model::{load, Batch, CudaLlamaModel, CudaTrainer, Precision, TrainConfig};
-use llama_peft::{peft_name, LoraAdapter, OptimizerKind, Schedule, ScheduleKind};
+use llama_peft::{LoraAdapter, OptimizerKind, Schedule, ScheduleKind};
 
 #[test]
 fn gpu_lora_training_matches_peft_in_bf16() {
     let Some(gpu) = cuda_or_skip!() else { return };
     let root = fixtures_dir().join("peft");
-    let mut names: Vec<String> = std::fs::read_dir(&root)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| e.path().join("adapter_config.json").exists())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    for name in names {
+    for name in fixture_names("peft", "adapter_config.json") {
         let fixture = Fixture::open(&format!("peft/{name}/reference"));
         let base = fixture.json()["base_model"].as_str().unwrap();
         let cpu = load(&fixtures_dir().join(base), Precision::Exact, &mut |_, _| {})
@@ -58,20 +54,14 @@ fn gpu_lora_training_matches_peft_in_bf16() {
         let (expected, _) = fixture.f32("loss");
         assert_close(&format!("{name} gpu loss"), &[loss], &expected, &[1], 1e-2);
         let grads = trainer.grads().unwrap();
-        for (i, t, _) in adapter.pairs() {
-            let g = grads.get(i, t).unwrap();
-            for (which, values) in [("A", &g.a), ("B", &g.b)] {
-                let key = format!("grad.{}", peft_name(i, t, which, true));
-                let (expected, shape) = fixture.f32(&key);
-                assert_close(
-                    &format!("{name} gpu {key}"),
-                    values,
-                    &expected,
-                    &shape,
-                    5e-2,
-                );
-            }
-        }
+        let label = format!("{name} gpu");
+        check_matrices(
+            &label,
+            &fixture,
+            "grad",
+            &grad_matrices(&adapter, &grads),
+            5e-2,
+        );
         let losses: Vec<f32> = (0..3)
             .map(|_| trainer.step(std::slice::from_ref(&batch)).unwrap().loss)
             .collect();
@@ -100,18 +90,7 @@ fn gpu_lora_training_matches_peft_in_bf16() {
         let mut trainer =
             CudaTrainer::new(CudaLlamaModel::upload(&gpu, &cpu).unwrap(), &adapter, sgd).unwrap();
         trainer.step(std::slice::from_ref(&batch)).unwrap();
-        for (i, t, pair) in trainer.adapter().unwrap().pairs() {
-            for (which, values) in [("A", &pair.a), ("B", &pair.b)] {
-                let key = format!("sgd1.{}", peft_name(i, t, which, true));
-                let (expected, shape) = fixture.f32(&key);
-                assert_close(
-                    &format!("{name} gpu {key}"),
-                    values,
-                    &expected,
-                    &shape,
-                    2e-2,
-                );
-            }
-        }
+        let trained = adapter_matrices(&trainer.adapter().unwrap());
+        check_matrices(&label, &fixture, "sgd1", &trained, 2e-2);
     }
 }

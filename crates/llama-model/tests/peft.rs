@@ -2,11 +2,15 @@
 //! every LoRA gradient, the merged weight, one SGD step and three AdamW steps — the steps
 //! through [`Trainer`], the path `fastllama finetune` takes.
 
+mod common;
+
 use std::path::PathBuf;
 
-use llama_fixtures::{assert_close, fixtures_dir, Fixture};
+use common::{adapter_matrices, check_matrices, grad_matrices};
+
+use llama_fixtures::{assert_close, fixture_names, fixtures_dir, Fixture};
 use llama_model::{load, Batch, LoadedModel, Precision, StepOptions, TrainConfig, Trainer};
-use llama_peft::{peft_name, LoraAdapter, OptimizerKind, Schedule, ScheduleKind, Target};
+use llama_peft::{LoraAdapter, OptimizerKind, Schedule, ScheduleKind, Target};
 
 struct Case {
     name: String,
@@ -18,15 +22,7 @@ struct Case {
 
 fn cases() -> Vec<Case> {
     let root = fixtures_dir().join("peft");
-    let mut names: Vec<String> = std::fs::read_dir(&root)
-        .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
-        .filter_map(|e| e.ok())
-        .filter(|e| e.path().join("adapter_config.json").exists())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    assert!(!names.is_empty(), "no adapters under {}", root.display());
-    names
+    fixture_names("peft", "adapter_config.json")
         .into_iter()
         .map(|name| {
             let fixture = Fixture::open(&format!("peft/{name}/reference"));
@@ -55,23 +51,6 @@ fn cases() -> Vec<Case> {
             }
         })
         .collect()
-}
-
-/// Checks every LoRA matrix of `adapter` against the fixture's `{prefix}.<peft name>`.
-fn check_adapter(case: &Case, adapter: &LoraAdapter, prefix: &str, tol: f64) {
-    for (i, t, pair) in adapter.pairs() {
-        for (which, values) in [("A", &pair.a), ("B", &pair.b)] {
-            let name = format!("{prefix}.{}", peft_name(i, t, which, true));
-            let (expected, shape) = case.fixture.f32(&name);
-            assert_close(
-                &format!("{} {name}", case.name),
-                values,
-                &expected,
-                &shape,
-                tol,
-            );
-        }
-    }
 }
 
 fn trainer(case: &Case, optimizer: OptimizerKind, lr: f32) -> Trainer {
@@ -146,20 +125,9 @@ fn lora_gradients_match_peft_with_and_without_checkpointing() {
                 &[1],
                 1e-4,
             );
-            for (i, t, _) in model.adapter().unwrap().pairs() {
-                let g = grads.get(i, t).unwrap();
-                for (which, values) in [("A", &g.a), ("B", &g.b)] {
-                    let name = format!("grad.{}", peft_name(i, t, which, true));
-                    let (expected, shape) = case.fixture.f32(&name);
-                    assert_close(
-                        &format!("{} {name} (checkpointing {checkpointing})", case.name),
-                        values,
-                        &expected,
-                        &shape,
-                        1e-4,
-                    );
-                }
-            }
+            let label = format!("{} (checkpointing {checkpointing})", case.name);
+            let matrices = grad_matrices(model.adapter().unwrap(), &grads);
+            check_matrices(&label, &case.fixture, "grad", &matrices, 1e-4);
         }
     }
 }
@@ -197,7 +165,13 @@ fn one_sgd_step_matches_torch() {
         let b = case.batch.clone();
         trainer.step(&mut case.loaded.model, &[b]).unwrap();
         let adapter = case.loaded.model.adapter().unwrap().clone();
-        check_adapter(&case, &adapter, "sgd1", 1e-3);
+        check_matrices(
+            &case.name,
+            &case.fixture,
+            "sgd1",
+            &adapter_matrices(&adapter),
+            1e-3,
+        );
     }
 }
 
@@ -228,7 +202,13 @@ fn three_adamw_steps_match_torch() {
             1e-4,
         );
         let adapter = case.loaded.model.adapter().unwrap().clone();
-        check_adapter(&case, &adapter, "after3", 1e-3);
+        check_matrices(
+            &case.name,
+            &case.fixture,
+            "after3",
+            &adapter_matrices(&adapter),
+            1e-3,
+        );
     }
 }
 
