@@ -186,6 +186,18 @@ impl<T: CudaElement + RopeElement> CudaLlamaAttention<T> {
         Ok(())
     }
 
+    /// Puts `weights` in place of `[q_proj, k_proj, v_proj, o_proj]` and returns the old ones
+    /// (a trainer keeping them quantised elsewhere frees the bf16 copies this way).
+    pub fn replace_weights(&mut self, weights: [CudaSlice<T>; 4]) -> [CudaSlice<T>; 4] {
+        let [q, k, v, o] = weights;
+        [
+            std::mem::replace(&mut self.q_proj, q),
+            std::mem::replace(&mut self.k_proj, k),
+            std::mem::replace(&mut self.v_proj, v),
+            std::mem::replace(&mut self.o_proj, o),
+        ]
+    }
+
     /// The projection weights `[q_proj, k_proj, v_proj, o_proj]` ([out, in]).
     pub fn weights(&self) -> [&CudaSlice<T>; 4] {
         [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]

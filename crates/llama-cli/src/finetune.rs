@@ -418,9 +418,6 @@ fn bench_train_cuda(
     args: &BenchTrainArgs,
     device: &std::sync::Arc<llama_core::cuda::CudaDevice>,
 ) -> Result<(), String> {
-    if args.load_in_4bit {
-        return Err("--load-in-4bit: QLoRA runs on the CPU in this version".into());
-    }
     let used = |d: &llama_core::cuda::CudaDevice| d.memory().map(|(t, f)| t - f).unwrap_or(0);
     let baseline = used(device);
     let (model, name) = if args.random_weights {
@@ -442,6 +439,9 @@ fn bench_train_cuda(
     let adapter = LoraAdapter::new(lora, config.lora_dims()).map_err(err)?;
     let mut trainer =
         llama_model::CudaTrainer::new(model, &adapter, bench_config(args)).map_err(err)?;
+    if args.load_in_4bit {
+        trainer.quantize_base_nf4().map_err(err)?;
+    }
     let batch = bench_batch(args, config.vocab_size);
     let best = best_step(args.steps, || {
         trainer

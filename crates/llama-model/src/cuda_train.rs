@@ -5,18 +5,20 @@
 //! with its tape and runs the layer's backward (see layer.rs for the formulas).
 //! Letters: N = B·T rows, C hidden, F intermediate, V vocabulary.
 
+use std::collections::hash_map::{Entry, HashMap};
 use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
 use llama_attn::CudaAttendSaved;
-use llama_core::bf16;
 use llama_core::cuda::CudaDevice;
+use llama_core::{bf16, DType};
+use llama_ops::cuda::CudaQuantMatrix;
 use llama_ops::cuda::{
     add_in_place, cross_entropy, cross_entropy_backward, gated_backward, gated_forward, linear,
     linear_backward_input, linear_backward_input_accumulate, rms_norm, rms_norm_backward,
 };
-use llama_ops::CrossEntropyOptions;
-use llama_peft::cuda::{CudaLoraPair, CudaLoraSaved};
+use llama_ops::{CrossEntropyOptions, QuantMatrix};
+use llama_peft::cuda::{to_bf16, CudaLoraPair, CudaLoraSaved};
 use llama_peft::{AdapterGrads, LayerLora, LoraAdapter, LoraConfig, Target};
 
 use crate::cuda_model::{CudaLayer, CudaLlamaModel};
@@ -119,6 +121,65 @@ pub struct CudaTrainer {
     step: u64,
     /// The most device memory seen in use at the step's fullest points.
     peak_used: usize,
+    /// QLoRA: the frozen projections in NF4 (the model's bf16 copies freed).
+    nf4: Option<Nf4Base>,
+}
+
+/// The frozen projections of every layer in NF4, dequantised into a bf16 buffer of their
+/// shape just before each product.
+struct Nf4Base {
+    layers: Vec<[CudaQuantMatrix; 7]>,
+    /// f32 values of the matrix being dequantised (the largest's size).
+    scratch: CudaSlice<f32>,
+    /// One bf16 buffer per projection shape.
+    copies: HashMap<(usize, usize), CudaSlice<bf16>>,
+}
+
+/// The frozen weight of `target` in layer `i` as the products read it: the model's bf16
+/// matrix, or (QLoRA) its NF4 copy dequantised into the bf16 buffer of its shape.
+fn frozen<'a>(
+    d: &CudaDevice,
+    layer: &'a CudaLayer,
+    nf4: Option<&'a mut Nf4Base>,
+    i: usize,
+    target: Target,
+) -> Result<&'a CudaSlice<bf16>> {
+    let Some(base) = nf4 else {
+        let [q, k, v, o] = layer.self_attn.weights();
+        return Ok(match target {
+            Target::QProj => q,
+            Target::KProj => k,
+            Target::VProj => v,
+            Target::OProj => o,
+            Target::GateProj => &layer.gate_proj,
+            Target::UpProj => &layer.up_proj,
+            Target::DownProj => &layer.down_proj,
+        });
+    };
+    let matrix = &base.layers[i][target as usize];
+    let (rows, cols) = matrix.shape();
+    matrix.dequantize_into(d, &mut base.scratch)?;
+    let copy = match base.copies.entry((rows, cols)) {
+        Entry::Occupied(e) => e.into_mut(),
+        Entry::Vacant(e) => e.insert(d.zeros(rows * cols)?),
+    };
+    to_bf16(d, &base.scratch, copy, rows * cols)?;
+    Ok(copy)
+}
+
+/// A bf16 device matrix [rows, cols] quantised to NF4 (on the host) and uploaded.
+fn to_nf4(
+    d: &CudaDevice,
+    w: &CudaSlice<bf16>,
+    rows: usize,
+    cols: usize,
+) -> Result<CudaQuantMatrix> {
+    let values: Vec<f32> = d.dtoh(w)?.iter().map(|v| v.to_f32()).collect();
+    let bytes = llama_ops::quantize(DType::Nf4, &values, cols)?;
+    Ok(CudaQuantMatrix::upload(
+        d,
+        &QuantMatrix::new(DType::Nf4, rows, cols, &bytes)?,
+    )?)
 }
 
 impl CudaTrainer {
@@ -163,11 +224,56 @@ impl CudaTrainer {
             config,
             step: 0,
             peak_used: 0,
+            nf4: None,
         })
     }
 
     pub fn device(&self) -> &Arc<CudaDevice> {
         self.model.device()
+    }
+
+    /// QLoRA: stores the frozen projections in NF4 on the device (quantised from their bf16
+    /// values) and frees the bf16 ones; each product then dequantises its matrix first. The
+    /// model can no longer run inference afterwards (its projections are gone).
+    pub fn quantize_base_nf4(&mut self) -> Result<()> {
+        if self.nf4.is_some() {
+            return Ok(());
+        }
+        let d = self.device().clone();
+        let dims = self.model.config.lora_dims();
+        let empty = || d.zeros::<bf16>(1);
+        let mut layers = Vec::with_capacity(self.model.layers.len());
+        for layer in &mut self.model.layers {
+            let [q, k, v, o] =
+                layer
+                    .self_attn
+                    .replace_weights([empty()?, empty()?, empty()?, empty()?]);
+            let gate = std::mem::replace(&mut layer.gate_proj, empty()?);
+            let up = std::mem::replace(&mut layer.up_proj, empty()?);
+            let down = std::mem::replace(&mut layer.down_proj, empty()?);
+            let mut quantised = Vec::with_capacity(7);
+            for (t, w) in Target::ALL.into_iter().zip([q, k, v, o, gate, up, down]) {
+                let (rows, cols) = t.shape(&dims);
+                quantised.push(to_nf4(&d, &w, rows, cols)?);
+            }
+            layers.push(
+                quantised
+                    .try_into()
+                    .unwrap_or_else(|_| unreachable!("seven projections")),
+            );
+        }
+        let largest = Target::ALL
+            .iter()
+            .map(|t| t.shape(&dims))
+            .map(|(r, c)| r * c)
+            .max()
+            .unwrap_or(1);
+        self.nf4 = Some(Nf4Base {
+            layers,
+            scratch: d.zeros(largest)?,
+            copies: HashMap::new(),
+        });
+        Ok(())
     }
 
     /// The most device memory (bytes, the whole device's) seen in use during the steps so far,
@@ -363,27 +469,46 @@ impl CudaTrainer {
         let pair = |t: Target| pairs[t as usize].as_ref();
         let mut normed1 = d.zeros::<bf16>(x.len())?;
         rms_norm(&d, x, &layer.input_layernorm, eps, &mut normed1)?;
-        let ([q, k, v], qkv_lora) = {
-            let [wq, wk, wv, _] = layer.self_attn.weights();
-            let (q, q_s) = project(&d, &normed1, wq, c, pair(Target::QProj))?;
-            let (k, k_s) = project(&d, &normed1, wk, c, pair(Target::KProj))?;
-            let (v, v_s) = project(&d, &normed1, wv, c, pair(Target::VProj))?;
-            ([q, k, v], [q_s, k_s, v_s])
-        };
+        let nf4 = &mut self.nf4;
+        let (q, q_s) = project(
+            &d,
+            &normed1,
+            frozen(&d, layer, nf4.as_mut(), i, Target::QProj)?,
+            c,
+            pair(Target::QProj),
+        )?;
+        let (k, k_s) = project(
+            &d,
+            &normed1,
+            frozen(&d, layer, nf4.as_mut(), i, Target::KProj)?,
+            c,
+            pair(Target::KProj),
+        )?;
+        let (v, v_s) = project(
+            &d,
+            &normed1,
+            frozen(&d, layer, nf4.as_mut(), i, Target::VProj)?,
+            c,
+            pair(Target::VProj),
+        )?;
+        let qkv_lora = [q_s, k_s, v_s];
         let (merged, attend) = layer.self_attn.attend([&q, &k, &v], batch, positions)?;
         drop((q, k, v));
-        let wo = layer.self_attn.weights()[3];
+        let wo = frozen(&d, layer, nf4.as_mut(), i, Target::OProj)?;
         let (attn_out, o_lora) = project(&d, &merged, wo, q_width, pair(Target::OProj))?;
         let mut mid = d.stream().clone_dtod(x).map_err(cuda_err("clone_dtod"))?;
         add_in_place(&d, &mut mid, &attn_out)?;
         drop(attn_out);
         let mut normed2 = d.zeros::<bf16>(x.len())?;
         rms_norm(&d, &mid, &layer.post_attention_layernorm, eps, &mut normed2)?;
-        let (gate, g_s) = project(&d, &normed2, &layer.gate_proj, c, pair(Target::GateProj))?;
-        let (up, u_s) = project(&d, &normed2, &layer.up_proj, c, pair(Target::UpProj))?;
+        let w_gate = frozen(&d, layer, nf4.as_mut(), i, Target::GateProj)?;
+        let (gate, g_s) = project(&d, &normed2, w_gate, c, pair(Target::GateProj))?;
+        let w_up = frozen(&d, layer, nf4.as_mut(), i, Target::UpProj)?;
+        let (up, u_s) = project(&d, &normed2, w_up, c, pair(Target::UpProj))?;
         let mut hact = d.zeros::<bf16>(gate.len())?;
         gated_forward(&d, act, &gate, &up, &mut hact)?;
-        let (mlp_out, dn_s) = project(&d, &hact, &layer.down_proj, f, pair(Target::DownProj))?;
+        let w_down = frozen(&d, layer, nf4.as_mut(), i, Target::DownProj)?;
+        let (mlp_out, dn_s) = project(&d, &hact, w_down, f, pair(Target::DownProj))?;
         let mut out = d
             .stream()
             .clone_dtod(&mid)
@@ -423,6 +548,7 @@ impl CudaTrainer {
         } = LayerSizes::of(&self.model.config);
         let d = self.model.device().clone();
         let layer: &mut CudaLayer = &mut self.model.layers[i];
+        let nf4 = &mut self.nf4;
         let [pq, pk, pv, po, p_gate, p_up, p_down] = self.lora[i].each_mut().map(Option::as_mut);
         let mut dw = d.zeros::<f32>(c)?;
         // out = mid + down(act(gate(n₂)) ⊙ up(n₂)), n₂ = rms_norm(mid)
@@ -430,7 +556,7 @@ impl CudaTrainer {
         project_backward(
             &d,
             Frozen {
-                w: &layer.down_proj,
+                w: frozen(&d, layer, nf4.as_mut(), i, Target::DownProj)?,
                 in_features: f,
                 pair: p_down,
                 saved: &tape.mlp_lora[2],
@@ -456,7 +582,7 @@ impl CudaTrainer {
         project_backward(
             &d,
             Frozen {
-                w: &layer.gate_proj,
+                w: frozen(&d, layer, nf4.as_mut(), i, Target::GateProj)?,
                 in_features: c,
                 pair: p_gate,
                 saved: &tape.mlp_lora[0],
@@ -469,7 +595,7 @@ impl CudaTrainer {
         project_backward(
             &d,
             Frozen {
-                w: &layer.up_proj,
+                w: frozen(&d, layer, nf4.as_mut(), i, Target::UpProj)?,
                 in_features: c,
                 pair: p_up,
                 saved: &tape.mlp_lora[1],
@@ -494,7 +620,7 @@ impl CudaTrainer {
         // mid = x + o(attend(qkv(n₁))), n₁ = rms_norm(x)
         let mut d_merged = d.zeros::<bf16>(tape.merged.len())?;
         {
-            let wo = layer.self_attn.weights()[3];
+            let wo = frozen(&d, layer, nf4.as_mut(), i, Target::OProj)?;
             project_backward(
                 &d,
                 Frozen {
@@ -514,11 +640,11 @@ impl CudaTrainer {
         if let Ok((total, free)) = d.memory() {
             self.peak_used = self.peak_used.max(total - free);
         }
-        let [wq, wk, wv, _] = layer.self_attn.weights();
+        let [wq, wk, wv] = [Target::QProj, Target::KProj, Target::VProj];
         project_backward(
             &d,
             Frozen {
-                w: wq,
+                w: frozen(&d, layer, nf4.as_mut(), i, wq)?,
                 in_features: c,
                 pair: pq,
                 saved: &tape.qkv_lora[0],
@@ -531,7 +657,7 @@ impl CudaTrainer {
         project_backward(
             &d,
             Frozen {
-                w: wk,
+                w: frozen(&d, layer, nf4.as_mut(), i, wk)?,
                 in_features: c,
                 pair: pk,
                 saved: &tape.qkv_lora[1],
@@ -544,7 +670,7 @@ impl CudaTrainer {
         project_backward(
             &d,
             Frozen {
-                w: wv,
+                w: frozen(&d, layer, nf4.as_mut(), i, wv)?,
                 in_features: c,
                 pair: pv,
                 saved: &tape.qkv_lora[2],

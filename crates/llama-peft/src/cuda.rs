@@ -51,6 +51,29 @@ fn scale_bf16(device: &CudaDevice, x: &mut CudaSlice<bf16>, s: f32) -> Result<()
     )
 }
 
+/// dst[..n] = bf16(src[..n]).
+pub fn to_bf16(
+    device: &CudaDevice,
+    src: &CudaSlice<f32>,
+    dst: &mut CudaSlice<bf16>,
+    n: usize,
+) -> Result<()> {
+    if n > src.len() || n > dst.len() {
+        return shape_error(
+            "to_bf16",
+            format!("{n} values from {} into {}", src.len(), dst.len()),
+        );
+    }
+    let f = device.function(&LORA, "lora_to_bf16")?;
+    let mut launch = device.stream().launch_builder(&f);
+    launch.arg(src).arg(dst).arg(&n);
+    // SAFETY: both buffers hold at least n values (checked).
+    launched(
+        "lora_to_bf16",
+        unsafe { launch.launch(grid(n)) }.map(|_| ()),
+    )
+}
+
 /// One matrix of a pair: the f32 master, its bf16 copy, its gradient and AdamW moments.
 struct Matrix {
     master: CudaSlice<f32>,
@@ -73,15 +96,7 @@ impl Matrix {
 
     /// copy = bf16(master).
     fn refresh(&mut self, device: &CudaDevice) -> Result<()> {
-        let f = device.function(&LORA, "lora_to_bf16")?;
-        let n = self.master.len();
-        let mut launch = device.stream().launch_builder(&f);
-        launch.arg(&self.master).arg(&mut self.copy).arg(&n);
-        // SAFETY: master and copy hold n values each.
-        launched(
-            "lora_to_bf16",
-            unsafe { launch.launch(grid(n)) }.map(|_| ()),
-        )
+        to_bf16(device, &self.master, &mut self.copy, self.master.len())
     }
 
     fn update(

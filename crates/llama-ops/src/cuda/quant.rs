@@ -66,9 +66,13 @@ impl CudaQuantMatrix {
 
     /// The whole matrix in f32, [N, K], written into `out` (a scratch buffer reused across
     /// layers, as the prefill does).
+    /// The values, row-major, into the first rows · cols of `out` (which may be longer: one
+    /// buffer can serve matrices of several sizes).
     pub fn dequantize_into(&self, device: &CudaDevice, out: &mut CudaSlice<f32>) -> Result<()> {
         let n = self.rows * self.cols as usize;
-        check_len("cuda dequantize_into", "out", out.len(), n)?;
+        if out.len() < n {
+            check_len("cuda dequantize_into", "out", out.len(), n)?;
+        }
         if n == 0 {
             return Ok(());
         }
