@@ -15,11 +15,11 @@ use llama_core::{bf16, DType};
 use llama_ops::cuda::CudaQuantMatrix;
 use llama_ops::cuda::{
     add_in_place, cross_entropy, cross_entropy_backward, gated_backward, gated_forward, linear,
-    linear_backward_input, linear_backward_input_accumulate, rms_norm, rms_norm_backward,
+    linear_backward_input, linear_backward_input_into, rms_norm, rms_norm_backward,
 };
 use llama_ops::{CrossEntropyOptions, QuantMatrix};
 use llama_peft::cuda::{to_bf16, CudaLoraPair, CudaLoraSaved};
-use llama_peft::{AdapterGrads, LayerLora, LoraAdapter, LoraConfig, Target};
+use llama_peft::{AdapterGrads, LayerLora, LoraAdapter, LoraConfig, ModelDims, Target};
 
 use crate::cuda_model::{CudaLayer, CudaLlamaModel};
 use crate::error::{ModelError, Result};
@@ -47,68 +47,82 @@ fn cuda_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> ModelError + 
     move |e| llama_core::Error::cuda(what, e).into()
 }
 
-/// y [N, out] = x·Wᵀ (+ the pair's branch), and the pair's saved values.
-fn project(
-    d: &CudaDevice,
-    x: &CudaSlice<bf16>,
-    w: &CudaSlice<bf16>,
-    in_features: usize,
-    pair: Option<&CudaLoraPair>,
-) -> Result<(CudaSlice<bf16>, Option<CudaLoraSaved>)> {
-    let rows = x.len() / in_features;
-    let mut y = d.zeros::<bf16>(rows * (w.len() / in_features))?;
-    linear(d, x, w, in_features, &mut y)?;
-    let saved = pair.map(|p| p.forward_add(x, &mut y)).transpose()?;
-    Ok((y, saved))
+/// One layer's frozen projections as its forward and backward read them, each by [`Target`]:
+/// the model's bf16 matrices, or (QLoRA) their NF4 copies dequantised on the way.
+struct FrozenWeights<'a> {
+    d: &'a CudaDevice,
+    layer: &'a CudaLayer,
+    nf4: Option<&'a mut Nf4Base>,
+    index: usize,
+    dims: ModelDims,
 }
 
-/// A frozen projection in the backward: its weight [out, in], its LoRA pair (whose
-/// gradients accumulate) and what the pair's forward saved.
-struct Frozen<'a> {
-    w: &'a CudaSlice<bf16>,
-    in_features: usize,
-    pair: Option<&'a mut CudaLoraPair>,
-    saved: &'a Option<CudaLoraSaved>,
-}
-
-/// dx [N, in] (+)= dy·W (+ the pair's branch) for the projection's input x.
-fn project_backward(
-    d: &CudaDevice,
-    p: Frozen,
-    x: &CudaSlice<bf16>,
-    dy: &CudaSlice<bf16>,
-    dx: &mut CudaSlice<bf16>,
-    accumulate: bool,
-) -> Result<()> {
-    if accumulate {
-        linear_backward_input_accumulate(d, dy, p.w, p.in_features, dx)?;
-    } else {
-        linear_backward_input(d, dy, p.w, p.in_features, dx)?;
-    }
-    if let (Some(pair), Some(saved)) = (p.pair, p.saved) {
-        pair.backward(x, saved, dy, dx)?;
-    }
-    Ok(())
-}
-
-/// The sizes and settings a layer's forward and backward read.
-struct LayerSizes {
-    c: usize,
-    f: usize,
-    q_width: usize,
-    eps: f32,
-    act: llama_ops::GatedAct,
-}
-
-impl LayerSizes {
-    fn of(cfg: &crate::LlamaConfig) -> LayerSizes {
-        LayerSizes {
-            c: cfg.hidden_size,
-            f: cfg.intermediate_size,
-            q_width: cfg.num_attention_heads * cfg.head_dim,
-            eps: cfg.rms_norm_eps,
-            act: cfg.hidden_act,
+impl<'a> FrozenWeights<'a> {
+    fn new(
+        d: &'a CudaDevice,
+        layer: &'a CudaLayer,
+        nf4: Option<&'a mut Nf4Base>,
+        index: usize,
+        dims: ModelDims,
+    ) -> Self {
+        FrozenWeights {
+            d,
+            layer,
+            nf4,
+            index,
+            dims,
         }
+    }
+
+    /// The weight of `target`, [out, in].
+    fn weight(&mut self, target: Target) -> Result<&CudaSlice<bf16>> {
+        frozen(
+            self.d,
+            self.layer,
+            self.nf4.as_deref_mut(),
+            self.index,
+            target,
+        )
+    }
+
+    /// y [N, out] = x·Wᵀ (+ the pair's branch), and the pair's saved values.
+    fn forward(
+        &mut self,
+        target: Target,
+        pair: Option<&CudaLoraPair>,
+        x: &CudaSlice<bf16>,
+    ) -> Result<(CudaSlice<bf16>, Option<CudaLoraSaved>)> {
+        let (out, in_features) = target.shape(&self.dims);
+        let d = self.d;
+        let mut y = d.zeros::<bf16>(x.len() / in_features * out)?;
+        linear(d, x, self.weight(target)?, in_features, &mut y)?;
+        let saved = pair.map(|p| p.forward_add(x, &mut y)).transpose()?;
+        Ok((y, saved))
+    }
+
+    /// dx [N, in] (+ when `accumulate`)= dy·W (+ the branch of `lora` = the pair, whose
+    /// gradients accumulate, and what its forward saved) for the projection's input x.
+    fn backward(
+        &mut self,
+        target: Target,
+        lora: (Option<&mut CudaLoraPair>, &Option<CudaLoraSaved>),
+        x: &CudaSlice<bf16>,
+        dy: &CudaSlice<bf16>,
+        dx: &mut CudaSlice<bf16>,
+        accumulate: bool,
+    ) -> Result<()> {
+        let in_features = target.shape(&self.dims).1;
+        let d = self.d;
+        let w = self.weight(target)?;
+        if accumulate {
+            linear_backward_input_into(d, dy, w, in_features, dx, true)?;
+        } else {
+            linear_backward_input(d, dy, w, in_features, dx)?;
+        }
+        if let (Some(pair), Some(saved)) = lora {
+            pair.backward(x, saved, dy, dx)?;
+        }
+        Ok(())
     }
 }
 
@@ -456,59 +470,36 @@ impl CudaTrainer {
         batch: usize,
         positions: &[u32],
     ) -> Result<(CudaSlice<bf16>, Tape)> {
-        let LayerSizes {
-            c,
-            f,
-            q_width,
-            eps,
-            act,
-        } = LayerSizes::of(&self.model.config);
+        let (eps, act) = (self.model.config.rms_norm_eps, self.model.config.hidden_act);
+        let dims = self.model.config.lora_dims();
         let d = self.model.device().clone();
         let layer: &mut CudaLayer = &mut self.model.layers[i];
         let pairs = &self.lora[i];
         let pair = |t: Target| pairs[t as usize].as_ref();
+        let nf4 = &mut self.nf4;
         let mut normed1 = d.zeros::<bf16>(x.len())?;
         rms_norm(&d, x, &layer.input_layernorm, eps, &mut normed1)?;
-        let nf4 = &mut self.nf4;
-        let (q, q_s) = project(
-            &d,
-            &normed1,
-            frozen(&d, layer, nf4.as_mut(), i, Target::QProj)?,
-            c,
-            pair(Target::QProj),
-        )?;
-        let (k, k_s) = project(
-            &d,
-            &normed1,
-            frozen(&d, layer, nf4.as_mut(), i, Target::KProj)?,
-            c,
-            pair(Target::KProj),
-        )?;
-        let (v, v_s) = project(
-            &d,
-            &normed1,
-            frozen(&d, layer, nf4.as_mut(), i, Target::VProj)?,
-            c,
-            pair(Target::VProj),
-        )?;
-        let qkv_lora = [q_s, k_s, v_s];
+        let ([q, k, v], qkv_lora) = {
+            let mut w = FrozenWeights::new(&d, layer, nf4.as_mut(), i, dims);
+            let (q, q_s) = w.forward(Target::QProj, pair(Target::QProj), &normed1)?;
+            let (k, k_s) = w.forward(Target::KProj, pair(Target::KProj), &normed1)?;
+            let (v, v_s) = w.forward(Target::VProj, pair(Target::VProj), &normed1)?;
+            ([q, k, v], [q_s, k_s, v_s])
+        };
         let (merged, attend) = layer.self_attn.attend([&q, &k, &v], batch, positions)?;
         drop((q, k, v));
-        let wo = frozen(&d, layer, nf4.as_mut(), i, Target::OProj)?;
-        let (attn_out, o_lora) = project(&d, &merged, wo, q_width, pair(Target::OProj))?;
+        let mut w = FrozenWeights::new(&d, layer, nf4.as_mut(), i, dims);
+        let (attn_out, o_lora) = w.forward(Target::OProj, pair(Target::OProj), &merged)?;
         let mut mid = d.stream().clone_dtod(x).map_err(cuda_err("clone_dtod"))?;
         add_in_place(&d, &mut mid, &attn_out)?;
         drop(attn_out);
         let mut normed2 = d.zeros::<bf16>(x.len())?;
         rms_norm(&d, &mid, &layer.post_attention_layernorm, eps, &mut normed2)?;
-        let w_gate = frozen(&d, layer, nf4.as_mut(), i, Target::GateProj)?;
-        let (gate, g_s) = project(&d, &normed2, w_gate, c, pair(Target::GateProj))?;
-        let w_up = frozen(&d, layer, nf4.as_mut(), i, Target::UpProj)?;
-        let (up, u_s) = project(&d, &normed2, w_up, c, pair(Target::UpProj))?;
+        let (gate, g_s) = w.forward(Target::GateProj, pair(Target::GateProj), &normed2)?;
+        let (up, u_s) = w.forward(Target::UpProj, pair(Target::UpProj), &normed2)?;
         let mut hact = d.zeros::<bf16>(gate.len())?;
         gated_forward(&d, act, &gate, &up, &mut hact)?;
-        let w_down = frozen(&d, layer, nf4.as_mut(), i, Target::DownProj)?;
-        let (mlp_out, dn_s) = project(&d, &hact, w_down, f, pair(Target::DownProj))?;
+        let (mlp_out, dn_s) = w.forward(Target::DownProj, pair(Target::DownProj), &hact)?;
         let mut out = d
             .stream()
             .clone_dtod(&mid)
@@ -539,33 +530,18 @@ impl CudaTrainer {
         tape: &Tape,
         dout: &CudaSlice<bf16>,
     ) -> Result<CudaSlice<bf16>> {
-        let LayerSizes {
-            c,
-            f,
-            q_width,
-            eps,
-            act,
-        } = LayerSizes::of(&self.model.config);
+        let (eps, act) = (self.model.config.rms_norm_eps, self.model.config.hidden_act);
+        let dims = self.model.config.lora_dims();
         let d = self.model.device().clone();
         let layer: &mut CudaLayer = &mut self.model.layers[i];
         let nf4 = &mut self.nf4;
         let [pq, pk, pv, po, p_gate, p_up, p_down] = self.lora[i].each_mut().map(Option::as_mut);
-        let mut dw = d.zeros::<f32>(c)?;
+        let mut dw = d.zeros::<f32>(dims.hidden)?;
+        let mut w = FrozenWeights::new(&d, layer, nf4.as_mut(), i, dims);
         // out = mid + down(act(gate(n₂)) ⊙ up(n₂)), n₂ = rms_norm(mid)
         let mut d_hact = d.zeros::<bf16>(tape.hact.len())?;
-        project_backward(
-            &d,
-            Frozen {
-                w: frozen(&d, layer, nf4.as_mut(), i, Target::DownProj)?,
-                in_features: f,
-                pair: p_down,
-                saved: &tape.mlp_lora[2],
-            },
-            &tape.hact,
-            dout,
-            &mut d_hact,
-            false,
-        )?;
+        let down = (p_down, &tape.mlp_lora[2]);
+        w.backward(Target::DownProj, down, &tape.hact, dout, &mut d_hact, false)?;
         let mut d_gate = d.zeros::<bf16>(tape.gate.len())?;
         let mut d_up = d.zeros::<bf16>(tape.up.len())?;
         gated_backward(
@@ -579,27 +555,18 @@ impl CudaTrainer {
         )?;
         drop(d_hact);
         let mut d_normed = d.zeros::<bf16>(dout.len())?;
-        project_backward(
-            &d,
-            Frozen {
-                w: frozen(&d, layer, nf4.as_mut(), i, Target::GateProj)?,
-                in_features: c,
-                pair: p_gate,
-                saved: &tape.mlp_lora[0],
-            },
+        let (gate, up) = ((p_gate, &tape.mlp_lora[0]), (p_up, &tape.mlp_lora[1]));
+        w.backward(
+            Target::GateProj,
+            gate,
             &tape.normed2,
             &d_gate,
             &mut d_normed,
             false,
         )?;
-        project_backward(
-            &d,
-            Frozen {
-                w: frozen(&d, layer, nf4.as_mut(), i, Target::UpProj)?,
-                in_features: c,
-                pair: p_up,
-                saved: &tape.mlp_lora[1],
-            },
+        w.backward(
+            Target::UpProj,
+            up,
             &tape.normed2,
             &d_up,
             &mut d_normed,
@@ -607,79 +574,24 @@ impl CudaTrainer {
         )?;
         drop((d_gate, d_up));
         let mut d_mid = d.zeros::<bf16>(dout.len())?;
-        rms_norm_backward(
-            &d,
-            &tape.mid,
-            &layer.post_attention_layernorm,
-            &d_normed,
-            eps,
-            &mut d_mid,
-            &mut dw,
-        )?;
+        let ln2 = &layer.post_attention_layernorm;
+        rms_norm_backward(&d, &tape.mid, ln2, &d_normed, eps, &mut d_mid, &mut dw)?;
         add_in_place(&d, &mut d_mid, dout)?;
         // mid = x + o(attend(qkv(n₁))), n₁ = rms_norm(x)
         let mut d_merged = d.zeros::<bf16>(tape.merged.len())?;
-        {
-            let wo = frozen(&d, layer, nf4.as_mut(), i, Target::OProj)?;
-            project_backward(
-                &d,
-                Frozen {
-                    w: wo,
-                    in_features: q_width,
-                    pair: po,
-                    saved: &tape.o_lora,
-                },
-                &tape.merged,
-                &d_mid,
-                &mut d_merged,
-                false,
-            )?;
-        }
+        let o = (po, &tape.o_lora);
+        w.backward(Target::OProj, o, &tape.merged, &d_mid, &mut d_merged, false)?;
         let [dq, dk, dv] = layer.self_attn.attend_backward(&tape.attend, &d_merged)?;
         drop(d_merged);
         if let Ok((total, free)) = d.memory() {
             self.peak_used = self.peak_used.max(total - free);
         }
-        let [wq, wk, wv] = [Target::QProj, Target::KProj, Target::VProj];
-        project_backward(
-            &d,
-            Frozen {
-                w: frozen(&d, layer, nf4.as_mut(), i, wq)?,
-                in_features: c,
-                pair: pq,
-                saved: &tape.qkv_lora[0],
-            },
-            &tape.normed1,
-            &dq,
-            &mut d_normed,
-            false,
-        )?;
-        project_backward(
-            &d,
-            Frozen {
-                w: frozen(&d, layer, nf4.as_mut(), i, wk)?,
-                in_features: c,
-                pair: pk,
-                saved: &tape.qkv_lora[1],
-            },
-            &tape.normed1,
-            &dk,
-            &mut d_normed,
-            true,
-        )?;
-        project_backward(
-            &d,
-            Frozen {
-                w: frozen(&d, layer, nf4.as_mut(), i, wv)?,
-                in_features: c,
-                pair: pv,
-                saved: &tape.qkv_lora[2],
-            },
-            &tape.normed1,
-            &dv,
-            &mut d_normed,
-            true,
-        )?;
+        let mut w = FrozenWeights::new(&d, layer, nf4.as_mut(), i, dims);
+        let n1 = &tape.normed1;
+        let [q, k, v] = [0, 1, 2].map(|j| &tape.qkv_lora[j]);
+        w.backward(Target::QProj, (pq, q), n1, &dq, &mut d_normed, false)?;
+        w.backward(Target::KProj, (pk, k), n1, &dk, &mut d_normed, true)?;
+        w.backward(Target::VProj, (pv, v), n1, &dv, &mut d_normed, true)?;
         let mut dx = d.zeros::<bf16>(dout.len())?;
         rms_norm_backward(
             &d,

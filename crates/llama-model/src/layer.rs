@@ -84,6 +84,20 @@ pub(crate) fn layer_dropout(p: f32, seed: Option<u64>) -> Option<Dropout> {
 }
 
 impl DecoderLayer {
+    /// The seven projection weights in [`Target`] order (q, k, v, o, gate, up, down).
+    pub fn projections_mut(&mut self) -> [&mut Weight; 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [
+            &mut a.q_proj,
+            &mut a.k_proj,
+            &mut a.v_proj,
+            &mut a.o_proj,
+            &mut m.gate_proj,
+            &mut m.up_proj,
+            &mut m.down_proj,
+        ]
+    }
+
     fn projections<'a>(&'a self, lora: Option<&'a LayerLora>) -> LayerProjections<'a> {
         let pair = |t: Target| lora.and_then(|l| l.get(t));
         let proj = |base, t| Projection {

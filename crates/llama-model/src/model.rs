@@ -14,7 +14,7 @@ use std::fmt;
 
 use llama_attn::{KvCache, LlamaAttention};
 use llama_ops::{cross_entropy, rms_norm, Activations, CrossEntropyOptions, Weight};
-use llama_peft::{LoraAdapter, ModelDims, Target};
+use llama_peft::{LoraAdapter, ModelDims};
 
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
@@ -278,16 +278,8 @@ impl LlamaModel {
             let layer = self.layers.get_mut(i).ok_or_else(|| {
                 ModelError::input("adapter", format!("layer {i} is past the model's layers"))
             })?;
-            let a = &mut layer.self_attn;
-            let w = match target {
-                Target::QProj => &mut a.q_proj,
-                Target::KProj => &mut a.k_proj,
-                Target::VProj => &mut a.v_proj,
-                Target::OProj => &mut a.o_proj,
-                Target::GateProj => &mut layer.mlp.gate_proj,
-                Target::UpProj => &mut layer.mlp.up_proj,
-                Target::DownProj => &mut layer.mlp.down_proj,
-            };
+            let projections = layer.projections_mut();
+            let w = &mut *projections[target as usize];
             let (rows, cols) = w.shape();
             let mut values = w.to_f32()?.into_owned();
             values
@@ -304,17 +296,7 @@ impl LlamaModel {
     /// file: the products then run at the dense GEMM's speed).
     pub fn convert_projections(&mut self, dtype: llama_core::DType) -> Result<()> {
         for layer in &mut self.layers {
-            let a = &mut layer.self_attn;
-            let m = &mut layer.mlp;
-            for w in [
-                &mut a.q_proj,
-                &mut a.k_proj,
-                &mut a.v_proj,
-                &mut a.o_proj,
-                &mut m.gate_proj,
-                &mut m.up_proj,
-                &mut m.down_proj,
-            ] {
+            for w in layer.projections_mut() {
                 *w = w.convert(dtype)?;
             }
         }

@@ -177,7 +177,12 @@ impl Trainer {
             None => clip_grad_norm(self.grads.slices_mut(), f32::INFINITY),
         };
         let lr = self.config.schedule.lr_at(step);
-        let adapter = model.adapter_mut().expect("checked in Trainer::new");
+        let adapter = model.adapter_mut().ok_or_else(|| {
+            ModelError::input(
+                "adapter",
+                "the model's adapter was removed during training".to_string(),
+            )
+        })?;
         self.optimizer
             .step(adapter.parameters_mut(), &self.grads.slices(), lr)?;
         Ok(StepReport {

@@ -4,51 +4,18 @@
 
 mod common;
 
-use std::path::PathBuf;
-
-use common::{adapter_matrices, check_matrices, grad_matrices};
-
-use llama_fixtures::{assert_close, fixture_names, fixtures_dir, Fixture};
-use llama_model::{load, Batch, LoadedModel, Precision, StepOptions, TrainConfig, Trainer};
+use common::{adapter_matrices, check_matrices, grad_matrices, Case};
+use llama_fixtures::assert_close;
+use llama_model::{StepOptions, TrainConfig, Trainer};
 use llama_peft::{LoraAdapter, OptimizerKind, Schedule, ScheduleKind, Target};
 
-struct Case {
-    name: String,
-    dir: PathBuf,
-    loaded: LoadedModel,
-    fixture: Fixture,
-    batch: Batch,
-}
-
+/// The cases with their adapters on the models.
 fn cases() -> Vec<Case> {
-    let root = fixtures_dir().join("peft");
-    fixture_names("peft", "adapter_config.json")
+    common::cases()
         .into_iter()
-        .map(|name| {
-            let fixture = Fixture::open(&format!("peft/{name}/reference"));
-            let base = fixture.json()["base_model"]
-                .as_str()
-                .expect("reference.json names base_model");
-            let mut loaded = load(&fixtures_dir().join(base), Precision::Exact, &mut |_, _| {})
-                .unwrap_or_else(|e| panic!("{name}: {e}"));
-            let dir = root.join(&name);
-            let adapter = LoraAdapter::load(&dir, loaded.model.dims())
-                .unwrap_or_else(|e| panic!("{name}: {e}"));
-            loaded.model.set_adapter(Some(adapter)).unwrap();
-            let (ids, shape) = fixture.i64("input_ids");
-            let (labels, _) = fixture.i64("labels");
-            let batch = Batch {
-                ids: ids.iter().map(|&i| i as u32).collect(),
-                labels,
-                batch: shape[0],
-            };
-            Case {
-                name,
-                dir,
-                loaded,
-                fixture,
-                batch,
-            }
+        .map(|mut c| {
+            c.model.set_adapter(Some(c.adapter.clone())).unwrap();
+            c
         })
         .collect()
 }
@@ -67,14 +34,14 @@ fn trainer(case: &Case, optimizer: OptimizerKind, lr: f32) -> Trainer {
         gradient_checkpointing: false,
         seed: 0,
     };
-    Trainer::new(&case.loaded.model, config).unwrap()
+    Trainer::new(&case.model, config).unwrap()
 }
 
 #[test]
 fn logits_and_loss_with_adapter_match_peft() {
     for mut case in cases() {
         let b = case.batch.clone();
-        let logits = case.loaded.model.forward(&b.ids, b.batch).unwrap();
+        let logits = case.model.forward(&b.ids, b.batch).unwrap();
         let (expected, shape) = case.fixture.f32("logits");
         assert_close(
             &format!("{} logits", case.name),
@@ -83,7 +50,7 @@ fn logits_and_loss_with_adapter_match_peft() {
             &shape,
             1e-4,
         );
-        let loss = case.loaded.model.loss(&b.ids, &b.labels, b.batch).unwrap();
+        let loss = case.model.loss(&b.ids, &b.labels, b.batch).unwrap();
         let (expected, _) = case.fixture.f32("loss");
         assert_close(
             &format!("{} loss", case.name),
@@ -93,7 +60,7 @@ fn logits_and_loss_with_adapter_match_peft() {
             1e-4,
         );
         let scaling = case.fixture.json()["scaling"].as_f64().unwrap() as f32;
-        let adapter = case.loaded.model.adapter().unwrap();
+        let adapter = case.model.adapter().unwrap();
         assert!(
             adapter
                 .pairs()
@@ -109,7 +76,7 @@ fn lora_gradients_match_peft_with_and_without_checkpointing() {
     for mut case in cases() {
         let b = case.batch.clone();
         for checkpointing in [false, true] {
-            let model = &mut case.loaded.model;
+            let model = &mut case.model;
             let mut grads = model.adapter().unwrap().zero_grads();
             let options = StepOptions {
                 gradient_checkpointing: checkpointing,
@@ -135,13 +102,9 @@ fn lora_gradients_match_peft_with_and_without_checkpointing() {
 #[test]
 fn merged_weight_matches_peft() {
     for case in cases() {
-        let adapter = case.loaded.model.adapter().unwrap();
+        let adapter = case.model.adapter().unwrap();
         let pair = adapter.pair(0, Target::QProj).unwrap();
-        let base = case.loaded.model.layers[0]
-            .self_attn
-            .q_proj
-            .to_f32()
-            .unwrap();
+        let base = case.model.layers[0].self_attn.q_proj.to_f32().unwrap();
         let merged: Vec<f32> = base
             .iter()
             .zip(pair.delta_weight())
@@ -163,8 +126,8 @@ fn one_sgd_step_matches_torch() {
     for mut case in cases() {
         let mut trainer = trainer(&case, OptimizerKind::Sgd { weight_decay: 0.0 }, 0.1);
         let b = case.batch.clone();
-        trainer.step(&mut case.loaded.model, &[b]).unwrap();
-        let adapter = case.loaded.model.adapter().unwrap().clone();
+        trainer.step(&mut case.model, &[b]).unwrap();
+        let adapter = case.model.adapter().unwrap().clone();
         check_matrices(
             &case.name,
             &case.fixture,
@@ -188,7 +151,7 @@ fn three_adamw_steps_match_torch() {
         let losses: Vec<f32> = (0..3)
             .map(|_| {
                 trainer
-                    .step(&mut case.loaded.model, std::slice::from_ref(&b))
+                    .step(&mut case.model, std::slice::from_ref(&b))
                     .unwrap()
                     .loss
             })
@@ -201,7 +164,7 @@ fn three_adamw_steps_match_torch() {
             &shape,
             1e-4,
         );
-        let adapter = case.loaded.model.adapter().unwrap().clone();
+        let adapter = case.model.adapter().unwrap().clone();
         check_matrices(
             &case.name,
             &case.fixture,
@@ -215,18 +178,20 @@ fn three_adamw_steps_match_torch() {
 #[test]
 fn saved_adapter_round_trips_in_peft_names() {
     for case in cases() {
-        let adapter = case.loaded.model.adapter().unwrap();
+        let adapter = case.model.adapter().unwrap();
         let out = std::env::temp_dir().join(format!(
             "fastllama-peft-{}-{}",
             case.name,
             std::process::id()
         ));
         adapter.save(&out, None).unwrap();
-        let again = LoraAdapter::load(&out, case.loaded.model.dims()).unwrap();
+        let again = LoraAdapter::load(&out, case.model.dims()).unwrap();
         assert_eq!(&again, adapter, "{}", case.name);
         // peft's own file names every tensor we wrote
         let ours = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
-        let theirs = std::fs::read(case.dir.join("adapter_model.safetensors")).unwrap();
+        let theirs =
+            std::fs::read(common::adapter_dir(&case.name).join("adapter_model.safetensors"))
+                .unwrap();
         let names = |b: &[u8]| {
             let mut n: Vec<String> = safetensors::SafeTensors::deserialize(b)
                 .unwrap()

@@ -10,9 +10,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use llama_core::bf16;
 use llama_core::cuda::{CudaDevice, KernelSource};
-use llama_ops::cuda::{
-    linear, linear_accumulate, linear_backward_input_accumulate, linear_backward_weight,
-};
+use llama_ops::cuda::{linear, linear_backward_input_into, linear_backward_weight, linear_into};
 
 use crate::error::{shape_error, Result};
 use crate::lora::{LoraGrads, LoraPair};
@@ -241,7 +239,7 @@ impl CudaLoraPair {
         let mut xs = d.zeros::<bf16>(m * self.rank)?;
         linear(d, x, &self.a.copy, self.in_features, &mut xs)?;
         scale_bf16(d, &mut xs, self.scaling)?;
-        linear_accumulate(d, &xs, &self.b.copy, self.rank, y)?;
+        linear_into(d, &xs, &self.b.copy, self.rank, y, true)?;
         Ok(CudaLoraSaved { xs })
     }
 
@@ -264,7 +262,7 @@ impl CudaLoraPair {
         scale_bf16(d, &mut g, self.scaling)?;
         linear_backward_weight(d, &g, x, k, &mut self.a.grad)?;
         linear_backward_weight(d, dy, &saved.xs, r, &mut self.b.grad)?;
-        linear_backward_input_accumulate(d, &g, &self.a.copy, k, dx)?;
+        linear_backward_input_into(d, &g, &self.a.copy, k, dx, true)?;
         Ok(())
     }
 

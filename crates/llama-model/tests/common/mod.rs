@@ -1,7 +1,60 @@
-//! What the LoRA fixture tests share: checking every pair's matrices against peft's numbers.
+//! What the LoRA fixture tests share: the peft fixture cases, and checking every pair's
+//! matrices against peft's numbers.
 
-use llama_fixtures::{assert_close, Fixture};
+use std::path::PathBuf;
+
+use llama_fixtures::{assert_close, fixture_names, fixtures_dir, Fixture};
+use llama_model::{load, Batch, LlamaModel, Precision};
 use llama_peft::{peft_name, AdapterGrads, LoraAdapter};
+
+/// One `$LLAMA_FIXTURES/peft` adapter: its reference numbers, its base model (f32, without
+/// the adapter), the adapter as peft saved it, and the fixture's batch.
+pub struct Case {
+    pub name: String,
+    pub fixture: Fixture,
+    pub model: LlamaModel,
+    pub adapter: LoraAdapter,
+    pub batch: Batch,
+}
+
+/// The directory of the peft fixture `name` (adapter_config.json, adapter_model.safetensors).
+pub fn adapter_dir(name: &str) -> PathBuf {
+    fixtures_dir().join("peft").join(name)
+}
+
+/// Every peft fixture, in name order.
+pub fn cases() -> Vec<Case> {
+    fixture_names("peft", "adapter_config.json")
+        .into_iter()
+        .map(case)
+        .collect()
+}
+
+pub fn case(name: String) -> Case {
+    let fixture = Fixture::open(&format!("peft/{name}/reference"));
+    let base = fixture.json()["base_model"]
+        .as_str()
+        .expect("reference.json names base_model");
+    let model = load(&fixtures_dir().join(base), Precision::Exact, &mut |_, _| {})
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+        .model;
+    let adapter = LoraAdapter::load(&adapter_dir(&name), model.dims())
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let (ids, shape) = fixture.i64("input_ids");
+    let (labels, _) = fixture.i64("labels");
+    let batch = Batch {
+        ids: ids.iter().map(|&i| i as u32).collect(),
+        labels,
+        batch: shape[0],
+    };
+    Case {
+        name,
+        fixture,
+        model,
+        adapter,
+        batch,
+    }
+}
 
 /// The A and B matrices of every pair of `adapter`, by (layer, target).
 pub fn adapter_matrices(adapter: &LoraAdapter) -> Vec<(String, Vec<f32>)> {

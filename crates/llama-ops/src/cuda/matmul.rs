@@ -121,18 +121,9 @@ pub fn linear<T: CudaElement>(
     linear_into(device, x, weight, in_features, y, false)
 }
 
-/// y [M, N] += x · Wᵀ (a LoRA branch added to the frozen product).
-pub fn linear_accumulate<T: CudaElement>(
-    device: &CudaDevice,
-    x: &CudaSlice<T>,
-    weight: &CudaSlice<T>,
-    in_features: usize,
-    y: &mut CudaSlice<T>,
-) -> Result<()> {
-    linear_into(device, x, weight, in_features, y, true)
-}
-
-fn linear_into<T: CudaElement>(
+/// [`linear`] into y, or added to it when `accumulate` (y += x · Wᵀ: a LoRA branch beside
+/// the frozen product).
+pub fn linear_into<T: CudaElement>(
     device: &CudaDevice,
     x: &CudaSlice<T>,
     weight: &CudaSlice<T>,
@@ -167,21 +158,12 @@ pub fn linear_backward_input<T: CudaElement>(
     in_features: usize,
     dx: &mut CudaSlice<T>,
 ) -> Result<()> {
-    backward_input_into(device, dy, weight, in_features, dx, false)
+    linear_backward_input_into(device, dy, weight, in_features, dx, false)
 }
 
-/// dx [M, K] += dy · W: the input gradients of several products that read the same x.
-pub fn linear_backward_input_accumulate<T: CudaElement>(
-    device: &CudaDevice,
-    dy: &CudaSlice<T>,
-    weight: &CudaSlice<T>,
-    in_features: usize,
-    dx: &mut CudaSlice<T>,
-) -> Result<()> {
-    backward_input_into(device, dy, weight, in_features, dx, true)
-}
-
-fn backward_input_into<T: CudaElement>(
+/// [`linear_backward_input`] into dx, or added to it when `accumulate` (the input gradients
+/// of several products that read the same x).
+pub fn linear_backward_input_into<T: CudaElement>(
     device: &CudaDevice,
     dy: &CudaSlice<T>,
     weight: &CudaSlice<T>,

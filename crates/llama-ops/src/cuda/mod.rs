@@ -20,8 +20,8 @@ pub use activation::{
 };
 pub use loss::{cross_entropy, cross_entropy_backward, CudaCrossEntropy};
 pub use matmul::{
-    batched_matmul, linear, linear_accumulate, linear_backward_input,
-    linear_backward_input_accumulate, linear_backward_weight, Strided,
+    batched_matmul, linear, linear_backward_input, linear_backward_input_into,
+    linear_backward_weight, linear_into, Strided,
 };
 pub use norm::{gemma_rms_norm, layer_norm, layer_norm_backward, rms_norm, rms_norm_backward};
 pub use quant::CudaQuantMatrix;
