@@ -11,13 +11,17 @@
 //!   decode:   the same forward for the new positions, with k, v appended to a [`KvCache`]
 //!             and attention over all its positions.
 
+use llama_core::Kernel;
 use llama_ops::{linear_backward_weight, Activations, Weight};
-use llama_rope::{apply, apply_backward, QkShape, RopeConfig, RotaryEmbedding};
+use llama_rope::{
+    apply, apply_backward, reference as rope_ref, QkShape, RopeConfig, RotaryEmbedding,
+};
 use serde_json::Value;
 
 use crate::error::{shape_error, AttnError, Result};
 use crate::flash;
 use crate::kv_cache::KvCache;
+use crate::reference;
 use crate::shape::{AttnShape, Mask};
 
 /// The sizes of an attention layer.
@@ -132,6 +136,11 @@ pub struct LlamaAttention {
     pub o_proj: Weight,
     /// How activations enter the projections (8-bit for the `fast` decode path).
     pub activations: Activations,
+    /// The implementation of the attention itself (llama-patch's choice): flash tiles, or
+    /// the whole score matrix in f64.
+    pub kernel: Kernel,
+    /// The implementation of RoPE: cached tables, or HF's formula from the frequencies.
+    pub rope_kernel: Kernel,
     rope: RotaryEmbedding,
 }
 
@@ -191,6 +200,10 @@ fn swap_axes(
         }
     }
     out
+}
+
+fn wide(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| v as f64).collect()
 }
 
 /// The length of the RoPE table that covers `positions`.
@@ -257,6 +270,8 @@ impl LlamaAttention {
             v_proj,
             o_proj,
             activations: Activations::F32,
+            kernel: Kernel::Fast,
+            rope_kernel: Kernel::Fast,
             rope: RotaryEmbedding::new(rope),
         })
     }
@@ -307,10 +322,64 @@ impl LlamaAttention {
             split_heads(v, batch, seq, cfg.num_kv_heads, d),
         );
         let [q_shape, k_shape] = self.qk_shapes(batch, seq);
-        let tables = self.rope.tables(table_len(positions))?;
-        apply(&mut q, q_shape, &tables, positions)?;
-        apply(&mut k, k_shape, &tables, positions)?;
+        self.rope_apply(&mut q, q_shape, positions, false)?;
+        self.rope_apply(&mut k, k_shape, positions, false)?;
         Ok([q, k, v])
+    }
+
+    /// Rotates x [B, heads, T, D] in place by the angles of `positions` (by their negatives,
+    /// the transpose, when `backward`), with the kernel's implementation.
+    fn rope_apply(
+        &mut self,
+        x: &mut Vec<f32>,
+        shape: QkShape,
+        positions: &[u32],
+        backward: bool,
+    ) -> Result<()> {
+        let tables = self.rope.tables(table_len(positions))?;
+        match (self.rope_kernel, backward) {
+            (Kernel::Fast, false) => apply(x, shape, &tables, positions)?,
+            (Kernel::Fast, true) => apply_backward(x, shape, &tables, positions)?,
+            (Kernel::Reference, _) => {
+                let len = tables.len;
+                let every: Vec<usize> = (0..len).collect();
+                let (cos, sin) = rope_ref::cos_sin(self.rope.frequencies(), &every);
+                let d = self.rope.config().rotary_dim;
+                let rotate = if backward {
+                    rope_ref::apply_backward
+                } else {
+                    rope_ref::apply
+                };
+                *x = rotate(x, shape, &cos, &sin, d, positions)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// o [B, H, Tq, D] and its logsumexp of attention over k, v, with the kernel's
+    /// implementation (the reference leaves the logsumexp at 0: its backward recomputes).
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        shape: &AttnShape,
+        mask: &Mask,
+        out: &mut [f32],
+        lse: &mut [f32],
+    ) -> Result<()> {
+        match self.kernel {
+            Kernel::Fast => flash::forward(q, k, v, shape, mask, out, lse),
+            Kernel::Reference => {
+                let op = "reference attention";
+                shape.check_forward(op, q.len(), k.len(), v.len(), out.len(), lse.len())?;
+                mask.check(op, shape)?;
+                let o = reference::forward(&wide(q), &wide(k), &wide(v), shape, mask);
+                out.iter_mut().zip(o).for_each(|(a, b)| *a = b as f32);
+                Ok(())
+            }
+        }
     }
 
     /// The shapes of q and of k ([B, heads, T, D]) for RoPE.
@@ -357,7 +426,7 @@ impl LlamaAttention {
         };
         let mut attn = vec![0.0; shape.q_len()];
         let mut lse = vec![0.0; shape.q_rows()];
-        flash::forward(&q, &k, &v, &shape, &mask, &mut attn, &mut lse)?;
+        self.attention(&q, &k, &v, &shape, &mask, &mut attn, &mut lse)?;
         let merged = merge_heads(&attn, batch, seq, cfg.num_heads, cfg.head_dim);
         let saved = AttendSaved {
             q,
@@ -403,24 +472,32 @@ impl LlamaAttention {
             vec![0.0; saved.k.len()],
             vec![0.0; saved.v.len()],
         );
-        flash::backward(
-            &saved.q,
-            &saved.k,
-            &saved.v,
-            &saved.attn,
-            &saved.lse,
-            &d_attn,
-            &shape,
-            &mask,
-            &mut dq,
-            &mut dk,
-            &mut dv,
-        )?;
+        match self.kernel {
+            Kernel::Fast => flash::backward(
+                &saved.q,
+                &saved.k,
+                &saved.v,
+                &saved.attn,
+                &saved.lse,
+                &d_attn,
+                &shape,
+                &mask,
+                &mut dq,
+                &mut dk,
+                &mut dv,
+            )?,
+            Kernel::Reference => {
+                let [q, k, v, d_attn] = [&saved.q, &saved.k, &saved.v, &d_attn].map(|x| wide(x));
+                let grads = reference::backward(&q, &k, &v, &d_attn, &shape, &mask);
+                for (out, g) in [(&mut dq, grads.0), (&mut dk, grads.1), (&mut dv, grads.2)] {
+                    out.iter_mut().zip(g).for_each(|(a, b)| *a = b as f32);
+                }
+            }
+        }
         // q and k were rotated after the projection: rotate their gradients back.
         let [q_shape, k_shape] = self.qk_shapes(batch, seq);
-        let tables = self.rope.tables(table_len(&saved.positions))?;
-        apply_backward(&mut dq, q_shape, &tables, &saved.positions)?;
-        apply_backward(&mut dk, k_shape, &tables, &saved.positions)?;
+        self.rope_apply(&mut dq, q_shape, &saved.positions, true)?;
+        self.rope_apply(&mut dk, k_shape, &saved.positions, true)?;
         Ok([
             merge_heads(&dq, batch, seq, cfg.num_heads, d),
             merge_heads(&dk, batch, seq, cfg.num_kv_heads, d),
@@ -445,7 +522,7 @@ impl LlamaAttention {
         let shape = cache.shape(cfg.num_heads, seq);
         let mut attn = vec![0.0; shape.q_len()];
         let mut lse = vec![0.0; shape.q_rows()];
-        flash::forward(
+        self.attention(
             &q,
             cache.keys(),
             cache.values(),
@@ -545,6 +622,12 @@ impl LlamaAttention {
     /// The rotary embedding's settings.
     pub fn rope_config(&self) -> &RopeConfig {
         self.rope.config()
+    }
+
+    /// Rotates by `rope` from now on (e.g. linear scaling for a longer context); the cached
+    /// tables are dropped.
+    pub fn set_rope(&mut self, rope: RopeConfig) {
+        self.rope = RotaryEmbedding::new(rope);
     }
 
     /// A cache sized for this layer: `capacity` positions to start, growing by `increment`.

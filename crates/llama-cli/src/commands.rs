@@ -4,9 +4,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use clap::Args;
+use llama_core::Device;
 use llama_model::{
-    generate, CudaLlamaModel, Decoder, Engine, GenerationConfig, LlamaConfig, LoadedModel,
-    ModelFormat, SamplingConfig, TextStream,
+    generate, CudaLlamaModel, Decoder, Engine, GenerationConfig, LlamaConfig, LlamaModel,
+    LoadedModel, ModelFormat, SamplingConfig, TextStream,
 };
 use serde_json::json;
 
@@ -193,7 +194,8 @@ pub struct InfoArgs {
 }
 
 pub fn info_cmd(args: &InfoArgs) -> Result<(), String> {
-    let loaded = args.model.load()?;
+    let mut loaded = args.model.load()?;
+    let patch = patch_reports(&mut loaded.model, &args.model)?;
     let m = &loaded.model;
     let c = &m.config;
     let format = match loaded.format {
@@ -247,7 +249,11 @@ pub fn info_cmd(args: &InfoArgs) -> Result<(), String> {
         m.memory_bytes() as f64 / (1 << 20) as f64
     );
     println!("precision:      {}", loaded.model.precision());
-    println!("device:         cpu");
+    println!("device:         {}", m.patch_plan().device);
+    for (i, line) in patch.lines().enumerate() {
+        let label = if i == 0 { "patch:" } else { "" };
+        println!("{label:<16}{line}");
+    }
     match &loaded.tokenizer {
         Ok(t) => println!(
             "tokenizer:      {} tokens, chat template: {}",
@@ -262,6 +268,25 @@ pub fn info_cmd(args: &InfoArgs) -> Result<(), String> {
     }
     println!("eos ids:        {:?}", c.eos_token_ids);
     Ok(())
+}
+
+/// llama-patch's reports for the model where --device would run it (and for its adapter).
+fn patch_reports(model: &mut LlamaModel, args: &ModelArgs) -> Result<String, String> {
+    let mut text = if args.unpatched {
+        model.unpatch().to_string()
+    } else {
+        let device = args
+            .cuda_device()?
+            .map_or(Device::Cpu, |d| Device::Cuda(d.ordinal()));
+        model.pre_patch(device).to_string()
+    };
+    if model.adapter().is_some() {
+        text += &model
+            .patch_peft_model()
+            .map_err(|e| e.to_string())?
+            .to_string();
+    }
+    Ok(text)
 }
 
 /// Model shapes for `bench --random-weights`.

@@ -145,9 +145,10 @@ impl FinetuneArgs {
 /// dequantised to f32 once (as HF does with a GGUF file), since each is read four times per
 /// step (forward, backward, and both again with checkpointing).
 fn prepare_base(model: &mut llama_model::LlamaModel, load_in_4bit: bool) -> Result<(), String> {
-    let projections = if load_in_4bit { DType::Nf4 } else { DType::F32 };
-    model.convert_projections(projections).map_err(err)?;
-    model.convert_embeddings(DType::F32).map_err(err)
+    if load_in_4bit {
+        model.convert_projections(DType::Nf4).map_err(err)?;
+    }
+    model.dequantize_for_training().map(drop).map_err(err)
 }
 
 /// Micro-batches of the data file, tokenised with the model's tokenizer.

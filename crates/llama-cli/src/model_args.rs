@@ -43,6 +43,10 @@ pub struct ModelArgs {
     /// A LoRA adapter directory (peft's format) to apply.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    /// Run every op on its reference implementation (f64 loops; slow, on the CPU): the
+    /// unpatched model, to compare the patched one with.
+    #[arg(long)]
+    pub unpatched: bool,
 }
 
 /// A prompt given as text or as token ids.
@@ -108,6 +112,9 @@ impl ModelArgs {
                 .model
                 .set_adapter(Some(adapter))
                 .map_err(|e| e.to_string())?;
+        }
+        if self.unpatched {
+            loaded.model.unpatch();
         }
         Ok(loaded)
     }

@@ -15,6 +15,7 @@ use llama_core::bf16;
 use llama_core::cuda::CudaDevice;
 use llama_ops::cuda::{add_in_place, fill_uniform, gated_forward_in_place, linear, rms_norm};
 use llama_ops::Weight;
+use llama_peft::Target;
 
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
@@ -119,31 +120,64 @@ pub(crate) fn to_bf16(values: &[f32]) -> Vec<bf16> {
 }
 
 impl CudaLlamaModel {
-    /// Copies `model`'s weights to `device` in bf16.
+    /// Copies `model`'s weights to `device` in bf16, its LoRA adapter (if any) merged into
+    /// the copies and its trained modules in place of the base's; `model` is unchanged.
     pub fn upload(device: &Arc<CudaDevice>, model: &LlamaModel) -> Result<CudaLlamaModel> {
+        CudaLlamaModel::upload_with(device, model, true)
+    }
+
+    /// Copies `model`'s base weights to `device` in bf16, without its adapter (the frozen
+    /// model a [`crate::CudaTrainer`] trains the adapter beside).
+    pub fn upload_base(device: &Arc<CudaDevice>, model: &LlamaModel) -> Result<CudaLlamaModel> {
+        CudaLlamaModel::upload_with(device, model, false)
+    }
+
+    fn upload_with(
+        device: &Arc<CudaDevice>,
+        model: &LlamaModel,
+        merged: bool,
+    ) -> Result<CudaLlamaModel> {
         let up_vec = |v: &[f32]| -> Result<CudaSlice<bf16>> { Ok(device.htod(&to_bf16(v))?) };
         let up = |w: &Weight| -> Result<CudaSlice<bf16>> { up_vec(&w.to_f32()?) };
         let layers = model
             .layers
             .iter()
-            .map(|l| {
+            .enumerate()
+            .map(|(i, l)| {
+                let [q, k, v, o, gate, up, down] = Target::ALL
+                    .map(|t| model.projection_f32(i, t, merged).and_then(|w| up_vec(&w)));
+                let attn = &l.self_attn;
                 Ok(CudaLayer {
                     input_layernorm: up_vec(&l.input_layernorm)?,
-                    self_attn: CudaLlamaAttention::upload(device, &l.self_attn)?,
+                    self_attn: CudaLlamaAttention::from_device(
+                        device,
+                        attn.config,
+                        [q?, k?, v?, o?],
+                        attn.rope_config().clone(),
+                    )?,
                     post_attention_layernorm: up_vec(&l.post_attention_layernorm)?,
-                    gate_proj: up(&l.mlp.gate_proj)?,
-                    up_proj: up(&l.mlp.up_proj)?,
-                    down_proj: up(&l.mlp.down_proj)?,
+                    gate_proj: gate?,
+                    up_proj: up?,
+                    down_proj: down?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(CudaLlamaModel {
             config: model.config.clone(),
             device: device.clone(),
-            embed_tokens: model.embed_tokens.clone(),
+            embed_tokens: if merged {
+                model.embeddings()
+            } else {
+                &model.embed_tokens
+            }
+            .clone(),
             layers,
             norm: up_vec(&model.norm)?,
-            lm_head: up(model.lm_head())?,
+            lm_head: up(if merged {
+                model.lm_head()
+            } else {
+                model.base_lm_head()
+            })?,
             max_seq_length: model.max_seq_length,
             buffers: None,
         })

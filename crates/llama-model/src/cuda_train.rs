@@ -217,6 +217,16 @@ impl CudaTrainer {
                     .to_string(),
             ));
         }
+        if adapter.config.lora_dropout > 0.0 {
+            return Err(ModelError::input(
+                "lora_dropout",
+                format!(
+                    "{} > 0: the GPU trainer runs the fused LoRA path, which needs 0 \
+                     (as Unsloth's); train with dropout on the CPU",
+                    adapter.config.lora_dropout
+                ),
+            ));
+        }
         let device = model.device().clone();
         let lora = adapter
             .layers
@@ -240,6 +250,11 @@ impl CudaTrainer {
             peak_used: 0,
             nf4: None,
         })
+    }
+
+    /// Optimizer steps done.
+    pub fn steps_done(&self) -> usize {
+        self.step as usize
     }
 
     pub fn device(&self) -> &Arc<CudaDevice> {

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use llama_core::cuda::CudaDevice;
+use llama_core::Device;
 
 use crate::config::LlamaConfig;
 use crate::cuda_model::{CudaLlamaModel, CudaModelCache};
@@ -24,17 +25,21 @@ pub enum EngineCache {
 }
 
 impl Engine {
-    /// `model` on the CPU, or copied to `device` (in bf16) when one is given.
-    /// A LoRA adapter on the model runs unmerged on the CPU and is merged into the bf16
-    /// weights on the GPU.
+    /// `model` on the CPU, or copied to `device` (in bf16) when one is given and llama-patch's
+    /// `pre_patch` finds that the CUDA kernels can run it (else it stays on the CPU, as the
+    /// model's [`LlamaModel::patch_plan`] then says). A model with any op on its reference
+    /// implementation (unpatched) stays on the CPU too. A LoRA adapter runs unmerged on the CPU and is merged
+    /// into the bf16 weights on the GPU.
     pub fn new(mut model: LlamaModel, device: Option<&Arc<CudaDevice>>) -> Result<Engine> {
-        Ok(match device {
-            None => Engine::Cpu(Box::new(model)),
-            Some(d) => {
-                model.merge_adapter()?;
-                Engine::Cuda(Box::new(CudaLlamaModel::upload(d, &model)?))
-            }
-        })
+        let Some(d) = device.filter(|_| !model.patch_plan().uses_reference()) else {
+            return Ok(Engine::Cpu(Box::new(model)));
+        };
+        model.pre_patch(Device::Cuda(d.ordinal()));
+        if !model.patch_plan().device.is_cuda() {
+            model.pre_patch(Device::Cpu);
+            return Ok(Engine::Cpu(Box::new(model)));
+        }
+        Ok(Engine::Cuda(Box::new(CudaLlamaModel::upload(d, &model)?)))
     }
 
     /// "cpu" or "cuda:N (name)".

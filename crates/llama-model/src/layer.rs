@@ -11,10 +11,12 @@
 
 use llama_attn::{AttendSaved, KvCache, LlamaAttention};
 use llama_core::SplitMix64;
-use llama_ops::{rms_norm, rms_norm_backward, Activations, GatedAct, Weight};
+use llama_ops::kernel::{rms_norm, rms_norm_backward};
+use llama_ops::{Activations, GatedAct, Weight};
+use llama_patch::{LayerPlan, LoraGroup, LoraPath, Op};
 use llama_peft::fused::{
-    group_backward, group_forward, mlp_backward, mlp_forward, projection_forward, GroupSaved,
-    MlpProjections, MlpSaved, Projection,
+    group_backward, group_forward, mlp_backward, mlp_forward, projection_forward, GroupMode,
+    GroupSaved, MlpProjections, MlpSaved, Projection,
 };
 use llama_peft::{Dropout, LayerLora, LoraGrads, Target};
 
@@ -35,6 +37,8 @@ pub struct DecoderLayer {
     pub self_attn: LlamaAttention,
     pub post_attention_layernorm: Vec<f32>,
     pub mlp: LlamaMlp,
+    /// Which implementation each op runs (llama-patch's plan for this layer).
+    pub(crate) plan: LayerPlan,
 }
 
 /// Where a layer's attention gets its keys: the sequence itself (keeping what the backward
@@ -84,6 +88,22 @@ pub(crate) fn layer_dropout(p: f32, seed: Option<u64>) -> Option<Dropout> {
 }
 
 impl DecoderLayer {
+    /// Runs every op as `plan` says from now on.
+    pub(crate) fn set_plan(&mut self, plan: LayerPlan) {
+        self.self_attn.kernel = plan.kernel(Op::Attention);
+        self.self_attn.rope_kernel = plan.kernel(Op::Rope);
+        self.plan = plan;
+    }
+
+    /// How `group`'s projections run: the plan's kernel, fused unless its LoRA is plain.
+    fn group_mode(&self, group: LoraGroup) -> GroupMode {
+        GroupMode {
+            kernel: self.plan.kernel(Op::Projections),
+            fused: self.plan.lora(group) != LoraPath::Plain,
+            activations: self.mlp.activations,
+        }
+    }
+
     /// The seven projection weights in [`Target`] order (q, k, v, o, gate, up, down).
     pub fn projections_mut(&mut self) -> [&mut Weight; 7] {
         let (a, m) = (&mut self.self_attn, &mut self.mlp);
@@ -117,6 +137,7 @@ impl DecoderLayer {
                 up: proj(&self.mlp.up_proj, Target::UpProj),
                 down: proj(&self.mlp.down_proj, Target::DownProj),
                 act: self.mlp.act,
+                act_kernel: self.plan.kernel(Op::Activation),
             },
         }
     }
@@ -133,13 +154,13 @@ impl DecoderLayer {
         adapter: LayerAdapter,
     ) -> Result<Option<LayerTape>> {
         let LayerAdapter { lora, mut dropout } = adapter;
-        let mode = self.mlp.activations;
+        let norm = self.plan.kernel(Op::RmsNorm);
         let c = self.input_layernorm.len();
         let rows = h.len() / c;
         let kept_input =
             matches!(input, AttnInput::Sequence { keep: true, .. }).then(|| h.to_vec());
         let mut normed1 = vec![0f32; h.len()];
-        rms_norm(h, &self.input_layernorm, eps, &mut normed1)?;
+        rms_norm(norm, h, &self.input_layernorm, eps, &mut normed1)?;
         // Split borrows: the projections read the weights, attend needs the layer's RoPE state.
         let widths = [
             &self.self_attn.q_proj,
@@ -151,6 +172,7 @@ impl DecoderLayer {
         let qkv_saved = {
             let p = self.projections(lora);
             let [q, k, v] = &mut qkv_out;
+            let mode = self.group_mode(LoraGroup::Qkv);
             group_forward(&p.qkv, &normed1, vec![q, k, v], mode, dropout.as_mut())?
         };
         let [q, k, v] = &qkv_out;
@@ -169,12 +191,14 @@ impl DecoderLayer {
         };
         drop(qkv_out);
         let p = self.projections(lora);
-        let (attn_out, o_saved) = projection_forward(p.o, &merged, mode, dropout.as_mut())?;
+        let o_mode = self.group_mode(LoraGroup::O);
+        let (attn_out, o_saved) = projection_forward(p.o, &merged, o_mode, dropout.as_mut())?;
         add_into(h, &attn_out);
         let mut normed2 = vec![0f32; h.len()];
-        rms_norm(h, &self.post_attention_layernorm, eps, &mut normed2)?;
+        rms_norm(norm, h, &self.post_attention_layernorm, eps, &mut normed2)?;
         let mid = kept_input.is_some().then(|| h.to_vec());
-        let (mlp_out, mlp_saved) = mlp_forward(p.mlp, &normed2, mode, dropout.as_mut())?;
+        let mlp_mode = self.group_mode(LoraGroup::Mlp);
+        let (mlp_out, mlp_saved) = mlp_forward(p.mlp, &normed2, mlp_mode, dropout.as_mut())?;
         add_into(h, &mlp_out);
         Ok(match (kept_input, attend, mid) {
             (Some(input), Some(attend), Some(mid)) => Some(LayerTape {
@@ -204,15 +228,25 @@ impl DecoderLayer {
         grads: &mut [Option<LoraGrads>; 7],
     ) -> Result<()> {
         let [gq, gk, gv, go, g_gate, g_up, g_down] = grads.each_mut().map(Option::as_mut);
+        let norm = self.plan.kernel(Op::RmsNorm);
         let c = self.input_layernorm.len();
         let mut dw = vec![0f32; c];
         // out = mid + mlp(n₂), n₂ = rms_norm(mid)
         let d_normed2 = {
             let p = self.projections(lora);
-            mlp_backward(p.mlp, &tape.normed2, &tape.mlp, dh, [g_gate, g_up, g_down])?
+            let mode = self.group_mode(LoraGroup::Mlp);
+            mlp_backward(
+                p.mlp,
+                mode,
+                &tape.normed2,
+                &tape.mlp,
+                dh,
+                [g_gate, g_up, g_down],
+            )?
         };
         let mut part = vec![0f32; dh.len()];
         rms_norm_backward(
+            norm,
             &tape.mid,
             &self.post_attention_layernorm,
             &d_normed2,
@@ -227,6 +261,7 @@ impl DecoderLayer {
             let p = self.projections(lora);
             group_backward(
                 &[p.o],
+                self.group_mode(LoraGroup::O),
                 &tape.merged,
                 &tape.o,
                 &[dh],
@@ -240,6 +275,7 @@ impl DecoderLayer {
             let p = self.projections(lora);
             group_backward(
                 &p.qkv,
+                self.group_mode(LoraGroup::Qkv),
                 &tape.normed1,
                 &tape.qkv,
                 &[&dq, &dk, &dv],
@@ -248,6 +284,7 @@ impl DecoderLayer {
             )?;
         }
         rms_norm_backward(
+            norm,
             &tape.input,
             &self.input_layernorm,
             &d_normed1,

@@ -10,7 +10,10 @@
 //! source.rs     tensors by HF name             loader.rs    a path → LoadedModel
 //! tokenizer.rs  tokenizers + chat templates    model.rs     MLP → layer → model → loss
 //! generate.rs   sampling and generation        fetch.rs     the default model, via pip
-//! export.rs     a model → GGUF                cuda_model.rs  the model on a GPU, in bf16
+//! export.rs     a model → GGUF / HF dir       cuda_model.rs  the model on a GPU, in bf16
+//! train.rs      loss and LoRA gradients       trainer.rs     optimizer steps, checkpoints
+//! cuda_train.rs LoRA training on a GPU        data.rs        JSONL → batches
+//! fast.rs       FastLlamaModel (Unsloth's API over all of the above)
 //! ```
 
 mod config;
@@ -20,6 +23,7 @@ pub mod data;
 mod engine;
 mod error;
 mod export;
+mod fast;
 mod fetch;
 pub mod generate;
 pub mod gguf;
@@ -38,6 +42,7 @@ pub use cuda_train::CudaTrainer;
 pub use engine::{Engine, EngineCache};
 pub use error::{ModelError, Result};
 pub use export::{save_gguf, save_hf};
+pub use fast::{FastLlamaModel, FastTrainer, LoadOptions, Mode};
 pub use fetch::{resolve_model, DEFAULT_MODEL};
 pub use generate::{
     generate, Decoder, FinishReason, Generation, GenerationConfig, SamplingConfig, TextStream,

@@ -13,8 +13,11 @@
 use std::fmt;
 
 use llama_attn::{KvCache, LlamaAttention};
-use llama_ops::{cross_entropy, rms_norm, Activations, CrossEntropyOptions, Weight};
-use llama_peft::{LoraAdapter, ModelDims};
+use llama_core::Device;
+use llama_ops::kernel::{cross_entropy, linear, rms_norm};
+use llama_ops::{Activations, CrossEntropyOptions, Weight};
+use llama_patch::{patch_peft_model, pre_patch, LayerPlan, ModelFacts, PatchPlan, PatchReport};
+use llama_peft::{LoraAdapter, LoraPair, ModelDims, Target};
 
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
@@ -114,6 +117,8 @@ pub struct LlamaModel {
     /// The LoRA adapter every forward applies, if any (see [`LlamaModel::set_adapter`]).
     pub(crate) adapter: Option<LoraAdapter>,
     precision: Precision,
+    /// Which implementation every op runs (llama-patch); the layers hold their part.
+    plan: PatchPlan,
 }
 
 /// The KV cache grows by this many positions at a time.
@@ -163,6 +168,7 @@ impl LlamaModel {
                     act: config.hidden_act,
                     activations: Activations::F32,
                 },
+                plan: LayerPlan::uniform(llama_patch::Impl::CpuFast),
             });
             progress(i + 1, total);
         }
@@ -173,7 +179,7 @@ impl LlamaModel {
             Some(source.matrix("lm_head.weight", v, c)?)
         };
         progress(total, total);
-        Ok(LlamaModel {
+        let mut model = LlamaModel {
             max_seq_length: config.max_position_embeddings,
             config,
             embed_tokens,
@@ -182,7 +188,100 @@ impl LlamaModel {
             lm_head,
             adapter: None,
             precision: Precision::Exact,
-        })
+            plan: PatchPlan::reference(0),
+        };
+        model.pre_patch(Device::Cpu);
+        Ok(model)
+    }
+
+    /// What llama-patch's policy needs to know about this model.
+    pub fn facts(&self) -> ModelFacts {
+        ModelFacts {
+            num_layers: self.layers.len(),
+            head_dim: self.config.head_dim,
+            rope_type: self.config.rope.scaling.rope_type().to_string(),
+            hidden_act: self.config.hidden_act,
+            weight_dtype: self
+                .layers
+                .first()
+                .map_or(llama_core::DType::F32, |l| l.self_attn.q_proj.dtype()),
+        }
+    }
+
+    /// Unsloth's `pre_patch`: every op on its fastest implementation for `device` (a model
+    /// loaded here starts so for the CPU). Returns what was patched; an attached adapter is
+    /// patched again ([`Self::patch_peft_model`]).
+    pub fn pre_patch(&mut self, device: Device) -> PatchReport {
+        let (plan, report) = pre_patch(&self.facts(), device);
+        self.install(plan);
+        report
+    }
+
+    /// Every op back on its reference implementation (LoRA on the plain path): the
+    /// unpatched model, slow, to compare the patched one with.
+    pub fn unpatch(&mut self) -> PatchReport {
+        self.install(PatchPlan::reference(self.layers.len()));
+        PatchReport {
+            summary: format!(
+                "unpatched: {} layers, every op on its reference implementation",
+                self.layers.len()
+            ),
+            ..PatchReport::default()
+        }
+    }
+
+    /// The plan every forward follows.
+    pub fn patch_plan(&self) -> &PatchPlan {
+        &self.plan
+    }
+
+    /// Follows `plan` from now on (e.g. [`PatchPlan::set`] one op back to its reference). A
+    /// plan for another number of layers is an error.
+    pub fn set_patch_plan(&mut self, plan: PatchPlan) -> Result<()> {
+        if plan.layers.len() != self.layers.len() {
+            return Err(ModelError::input(
+                "patch plan",
+                format!(
+                    "{} layer plans for {} layers",
+                    plan.layers.len(),
+                    self.layers.len()
+                ),
+            ));
+        }
+        self.install(plan);
+        Ok(())
+    }
+
+    /// Unsloth's `patch_peft_model`: routes each layer's QKV, O and MLP through the fused
+    /// LoRA path where the adapter's settings allow it (see [`llama_patch::patch_peft_model`]).
+    /// Runs by itself whenever an adapter is attached; an error without one.
+    pub fn patch_peft_model(&mut self) -> Result<PatchReport> {
+        let Some(adapter) = &self.adapter else {
+            return Err(ModelError::input(
+                "adapter",
+                "patch_peft_model needs a LoRA adapter (get_peft_model first)".to_string(),
+            ));
+        };
+        let report = patch_peft_model(&mut self.plan, adapter);
+        self.install(self.plan.clone());
+        Ok(report)
+    }
+
+    /// Sets the plan, with the adapter's LoRA paths, and hands each layer its part.
+    fn install(&mut self, mut plan: PatchPlan) {
+        match &self.adapter {
+            Some(adapter) => {
+                patch_peft_model(&mut plan, adapter);
+            }
+            None => plan
+                .layers
+                .iter_mut()
+                .for_each(|l| l.lora = Default::default()),
+        }
+        for (layer, layer_plan) in self.layers.iter_mut().zip(&plan.layers) {
+            layer.set_plan(*layer_plan);
+        }
+        self.plan = plan;
     }
 
     /// The sizes LoRA matrices are shaped by.
@@ -222,6 +321,7 @@ impl LlamaModel {
             }
         }
         self.adapter = adapter;
+        self.install(self.plan.clone());
         Ok(())
     }
 
@@ -242,6 +342,7 @@ impl LlamaModel {
         };
         self.add_adapter_deltas(&adapter, 1.0)?;
         self.swap_modules(&mut adapter);
+        self.install(self.plan.clone());
         Ok(Some(adapter))
     }
 
@@ -281,14 +382,31 @@ impl LlamaModel {
             let projections = layer.projections_mut();
             let w = &mut *projections[target as usize];
             let (rows, cols) = w.shape();
-            let mut values = w.to_f32()?.into_owned();
-            values
-                .iter_mut()
-                .zip(pair.delta_weight())
-                .for_each(|(w, d)| *w += sign * d);
-            *w = Weight::dense(values, rows, cols)?;
+            *w = Weight::dense(with_delta(w, Some(pair), sign)?, rows, cols)?;
         }
         Ok(())
+    }
+
+    /// Projection `target` of layer `i` in f32, with the adapter's s·B·A added when `merged`
+    /// (and it has a pair there), the model itself unchanged: what a GPU copy holds.
+    pub fn projection_f32(&self, i: usize, target: Target, merged: bool) -> Result<Vec<f32>> {
+        let layer = self
+            .layers
+            .get(i)
+            .ok_or_else(|| ModelError::input("layer", format!("{i} is past the model's layers")))?;
+        let a = &layer.self_attn;
+        let m = &layer.mlp;
+        let w = [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ][target as usize];
+        let pair = self.adapter.as_ref().filter(|_| merged);
+        with_delta(w, pair.and_then(|a| a.layers[i].get(target)), 1.0)
     }
 
     /// Stores the seven projections of every layer as `dtype`: NF4 for QLoRA (dequantised on
@@ -301,6 +419,20 @@ impl LlamaModel {
             }
         }
         Ok(())
+    }
+
+    /// Readies the weights of a quantised file for LoRA training on the CPU: projections in a
+    /// GGUF block type are dequantised to f32 once (exactly: the same values, and the products
+    /// then run at the dense GEMM's speed; NF4, QLoRA's storage, stays), and the embeddings
+    /// (the tied head) become f32 too. Returns whether anything changed.
+    pub fn dequantize_for_training(&mut self) -> Result<bool> {
+        let dtype = self.facts().weight_dtype;
+        let embeddings = self.embed_tokens.dtype();
+        if dtype != llama_core::DType::Nf4 && dtype != llama_core::DType::F32 {
+            self.convert_projections(llama_core::DType::F32)?;
+        }
+        self.convert_embeddings(llama_core::DType::F32)?;
+        Ok(self.facts().weight_dtype != dtype || embeddings != llama_core::DType::F32)
     }
 
     /// Stores the embeddings (and an untied lm_head) as `dtype`.
@@ -353,12 +485,25 @@ impl LlamaModel {
             .unwrap_or(&self.embed_tokens)
     }
 
+    /// The model's own lm_head matrix (the embeddings when tied), whatever the adapter trains.
+    pub fn base_lm_head(&self) -> &Weight {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
     /// The embedding matrix the forward reads: the adapter's trained copy when it has one.
-    fn embeddings(&self) -> &Weight {
+    pub fn embeddings(&self) -> &Weight {
         self.adapter
             .as_ref()
             .and_then(|a| a.modules.embed_tokens.as_ref())
             .unwrap_or(&self.embed_tokens)
+    }
+
+    /// Rotates with `scaling` from now on in every layer (the config says so too).
+    pub fn set_rope_scaling(&mut self, scaling: llama_rope::RopeScaling) {
+        self.config.rope.scaling = scaling;
+        for layer in &mut self.layers {
+            layer.self_attn.set_rope(self.config.rope.clone());
+        }
     }
 
     /// Bytes held by the weights.
@@ -488,7 +633,8 @@ impl LlamaModel {
 
     pub(crate) fn final_norm(&self, h: &[f32]) -> Result<Vec<f32>> {
         let mut out = vec![0f32; h.len()];
-        rms_norm(h, &self.norm, self.config.rms_norm_eps, &mut out)?;
+        let kernel = self.plan.final_norm.kernel();
+        rms_norm(kernel, h, &self.norm, self.config.rms_norm_eps, &mut out)?;
         Ok(out)
     }
 
@@ -496,8 +642,14 @@ impl LlamaModel {
     pub fn logits(&self, hidden: &[f32]) -> Result<Vec<f32>> {
         let n = hidden.len() / self.config.hidden_size;
         let mut logits = vec![0f32; n * self.config.vocab_size];
-        self.lm_head()
-            .forward_with(hidden, &mut logits, self.activations())?;
+        let kernel = self.plan.lm_head.kernel();
+        linear(
+            kernel,
+            self.lm_head(),
+            hidden,
+            &mut logits,
+            self.activations(),
+        )?;
         Ok(logits)
     }
 
@@ -518,7 +670,9 @@ impl LlamaModel {
         }
         let logits = self.forward(ids, batch)?;
         let targets = shift_labels(labels, ids.len() / batch);
-        Ok(cross_entropy(&logits, &targets, &CrossEntropyOptions::default())?.loss)
+        let kernel = self.plan.cross_entropy.kernel();
+        let opts = CrossEntropyOptions::default();
+        Ok(cross_entropy(kernel, &logits, &targets, &opts)?.loss)
     }
 
     /// Empty caches for `batch` sequences, with room for `capacity` positions to start.
@@ -576,6 +730,18 @@ impl LlamaModel {
             .collect();
         self.logits(&self.final_norm(&last_rows)?)
     }
+}
+
+/// w's values in f32 plus sign·s·B·A of `pair`.
+fn with_delta(w: &Weight, pair: Option<&LoraPair>, sign: f32) -> Result<Vec<f32>> {
+    let mut values = w.to_f32()?.into_owned();
+    if let Some(pair) = pair {
+        values
+            .iter_mut()
+            .zip(pair.delta_weight())
+            .for_each(|(w, d)| *w += sign * d);
+    }
+    Ok(values)
 }
 
 /// labels [B, T] → targets [B, T]: position t is scored against label t + 1, the last position

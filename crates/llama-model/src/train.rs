@@ -9,10 +9,10 @@
 //!              logits never exist whole); dn = dlogits·lm_head; dh_L = rms_norm_backward;
 //!              each layer's backward in reverse; the embeddings are frozen.
 
-use llama_ops::{
-    cross_entropy, cross_entropy_backward, linear_backward_weight, rms_norm_backward,
-    CrossEntropyOptions,
+use llama_ops::kernel::{
+    cross_entropy, cross_entropy_backward, linear, linear_backward_input, rms_norm_backward,
 };
+use llama_ops::{linear_backward_weight, Activations, CrossEntropyOptions};
 use llama_peft::AdapterGrads;
 
 use crate::error::{ModelError, Result};
@@ -103,7 +103,8 @@ impl LlamaModel {
             self.head_backward(&normed, &targets, options.grad_scale, head_grad)?;
         let mut dh = vec![0f32; h.len()];
         let mut dw = vec![0f32; self.norm.len()];
-        rms_norm_backward(&h, &self.norm, &d_normed, eps, &mut dh, &mut dw)?;
+        let norm = self.patch_plan().final_norm.kernel();
+        rms_norm_backward(norm, &h, &self.norm, &d_normed, eps, &mut dh, &mut dw)?;
         drop((normed, d_normed, h));
         // backward through the layers, last first
         for i in (0..self.layers.len()).rev() {
@@ -158,6 +159,10 @@ impl LlamaModel {
         let mut loss_sum = 0f64;
         let rows = head_chunk_rows(v);
         let mut logits = vec![0f32; rows.min(targets.len()) * v];
+        let (head, ce_kernel) = (
+            self.patch_plan().lm_head.kernel(),
+            self.patch_plan().cross_entropy.kernel(),
+        );
         for ((x, t), dx) in normed
             .chunks(rows * c)
             .zip(targets.chunks(rows))
@@ -167,17 +172,17 @@ impl LlamaModel {
                 continue;
             }
             let logits = &mut logits[..t.len() * v];
-            self.lm_head().forward(x, logits)?;
-            let ce = cross_entropy(logits, t, &opts)?;
+            linear(head, self.lm_head(), x, logits, Activations::F32)?;
+            let ce = cross_entropy(ce_kernel, logits, t, &opts)?;
             loss_sum += ce.loss as f64 * ce.n_valid as f64;
             // d(chunk mean)/d(batch mean) = n_chunk / n_batch
             let dloss = scale * ce.n_valid as f32 / scored as f32;
-            cross_entropy_backward(logits, t, &ce, dloss, &opts)?;
+            cross_entropy_backward(ce_kernel, logits, t, &ce, dloss, &opts)?;
             // logits = x · Wᵀ: dW += dlogitsᵀ · x
             if let Some(g) = head_grad.as_deref_mut() {
                 linear_backward_weight(logits, x, c, g)?;
             }
-            self.lm_head().backward_input(logits, dx)?;
+            linear_backward_input(head, self.lm_head(), logits, dx)?;
         }
         let loss = if scored == 0 {
             0.0

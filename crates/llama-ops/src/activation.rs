@@ -148,10 +148,23 @@ simd_fn! {
     }
 }
 
+/// gated_forward's buffers all hold as many values as gate.
+pub(crate) fn check_forward(gate: usize, up: usize, h: usize) -> Result<()> {
+    check_len("gated_forward", "up", up, gate)?;
+    check_len("gated_forward", "h", h, gate)
+}
+
+/// gated_backward's buffers [up, dh, dgate, dup] all hold as many values as gate.
+pub(crate) fn check_backward(gate: usize, others: [usize; 4]) -> Result<()> {
+    for (what, len) in ["up", "dh", "dgate", "dup"].into_iter().zip(others) {
+        check_len("gated_backward", what, len, gate)?;
+    }
+    Ok(())
+}
+
 /// Gated forward: h = f(gate) ⊙ up.
 pub fn gated_forward<T: Element>(act: GatedAct, gate: &[T], up: &[T], h: &mut [T]) -> Result<()> {
-    check_len("gated_forward", "up", up.len(), gate.len())?;
-    check_len("gated_forward", "h", h.len(), gate.len())?;
+    check_forward(gate.len(), up.len(), h.len())?;
     if h.len() <= TASK {
         forward_chunk(act, gate, up, h);
     } else {
@@ -185,15 +198,7 @@ pub fn gated_backward<T: Element>(
     dgate: &mut [T],
     dup: &mut [T],
 ) -> Result<()> {
-    let op = "gated_backward";
-    for (what, len) in [
-        ("up", up.len()),
-        ("dh", dh.len()),
-        ("dgate", dgate.len()),
-        ("dup", dup.len()),
-    ] {
-        check_len(op, what, len, gate.len())?;
-    }
+    check_backward(gate.len(), [up.len(), dh.len(), dgate.len(), dup.len()])?;
     if gate.len() <= TASK {
         backward_chunk(act, gate, up, dh, dgate, dup);
     } else {

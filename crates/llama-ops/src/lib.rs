@@ -15,7 +15,8 @@
 //!
 //! Three implementations of each: [`reference`] (the spec as simple loops in f64, for tests),
 //! the functions at the crate root (the fast CPU path: rayon and SIMD with run-time feature
-//! detection) and [`cuda`] (kernels in `kernels/*.cu`, cuBLAS for dense products).
+//! detection) and [`cuda`] (kernels in `kernels/*.cu`, cuBLAS for dense products). [`kernel`]
+//! runs a layer's ops by the [`llama_core::Kernel`] that llama-patch chose for each.
 //!
 //! Letters used in shapes: N rows (batch × tokens), C channels, I intermediate size, V
 //! vocabulary, K input and N output features of a linear layer, M activation rows.
@@ -24,6 +25,7 @@ mod activation;
 pub mod cuda;
 mod error;
 mod gemm_ffi;
+pub mod kernel;
 mod loss;
 mod matmul;
 mod norm;

@@ -60,7 +60,21 @@ simd_fn! {
 }
 
 /// Checks x [N, C], weight [C] and an output like x; returns N.
-fn check_rows(op: &'static str, x: usize, weight: usize, out: usize) -> Result<usize> {
+/// rms_norm_backward's buffers: x, dy and dx of whole rows of the weight's length, dw one row.
+pub(crate) fn check_backward(
+    x: usize,
+    weight: usize,
+    dy: usize,
+    dx: usize,
+    dw: usize,
+) -> Result<()> {
+    let op = "rms_norm_backward";
+    check_rows(op, x, weight, dx)?;
+    check_len(op, "dy", dy, x)?;
+    check_len(op, "dw", dw, weight)
+}
+
+pub(crate) fn check_rows(op: &'static str, x: usize, weight: usize, out: usize) -> Result<usize> {
     let rows = rows_of(op, "x", x, weight)?;
     check_len(op, "output", out, x)?;
     Ok(rows)
@@ -102,10 +116,7 @@ pub fn rms_norm_backward<T: Element>(
     dx: &mut [T],
     dw: &mut [f32],
 ) -> Result<()> {
-    let op = "rms_norm_backward";
-    check_rows(op, x.len(), weight.len(), dx.len())?;
-    check_len(op, "dy", dy.len(), x.len())?;
-    check_len(op, "dw", dw.len(), weight.len())?;
+    check_backward(x.len(), weight.len(), dy.len(), dx.len(), dw.len())?;
     let dim = weight.len();
     let sums = for_each_row_sum(dx, dim, dim, |r, dx_row, xf, dw_acc| {
         let at = r * dim..(r + 1) * dim;

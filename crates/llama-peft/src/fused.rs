@@ -9,7 +9,8 @@
 //!   MLP backward:    dh = down backward(dout); dg = dh ⊙ u ⊙ act'(g), du = dh ⊙ act(g);
 //!                    dx = group backward(dg, du)      (h is recomputed from g and u)
 
-use llama_ops::{gated_backward, gated_forward, Activations, GatedAct, Weight};
+use llama_core::Kernel;
+use llama_ops::{kernel, Activations, GatedAct, Weight};
 
 use crate::error::{shape_error, Result};
 use crate::lora::{Dropout, LoraGrads, LoraPair, LoraSaved};
@@ -27,19 +28,42 @@ impl Projection<'_> {
     }
 }
 
+/// How a group of projections runs: llama-patch's choice for it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GroupMode {
+    /// The implementation of the frozen products and the LoRA branches.
+    pub kernel: Kernel,
+    /// The members' frozen products in one call (Unsloth's fused LoRA: one quantisation of
+    /// a decode row for all of them) rather than one projection after another (the plain
+    /// path). The same numbers either way.
+    pub fused: bool,
+    pub activations: Activations,
+}
+
+impl GroupMode {
+    /// The fast kernels, fused, with `activations`.
+    pub fn fast(activations: Activations) -> GroupMode {
+        GroupMode {
+            kernel: Kernel::Fast,
+            fused: true,
+            activations,
+        }
+    }
+}
+
 /// What [`group_forward`] keeps: each member's LoRA values.
 pub struct GroupSaved {
     loras: Vec<Option<LoraSaved>>,
 }
 
 /// The outputs of projections that read the same x [M, K], each written into its `outs`
-/// buffer [M, Nᵢ]. The frozen products run together ([`Weight::forward_group`]: one pass
-/// in 8-bit decode mode); each LoRA branch is added after (dropout drawn per member).
+/// buffer [M, Nᵢ]. Fused, the frozen products run together ([`Weight::forward_group`]: one
+/// pass in 8-bit decode mode); each LoRA branch is added after (dropout drawn per member).
 pub fn group_forward(
     projections: &[Projection],
     x: &[f32],
     mut outs: Vec<&mut [f32]>,
-    mode: Activations,
+    mode: GroupMode,
     mut dropout: Option<&mut Dropout>,
 ) -> Result<GroupSaved> {
     if outs.len() != projections.len() {
@@ -52,15 +76,21 @@ pub fn group_forward(
             ),
         );
     }
-    let bases: Vec<&Weight> = projections.iter().map(|p| p.base).collect();
-    let base_outs: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut **o).collect();
-    Weight::forward_group(&bases, x, base_outs, mode)?;
+    if mode.fused && mode.kernel == Kernel::Fast {
+        let bases: Vec<&Weight> = projections.iter().map(|p| p.base).collect();
+        let base_outs: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut **o).collect();
+        Weight::forward_group(&bases, x, base_outs, mode.activations)?;
+    } else {
+        for (p, y) in projections.iter().zip(outs.iter_mut()) {
+            kernel::linear(mode.kernel, p.base, x, y, mode.activations)?;
+        }
+    }
     let loras = projections
         .iter()
         .zip(outs)
         .map(|(p, y)| {
             p.lora
-                .map(|l| l.forward_add(x, y, dropout.as_deref_mut()))
+                .map(|l| l.forward_add_with(mode.kernel, x, y, dropout.as_deref_mut()))
                 .transpose()
         })
         .collect::<Result<_>>()?;
@@ -72,6 +102,7 @@ pub fn group_forward(
 /// has no LoRA or its gradient is not wanted).
 pub fn group_backward(
     projections: &[Projection],
+    mode: GroupMode,
     x: &[f32],
     saved: &GroupSaved,
     dys: &[&[f32]],
@@ -91,16 +122,18 @@ pub fn group_backward(
     for (i, (p, dy)) in projections.iter().zip(dys).enumerate() {
         // dx += dy·W (the frozen product)
         if i == 0 {
-            p.base.backward_input(dy, dx)?;
+            kernel::linear_backward_input(mode.kernel, p.base, dy, dx)?;
         } else {
-            p.base.backward_input(dy, &mut part)?;
+            kernel::linear_backward_input(mode.kernel, p.base, dy, &mut part)?;
             dx.iter_mut().zip(&part).for_each(|(a, b)| *a += b);
         }
         if let (Some(lora), Some(lora_saved)) = (p.lora, &saved.loras[i]) {
-            match grads[i].as_deref_mut() {
-                Some(g) => lora.backward(x, lora_saved, dy, Some(&mut *dx), g)?,
-                None => lora.backward(x, lora_saved, dy, Some(&mut *dx), &mut lora.zero_grads())?,
-            }
+            let mut unwanted = None;
+            let g = match grads[i].as_deref_mut() {
+                Some(g) => g,
+                None => unwanted.insert(lora.zero_grads()),
+            };
+            lora.backward_with(mode.kernel, x, lora_saved, dy, Some(&mut *dx), g)?;
         }
     }
     Ok(())
@@ -110,7 +143,7 @@ pub fn group_backward(
 pub fn projection_forward(
     p: Projection,
     x: &[f32],
-    mode: Activations,
+    mode: GroupMode,
     dropout: Option<&mut Dropout>,
 ) -> Result<(Vec<f32>, GroupSaved)> {
     let rows = x.len() / p.base.shape().1.max(1);
@@ -119,13 +152,14 @@ pub fn projection_forward(
     Ok((y, saved))
 }
 
-/// The gated MLP's three projections and its activation.
+/// The gated MLP's three projections and its activation (with the activation's kernel).
 #[derive(Clone, Copy)]
 pub struct MlpProjections<'a> {
     pub gate: Projection<'a>,
     pub up: Projection<'a>,
     pub down: Projection<'a>,
     pub act: GatedAct,
+    pub act_kernel: Kernel,
 }
 
 /// What [`mlp_forward`] keeps: the gate and up outputs [M, F] and the LoRA values.
@@ -140,7 +174,7 @@ pub struct MlpSaved {
 pub fn mlp_forward(
     mlp: MlpProjections,
     x: &[f32],
-    mode: Activations,
+    mode: GroupMode,
     mut dropout: Option<&mut Dropout>,
 ) -> Result<(Vec<f32>, MlpSaved)> {
     let (f, c) = mlp.gate.base.shape();
@@ -155,7 +189,7 @@ pub fn mlp_forward(
         dropout.as_deref_mut(),
     )?;
     let mut h = vec![0.0; rows * f];
-    gated_forward(mlp.act, &gate, &up, &mut h)?;
+    kernel::gated_forward(mlp.act_kernel, mlp.act, &gate, &up, &mut h)?;
     let (out, down) = projection_forward(mlp.down, &h, mode, dropout)?;
     Ok((
         out,
@@ -172,6 +206,7 @@ pub fn mlp_forward(
 /// `grads` = [gate, up, down].
 pub fn mlp_backward(
     mlp: MlpProjections,
+    mode: GroupMode,
     x: &[f32],
     saved: &MlpSaved,
     dout: &[f32],
@@ -180,10 +215,11 @@ pub fn mlp_backward(
     let [g_gate, g_up, g_down] = grads;
     // out = down(h): dh = dout·W_down (+ LoRA), with h recomputed from gate and up.
     let mut h = vec![0.0; saved.gate.len()];
-    gated_forward(mlp.act, &saved.gate, &saved.up, &mut h)?;
+    kernel::gated_forward(mlp.act_kernel, mlp.act, &saved.gate, &saved.up, &mut h)?;
     let mut dh = vec![0.0; h.len()];
     group_backward(
         &[mlp.down],
+        mode,
         &h,
         &saved.down,
         &[dout],
@@ -193,10 +229,19 @@ pub fn mlp_backward(
     // h = act(gate) ⊙ up
     let mut dgate = vec![0.0; h.len()];
     let mut dup = h;
-    gated_backward(mlp.act, &saved.gate, &saved.up, &dh, &mut dgate, &mut dup)?;
+    kernel::gated_backward(
+        mlp.act_kernel,
+        mlp.act,
+        &saved.gate,
+        &saved.up,
+        &dh,
+        &mut dgate,
+        &mut dup,
+    )?;
     let mut dx = vec![0.0; x.len()];
     group_backward(
         &[mlp.gate, mlp.up],
+        mode,
         x,
         &saved.gate_up,
         &[&dgate, &dup],

@@ -7,11 +7,12 @@
 //!             dA += s·gᵀ·x, dB += dyᵀ·xs, dx += s·g·A (+ dy·W, the frozen part, by the caller)
 //! W's own gradient is never formed.
 
-use llama_core::SplitMix64;
+use llama_core::{Kernel, SplitMix64};
 use llama_ops::math::{gemm, Operand};
 
 use crate::config::LoraInit;
 use crate::error::{shape_error, Result};
+use crate::reference;
 
 /// The trainable pair of one projection: A [r, in], B [out, r], and the scaling s.
 #[derive(Clone, Debug, PartialEq)]
@@ -191,6 +192,86 @@ impl LoraPair {
         Ok(LoraSaved { xs, mask })
     }
 
+    /// [`Self::forward_add`] by `kernel`: the reference runs [`reference::lora_branch`] in
+    /// f64 (keeping only the mask: its backward recomputes).
+    pub fn forward_add_with(
+        &self,
+        kernel: Kernel,
+        x: &[f32],
+        y: &mut [f32],
+        dropout: Option<&mut Dropout>,
+    ) -> Result<LoraSaved> {
+        if kernel == Kernel::Fast {
+            return self.forward_add(x, y, dropout);
+        }
+        let m = self.rows("LoraPair::forward_add", x, y.len())?;
+        let mask = dropout.filter(|d| d.p > 0.0).map(|d| d.mask(x.len()));
+        let input = masked_f64(wide(x), mask.as_deref());
+        let branch = reference::lora_branch(
+            &input,
+            &wide(&self.a),
+            &wide(&self.b),
+            self.dims(m),
+            self.scaling as f64,
+        );
+        y.iter_mut()
+            .zip(branch)
+            .for_each(|(y, d)| *y = (*y as f64 + d) as f32);
+        Ok(LoraSaved {
+            xs: Vec::new(),
+            mask,
+        })
+    }
+
+    /// [`Self::backward`] by `kernel` ([`reference::lora_branch_backward`] in f64).
+    pub fn backward_with(
+        &self,
+        kernel: Kernel,
+        x: &[f32],
+        saved: &LoraSaved,
+        dy: &[f32],
+        dx: Option<&mut [f32]>,
+        grads: &mut LoraGrads,
+    ) -> Result<()> {
+        if kernel == Kernel::Fast {
+            return self.backward(x, saved, dy, dx, grads);
+        }
+        let m = self.rows("LoraPair::backward", x, dy.len())?;
+        if grads.a.len() != self.a.len() || grads.b.len() != self.b.len() {
+            return shape_error("LoraPair::backward", "gradients do not fit this pair");
+        }
+        let input = masked_f64(wide(x), saved.mask.as_deref());
+        let (d_input, da, db) = reference::lora_branch_backward(
+            &input,
+            &wide(&self.a),
+            &wide(&self.b),
+            &wide(dy),
+            self.dims(m),
+            self.scaling as f64,
+        );
+        let add = |acc: &mut [f32], part: &[f64]| {
+            acc.iter_mut()
+                .zip(part)
+                .for_each(|(a, &p)| *a = (*a as f64 + p) as f32)
+        };
+        add(&mut grads.a, &da);
+        add(&mut grads.b, &db);
+        if let Some(dx) = dx {
+            if dx.len() != x.len() {
+                return shape_error("LoraPair::backward", "dx does not fit x");
+            }
+            // Under dropout the branch read x ⊙ mask: its gradient is masked the same way.
+            let masked = masked_f64(d_input, saved.mask.as_deref());
+            add(dx, &masked);
+        }
+        Ok(())
+    }
+
+    /// (M, K, N, r) for M rows.
+    fn dims(&self, m: usize) -> (usize, usize, usize, usize) {
+        (m, self.in_features, self.out_features, self.rank)
+    }
+
     /// Backward of [`Self::forward_add`] for upstream dy [M, N]: dx [M, K] += s·(dy·B)·A
     /// (when given) and the pair's gradients accumulated into `grads`.
     pub fn backward(
@@ -267,6 +348,18 @@ impl LoraPair {
             }
         }
         Ok(())
+    }
+}
+
+fn wide(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| v as f64).collect()
+}
+
+/// x ⊙ mask (x itself without a mask), in f64.
+fn masked_f64(x: Vec<f64>, mask: Option<&[f32]>) -> Vec<f64> {
+    match mask {
+        Some(mask) => x.iter().zip(mask).map(|(&x, &m)| x * m as f64).collect(),
+        None => x,
     }
 }
 

@@ -1,9 +1,9 @@
 //! The fast LoRA products against the f64 reference on random awkward shapes, fused groups
 //! against their members one by one, the config's errors, the optimizers and schedules.
 
-use llama_core::SplitMix64;
+use llama_core::{Kernel, SplitMix64};
 use llama_ops::{Activations, Weight};
-use llama_peft::fused::{group_backward, group_forward, Projection};
+use llama_peft::fused::{group_backward, group_forward, GroupMode, Projection};
 use llama_peft::reference::{lora_backward, lora_forward};
 use llama_peft::{
     clip_grad_norm, Dropout, LoraConfig, LoraInit, LoraPair, Optimizer, OptimizerKind, PeftError,
@@ -38,20 +38,24 @@ proptest! {
     #[test]
     fn projection_forward_and_backward_match_the_reference(
         m in 1usize..19, k in 1usize..41, n in 1usize..37, r in 1usize..9, seed in any::<u64>(), s in 0.1f32..4.0,
+        reference in any::<bool>(), fused in any::<bool>(),
     ) {
+        // Every kernel and path of the group (fast or reference, fused or plain) holds to the formula.
+        let kernel = if reference { Kernel::Reference } else { Kernel::Fast };
+        let mode = GroupMode { kernel, fused, activations: Activations::F32 };
         let mut rng = SplitMix64::new(seed);
         let (x, w, dy) = (random(&mut rng, m * k), random(&mut rng, n * k), random(&mut rng, m * n));
         let pair = random_pair(&mut rng, r, k, n, s);
         let base = Weight::dense(w.clone(), n, k).unwrap();
         let p = Projection { base: &base, lora: Some(&pair) };
         let mut y = vec![0.0; m * n];
-        let saved = group_forward(&[p], &x, vec![&mut y], Activations::F32, None).unwrap();
+        let saved = group_forward(&[p], &x, vec![&mut y], mode, None).unwrap();
         let dims = (m, k, n, r);
         let expected = lora_forward(&to_f64(&x), &to_f64(&w), &to_f64(&pair.a), &to_f64(&pair.b), dims, s as f64);
         prop_assert!(rel_err(&y, &expected) < 1e-5, "forward {}", rel_err(&y, &expected));
         let mut dx = vec![0.0; m * k];
         let mut grads = pair.zero_grads();
-        group_backward(&[p], &x, &saved, &[&dy], &mut dx, &mut [Some(&mut grads)]).unwrap();
+        group_backward(&[p], mode, &x, &saved, &[&dy], &mut dx, &mut [Some(&mut grads)]).unwrap();
         let (rdx, rda, rdb) = lora_backward(&to_f64(&x), &to_f64(&w), &to_f64(&pair.a), &to_f64(&pair.b), &to_f64(&dy), dims, s as f64);
         for (what, got, want) in [("dx", &dx, &rdx), ("dA", &grads.a, &rda), ("dB", &grads.b, &rdb)] {
             prop_assert!(rel_err(got, want) < 1e-5, "{what} {}", rel_err(got, want));
@@ -60,6 +64,7 @@ proptest! {
 
     #[test]
     fn a_group_equals_its_members_one_by_one(m in 1usize..9, k in 1usize..33, seed in any::<u64>()) {
+        let fast = GroupMode::fast(Activations::F32);
         let mut rng = SplitMix64::new(seed);
         let widths = [k + 3, 5, 5];
         let bases: Vec<Weight> = widths.iter().map(|&n| Weight::dense(random(&mut rng, n * k), n, k).unwrap()).collect();
@@ -71,7 +76,7 @@ proptest! {
         let mut outs: Vec<Vec<f32>> = widths.iter().map(|&n| vec![0.0; m * n]).collect();
         let saved = {
             let [a, b, c] = &mut outs[..] else { unreachable!() };
-            group_forward(&projs, &x, vec![a, b, c], Activations::F32, None).unwrap()
+            group_forward(&projs, &x, vec![a, b, c], fast, None).unwrap()
         };
         let dys: Vec<Vec<f32>> = widths.iter().map(|&n| random(&mut rng, m * n)).collect();
         let mut dx = vec![0.0; m * k];
@@ -79,16 +84,16 @@ proptest! {
         {
             let [g0, _, g2] = &mut grads[..] else { unreachable!() };
             let dy_refs: Vec<&[f32]> = dys.iter().map(|d| &d[..]).collect();
-            group_backward(&projs, &x, &saved, &dy_refs, &mut dx, &mut [Some(g0), None, Some(g2)]).unwrap();
+            group_backward(&projs, fast, &x, &saved, &dy_refs, &mut dx, &mut [Some(g0), None, Some(g2)]).unwrap();
         }
         let mut dx_sum = vec![0.0; m * k];
         for (i, p) in projs.iter().enumerate() {
             let mut y = vec![0.0; m * widths[i]];
-            let s = group_forward(&[*p], &x, vec![&mut y], Activations::F32, None).unwrap();
+            let s = group_forward(&[*p], &x, vec![&mut y], fast, None).unwrap();
             prop_assert_eq!(&y, &outs[i]);
             let mut part = vec![0.0; m * k];
             let mut g = pairs[i].zero_grads();
-            group_backward(&[*p], &x, &s, &[&dys[i]], &mut part, &mut [Some(&mut g)]).unwrap();
+            group_backward(&[*p], fast, &x, &s, &[&dys[i]], &mut part, &mut [Some(&mut g)]).unwrap();
             dx_sum.iter_mut().zip(&part).for_each(|(a, b)| *a += b);
             if p.lora.is_some() {
                 prop_assert_eq!(&g, &grads[i]);
@@ -133,6 +138,28 @@ fn dropout_masks_the_lora_input_and_its_gradient() {
     let masked: Vec<f32> = dx_plain.iter().zip(&mask).map(|(d, m)| d * m).collect();
     assert!(rel_err(&dx, &to_f64(&masked)) < 1e-6);
     assert!(rel_err(&g.a, &to_f64(&g_plain.a)) < 1e-6 && rel_err(&g.b, &to_f64(&g_plain.b)) < 1e-6);
+    // The reference kernel draws the same mask from the same generator and agrees.
+    let mut y_ref = vec![0.0; m * n];
+    let mut same = Dropout {
+        p: 0.5,
+        rng: SplitMix64::new(1),
+    };
+    let saved_ref = pair
+        .forward_add_with(Kernel::Reference, &x, &mut y_ref, Some(&mut same))
+        .unwrap();
+    assert!(rel_err(&y_ref, &to_f64(&y)) < 1e-6);
+    let (mut dx_ref, mut g_ref) = (vec![0.0; m * k], pair.zero_grads());
+    pair.backward_with(
+        Kernel::Reference,
+        &x,
+        &saved_ref,
+        &dy,
+        Some(&mut dx_ref),
+        &mut g_ref,
+    )
+    .unwrap();
+    assert!(rel_err(&dx_ref, &to_f64(&dx)) < 1e-6);
+    assert!(rel_err(&g_ref.a, &to_f64(&g.a)) < 1e-6 && rel_err(&g_ref.b, &to_f64(&g.b)) < 1e-6);
 }
 
 #[test]
