@@ -159,3 +159,60 @@ fn a_fresh_adapter_trains_saves_loads_and_merges() {
         std::fs::remove_dir_all(&out).ok();
     }
 }
+
+#[test]
+fn fast_llama_model_trains_and_generates_on_the_gpu() {
+    let Some(gpu) = llama_fixtures::cuda_or_skip!() else {
+        return;
+    };
+    let on_gpu = LoadOptions {
+        device: Device::Cuda(gpu.ordinal()),
+        precision: Precision::Fast,
+        ..LoadOptions::default()
+    };
+    for dir in model_dirs() {
+        let label = dir.display().to_string();
+        let mut fast = FastLlamaModel::new(load_model(&dir), on_gpu.clone()).unwrap();
+        assert!(fast.device().is_cuda(), "{label}");
+        // dropout needs the CPU's plain path: the GPU trainer says so
+        let mut dropout = LoraConfig::new(4, 8.0);
+        dropout.lora_dropout = 0.1;
+        fast.get_peft_model(dropout).unwrap();
+        fast.for_training(true);
+        let err = fast.trainer(train_config(20, 1)).err().unwrap().to_string();
+        assert!(err.starts_with("lora_dropout"), "{err}");
+        fast.get_peft_model(LoraConfig::new(4, 8.0)).unwrap();
+        let mut trainer = fast.trainer(train_config(20, 1)).unwrap();
+        assert!(matches!(trainer, FastTrainer::Cuda(_)));
+        let data = pattern_batches(fast.model(), 21, 8, 2);
+        let mut losses = Vec::new();
+        for step in 0..20 {
+            let b = &data[step % data.len()];
+            losses.push(
+                fast.train_step(&mut trainer, std::slice::from_ref(b))
+                    .unwrap()
+                    .loss,
+            );
+        }
+        assert!(losses[19] < 0.5 * losses[0], "{label}: {losses:?}");
+        // the host model holds the trained adapter: its loss on the CPU agrees (bf16 on the GPU)
+        let b = &data[0];
+        let cpu_loss = fast.model_mut().loss(&b.ids, &b.labels, b.batch).unwrap();
+        let gpu_loss = fast
+            .train_step(&mut trainer, std::slice::from_ref(b))
+            .unwrap()
+            .loss;
+        assert!(
+            (cpu_loss - gpu_loss).abs() < 0.05 * cpu_loss.max(0.1),
+            "{label}: {cpu_loss} vs {gpu_loss}"
+        );
+        let config = GenerationConfig {
+            max_new_tokens: 4,
+            ..GenerationConfig::default()
+        };
+        let out = fast
+            .generate(&[b.ids[..4].to_vec()], &config, &mut |_, _| true)
+            .unwrap();
+        assert_eq!(out.ids[0].len(), 4);
+    }
+}

@@ -2,8 +2,8 @@
 //! benchmarks, built here (cudarc loads CUDA at run time, so no toolkit is needed to build).
 //!
 //! Test targets named `cuda*` (e.g. `crates/llama-core/tests/cuda.rs`) and bench targets named
-//! `cuda*` are the ones with CUDA cases; they go into the bundle with `fastllama`, `kernels/`,
-//! the fixtures and `run.sh`.
+//! `cuda*` are the ones with CUDA cases, and so are the integration flows of [`INTEGRATION`];
+//! they go into the bundle with `fastllama`, `kernels/`, the fixtures and `run.sh`.
 
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
@@ -18,6 +18,9 @@ const MAX_BUNDLE_BYTES: u64 = 64 << 20;
 /// Cargo profile of the bundled binaries (its output goes to target/bundle/, apart from the bundle).
 const PROFILE: &str = "bundle";
 const RUN_SH: &str = include_str!("run.sh");
+/// Workspace integration tests with a CUDA case (and no need of the default model, which the
+/// GPU machine cannot fetch).
+const INTEGRATION: &[&str] = &["model_patching_integration", "peft_model_integration"];
 
 #[derive(Args)]
 pub struct BundleArgs {
@@ -132,7 +135,8 @@ fn cuda_targets() -> Result<Vec<Target>, String> {
                 .filter_map(Value::as_str)
                 .collect();
             let is_test = kinds.contains(&"test");
-            if name.starts_with("cuda") && (is_test || kinds.contains(&"bench")) {
+            let cuda = name.starts_with("cuda") || (is_test && INTEGRATION.contains(&name));
+            if cuda && (is_test || kinds.contains(&"bench")) {
                 targets.push(Target {
                     package: package["name"].as_str().unwrap_or_default().to_string(),
                     name: name.to_string(),
