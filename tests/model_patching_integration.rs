@@ -173,13 +173,14 @@ fn the_gpu_plan_gives_the_reference_logits() {
         let mut cache = engine.new_cache(1, ids.len(), None).unwrap();
         let last = engine.forward_cached(&ids, 1, &mut cache).unwrap();
         let want = &expected[(ids.len() - 1) * v..];
-        // bf16 weights and activations on the GPU
+        // bf16 weights and activations through every layer: the GPU model's own test against
+        // the CPU holds the same 2e-2
         assert_close(
             &format!("{} GPU last logits", dir.display()),
             &last,
             want,
             &[v],
-            1e-2,
+            2e-2,
         );
     }
 }
