@@ -10,7 +10,8 @@ use common::{load_model, model_dirs, pattern_batches, scratch, train_config};
 use llama_core::Device;
 use llama_fixtures::{assert_close, fixture_names, fixtures_dir, Fixture};
 use llama_model::{
-    Batch, FastLlamaModel, FastTrainer, GenerationConfig, LoadOptions, Mode, Precision, TrainConfig,
+    Batch, FastLlamaModel, FastTrainer, GenerationConfig, LoadOptions, Mode, Precision, RunPlan,
+    TrainConfig,
 };
 use llama_peft::{peft_name, LoraConfig, OptimizerKind, Schedule, ScheduleKind};
 
@@ -214,5 +215,58 @@ fn fast_llama_model_trains_and_generates_on_the_gpu() {
             .generate(&[b.ids[..4].to_vec()], &config, &mut |_, _| true)
             .unwrap();
         assert_eq!(out.ids[0].len(), 4);
+    }
+}
+
+/// Runs `total` steps of a fresh r=4 adapter from step 0 (writing checkpoint-3 into `out`),
+/// then resumes a second model from that checkpoint; the losses of both, and the models.
+fn run_and_resume(
+    dir: &std::path::Path,
+    options: &LoadOptions,
+    out: &std::path::Path,
+) -> (Vec<f32>, Vec<f32>, FastLlamaModel, FastLlamaModel) {
+    let plan = RunPlan {
+        total_steps: 6,
+        shuffle: true,
+        seed: 3,
+        save_every: Some(3),
+        out_dir: Some(out.to_path_buf()),
+    };
+    let mut whole = FastLlamaModel::new(load_model(dir), options.clone()).unwrap();
+    whole.get_peft_model(LoraConfig::new(4, 8.0)).unwrap();
+    whole.for_training(true);
+    let data = pattern_batches(whole.model(), 2, 7, 2);
+    let mut trainer = whole.trainer(train_config(6, 2)).unwrap();
+    let mut losses = Vec::new();
+    whole
+        .run(&mut trainer, &data, &plan, &mut |r| {
+            losses.push(r.loss);
+            Ok(())
+        })
+        .unwrap();
+    let mut resumed = FastLlamaModel::new(load_model(dir), options.clone()).unwrap();
+    resumed.for_training(true);
+    let mut trainer = resumed
+        .resume(&out.join("checkpoint-3"), train_config(6, 2))
+        .unwrap();
+    assert_eq!(trainer.steps_done(), 3);
+    let mut tail = Vec::new();
+    resumed
+        .run(&mut trainer, &data, &plan, &mut |r| {
+            tail.push(r.loss);
+            Ok(())
+        })
+        .unwrap();
+    (losses, tail, whole, resumed)
+}
+
+#[test]
+fn a_run_resumed_from_its_checkpoint_repeats_the_whole_run() {
+    for dir in model_dirs() {
+        let out = scratch("fast-resume");
+        let (whole, tail, a, b) = run_and_resume(&dir, &cpu_exact(), &out);
+        assert_eq!(tail, whole[3..], "{}", dir.display());
+        assert_eq!(a.model().adapter(), b.model().adapter());
+        std::fs::remove_dir_all(&out).ok();
     }
 }

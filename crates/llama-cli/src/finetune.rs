@@ -1,4 +1,5 @@
-//! `fastllama finetune` (LoRA / QLoRA on the CPU) and `fastllama merge`.
+//! `fastllama finetune` (LoRA / QLoRA on the CPU or a GPU, through `FastLlamaModel`),
+//! `fastllama merge` and `fastllama bench-train`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -6,15 +7,16 @@ use std::time::Instant;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use llama_core::DType;
+use llama_core::{DType, Device};
 use llama_model::data::{batches, read_jsonl, tokenize};
 use llama_model::{
-    save_gguf, save_hf, Batch, LoadedModel, RunPlan, StepReport, TrainConfig, Trainer,
+    save_gguf, save_hf, Batch, FastLlamaModel, LoadOptions, LoadedModel, RunPlan, StepReport,
+    TrainConfig, Trainer,
 };
 use llama_peft::{LoraAdapter, LoraConfig, OptimizerKind, Schedule, ScheduleKind};
 use serde_json::json;
 
-use crate::model_args::{DeviceArg, ModelArgs};
+use crate::model_args::ModelArgs;
 
 #[derive(Args, Debug)]
 pub struct FinetuneArgs {
@@ -141,16 +143,6 @@ impl FinetuneArgs {
     }
 }
 
-/// The frozen weights as training reads them: projections in NF4 for QLoRA, else every matrix
-/// dequantised to f32 once (as HF does with a GGUF file), since each is read four times per
-/// step (forward, backward, and both again with checkpointing).
-fn prepare_base(model: &mut llama_model::LlamaModel, load_in_4bit: bool) -> Result<(), String> {
-    if load_in_4bit {
-        model.convert_projections(DType::Nf4).map_err(err)?;
-    }
-    model.dequantize_for_training().map(drop).map_err(err)
-}
-
 /// Micro-batches of the data file, tokenised with the model's tokenizer.
 fn load_batches(
     args: &FinetuneArgs,
@@ -171,14 +163,21 @@ fn load_batches(
 }
 
 pub fn finetune_cmd(args: &FinetuneArgs) -> Result<(), String> {
-    if args.model.device == DeviceArg::Cuda {
-        return Err("--device cuda: training runs on the CPU in this version".into());
-    }
-    let mut loaded = args.model.load()?;
+    let device = args
+        .model
+        .cuda_device()?
+        .map_or(Device::Cpu, |d| Device::Cuda(d.ordinal()));
+    let loaded = args.model.load()?;
     let max_len = args.max_seq_length.min(loaded.model.max_seq_length);
     let data = load_batches(args, &loaded, max_len)?;
-    let model = &mut loaded.model;
-    prepare_base(model, args.load_in_4bit)?;
+    let options = LoadOptions {
+        load_in_4bit: args.load_in_4bit,
+        device,
+        precision: loaded.model.precision(),
+        patch: !args.model.unpatched,
+        ..LoadOptions::default()
+    };
+    let mut model = FastLlamaModel::new(loaded.model, options).map_err(err)?;
     let steps_per_epoch = data.len().div_ceil(args.grad_accum.max(1));
     let total_steps = match (args.steps, args.epochs) {
         (Some(s), _) => s,
@@ -198,30 +197,30 @@ pub fn finetune_cmd(args: &FinetuneArgs) -> Result<(), String> {
         gradient_checkpointing: args.gradient_checkpointing,
         seed: args.seed,
     };
+    model.for_training(args.gradient_checkpointing);
     let mut trainer = match (&args.resume, &args.init_adapter) {
-        (Some(dir), _) => Trainer::resume(model, dir, config).map_err(err)?,
-        (None, init) => {
-            let adapter = match init {
-                Some(dir) => LoraAdapter::load(dir, model.dims()),
-                None => LoraAdapter::new(args.lora_config()?, model.dims()),
-            }
-            .map_err(err)?;
-            model.set_adapter(Some(adapter)).map_err(err)?;
-            Trainer::new(model, config).map_err(err)?
+        (Some(dir), _) => model.resume(dir, config),
+        (None, init) => match init {
+            Some(dir) => model.load_adapter(dir),
+            None => model.get_peft_model(args.lora_config()?),
         }
-    };
+        .and_then(|_| model.trainer(config)),
+    }
+    .map_err(err)?;
     std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
-    let adapter = model.adapter().expect("set above");
+    let adapter = model.model().adapter().expect("set above");
     eprintln!(
-        "{} micro-batches of ≤{} × {max_len} tokens; {} trainable values (r={}, {} pairs); {} steps from step {}",
+        "{} micro-batches of ≤{} × {max_len} tokens; {} trainable values (r={}, {} pairs); {} steps from step {} on the {}",
         data.len(),
         args.batch_size,
         adapter.parameter_count(),
         adapter.config.r,
         adapter.pairs().count(),
         total_steps,
-        trainer.steps_done()
+        trainer.steps_done(),
+        model.device(),
     );
+    eprint!("{}", model.patch_reports().last().expect("patched above"));
     let plan = RunPlan {
         total_steps,
         shuffle: args.shuffle,
@@ -234,11 +233,11 @@ pub fn finetune_cmd(args: &FinetuneArgs) -> Result<(), String> {
         total_steps,
         trainer.steps_done(),
     )?;
-    trainer
-        .run(model, &data, &plan, &mut |r| log.record(r))
+    model
+        .run(&mut trainer, &data, &plan, &mut |r| log.record(r))
         .map_err(err)?;
     log.bar.finish();
-    trainer.save_checkpoint(model, &args.out).map_err(err)?;
+    model.save_checkpoint(&trainer, &args.out).map_err(err)?;
     eprintln!("adapter written to {}", args.out.display());
     Ok(())
 }
@@ -509,7 +508,10 @@ pub fn bench_train_cmd(args: &BenchTrainArgs) -> Result<(), String> {
     }
     let mut loaded = args.model.load()?;
     let model = &mut loaded.model;
-    prepare_base(model, args.load_in_4bit)?;
+    if args.load_in_4bit {
+        model.convert_projections(DType::Nf4).map_err(err)?;
+    }
+    model.dequantize_for_training().map_err(err)?;
     let mut lora = LoraConfig::new(args.lora_r, args.lora_r as f32);
     lora.random_state = 0;
     model

@@ -19,12 +19,14 @@ use llama_ops::cuda::{
 };
 use llama_ops::{CrossEntropyOptions, QuantMatrix};
 use llama_peft::cuda::{to_bf16, CudaLoraPair, CudaLoraSaved};
-use llama_peft::{AdapterGrads, LayerLora, LoraAdapter, LoraConfig, ModelDims, Target};
+use llama_peft::{
+    AdapterGrads, LayerLora, LoraAdapter, LoraConfig, ModelDims, OptimizerKind, Target,
+};
 
 use crate::cuda_model::{CudaLayer, CudaLlamaModel};
 use crate::error::{ModelError, Result};
 use crate::model::shift_labels;
-use crate::trainer::{Batch, StepReport, TrainConfig};
+use crate::trainer::{write_checkpoint, Batch, OptimizerState, StepReport, TrainConfig};
 
 type Pairs = [Option<CudaLoraPair>; 7];
 
@@ -252,6 +254,11 @@ impl CudaTrainer {
         })
     }
 
+    /// The run's settings.
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
     /// Optimizer steps done.
     pub fn steps_done(&self) -> usize {
         self.step as usize
@@ -335,6 +342,54 @@ impl CudaTrainer {
             layers,
             modules: Default::default(),
         })
+    }
+
+    /// The optimizer's step and AdamW moments on the host, in the CPU trainer's order (A then
+    /// B of each pair, layer by layer), as a checkpoint holds them.
+    pub fn optimizer_state(&self) -> Result<OptimizerState> {
+        let (mut exp_avg, mut exp_avg_sq) = (Vec::new(), Vec::new());
+        if matches!(self.config.optimizer, OptimizerKind::AdamW { .. }) {
+            for pair in self.lora.iter().flatten().flatten() {
+                for (m, v) in pair.moments()? {
+                    exp_avg.push(m);
+                    exp_avg_sq.push(v);
+                }
+            }
+        }
+        Ok(OptimizerState {
+            step: self.step,
+            exp_avg,
+            exp_avg_sq,
+        })
+    }
+
+    /// Writes a checkpoint (adapter, optimizer state, trainer_state.json) that either trainer
+    /// can resume from.
+    pub fn save_checkpoint(&self, dir: &std::path::Path) -> Result<()> {
+        write_checkpoint(dir, &self.adapter()?, &self.optimizer_state()?)
+    }
+
+    /// Continues from a checkpoint: its step and moments (the adapter's weights are the ones
+    /// this trainer was made with, loaded from the same checkpoint).
+    pub fn load_state(&mut self, dir: &std::path::Path) -> Result<()> {
+        let adamw = matches!(self.config.optimizer, OptimizerKind::AdamW { .. });
+        let sizes: Vec<usize> = self
+            .lora
+            .iter()
+            .flatten()
+            .flatten()
+            .flat_map(|p| [p.rank * p.in_features, p.out_features * p.rank])
+            .filter(|_| adamw)
+            .collect();
+        let state = OptimizerState::load(dir, &sizes)?;
+        let mut moments = state.exp_avg.iter().zip(&state.exp_avg_sq);
+        for pair in self.pairs_mut() {
+            if let (Some((ma, va)), Some((mb, vb))) = (moments.next(), moments.next()) {
+                pair.set_moments([(ma, va), (mb, vb)])?;
+            }
+        }
+        self.step = state.step;
+        Ok(())
     }
 
     /// The gradients accumulated since they were last zeroed, on the host.

@@ -27,7 +27,7 @@ use crate::generate::{generate, Generation, GenerationConfig};
 use crate::loader::load;
 use crate::model::{LlamaModel, Precision};
 use crate::tokenizer::Tokenizer;
-use crate::trainer::{Batch, StepReport, TrainConfig, Trainer};
+use crate::trainer::{run_steps, Batch, RunPlan, StepReport, Steps, TrainConfig, Trainer};
 
 /// `from_pretrained`'s options (Unsloth's arguments, plus where and how exactly to compute).
 #[derive(Clone, Debug, PartialEq)]
@@ -330,6 +330,73 @@ impl FastLlamaModel {
                 Ok(report)
             }
         }
+    }
+}
+
+impl FastLlamaModel {
+    /// Writes a checkpoint of `trainer`'s run to `dir`: the adapter (peft's format), the
+    /// optimizer state and trainer_state.json — the same files from either device.
+    pub fn save_checkpoint(&self, trainer: &FastTrainer, dir: &Path) -> Result<()> {
+        match trainer {
+            FastTrainer::Cpu(t) => t.save_checkpoint(&self.model, dir),
+            FastTrainer::Cuda(t) => t.save_checkpoint(dir),
+        }
+    }
+
+    /// Continues a run from a checkpoint [`Self::save_checkpoint`] wrote (on either device):
+    /// its adapter onto the model, then a trainer with `config` at its step and moments, so
+    /// the run goes on exactly as if it had not stopped. Needs training mode.
+    pub fn resume(&mut self, dir: &Path, config: TrainConfig) -> Result<FastTrainer> {
+        self.load_adapter(dir)?;
+        let mut trainer = self.trainer(config)?;
+        match &mut trainer {
+            FastTrainer::Cpu(t) => t.load_state(dir)?,
+            FastTrainer::Cuda(t) => t.load_state(dir)?,
+        }
+        Ok(trainer)
+    }
+
+    /// Optimizer steps until `plan.total_steps`, the micro-batches in the plan's order
+    /// (see [`RunPlan`]), checkpoints as it says; `on_step` sees each step's report.
+    pub fn run(
+        &mut self,
+        trainer: &mut FastTrainer,
+        batches: &[Batch],
+        plan: &RunPlan,
+        on_step: &mut dyn FnMut(&StepReport) -> Result<()>,
+    ) -> Result<()> {
+        let mut steps = FastSteps {
+            model: self,
+            trainer,
+        };
+        run_steps(&mut steps, batches, plan, on_step)
+    }
+}
+
+/// A FastLlamaModel with its trainer, as [`run_steps`] drives them.
+struct FastSteps<'a> {
+    model: &'a mut FastLlamaModel,
+    trainer: &'a mut FastTrainer,
+}
+
+impl Steps for FastSteps<'_> {
+    fn steps_done(&self) -> usize {
+        self.trainer.steps_done()
+    }
+
+    fn grad_accum(&self) -> usize {
+        match &*self.trainer {
+            FastTrainer::Cpu(t) => t.config.grad_accum,
+            FastTrainer::Cuda(t) => t.config().grad_accum,
+        }
+    }
+
+    fn step(&mut self, micro_batches: &[Batch]) -> Result<StepReport> {
+        self.model.train_step(self.trainer, micro_batches)
+    }
+
+    fn save_checkpoint(&self, dir: &Path) -> Result<()> {
+        self.model.save_checkpoint(self.trainer, dir)
     }
 }
 

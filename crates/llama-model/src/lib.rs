@@ -52,4 +52,4 @@ pub use loader::{load, LoadedModel, ModelFormat};
 pub use model::{shift_labels, Hidden, LlamaModel, ModelCache, Precision};
 pub use tokenizer::{ChatMessage, Tokenizer};
 pub use train::StepOptions;
-pub use trainer::{Batch, RunPlan, StepReport, TrainConfig, Trainer};
+pub use trainer::{Batch, OptimizerState, RunPlan, StepReport, TrainConfig, Trainer};

@@ -204,27 +204,11 @@ impl Trainer {
         plan: &RunPlan,
         on_step: &mut dyn FnMut(&StepReport) -> Result<()>,
     ) -> Result<()> {
-        if batches.is_empty() {
-            return Err(ModelError::input(
-                "data",
-                "no batch has a token to score".to_string(),
-            ));
-        }
-        let accum = self.config.grad_accum;
-        while self.steps_done() < plan.total_steps {
-            let first = self.steps_done() * accum;
-            let micro: Vec<Batch> = (first..first + accum)
-                .map(|k| batches[plan.batch_index(k, batches.len())].clone())
-                .collect();
-            let report = self.step(model, &micro)?;
-            on_step(&report)?;
-            if let (Some(every), Some(out)) = (plan.save_every, &plan.out_dir) {
-                if report.step % every == 0 && report.step < plan.total_steps {
-                    self.save_checkpoint(model, &out.join(format!("checkpoint-{}", report.step)))?;
-                }
-            }
-        }
-        Ok(())
+        let mut steps = CpuSteps {
+            trainer: self,
+            model,
+        };
+        run_steps(&mut steps, batches, plan, on_step)
     }
 
     /// Writes the adapter (peft's format), the optimizer state and trainer_state.json to `dir`.
@@ -232,11 +216,16 @@ impl Trainer {
         let adapter = model
             .adapter()
             .ok_or_else(|| ModelError::input("adapter", "no adapter to save".to_string()))?;
-        adapter.save(dir, None)?;
-        self.save_state(dir)?;
-        let state = serde_json::json!({"global_step": self.steps_done()});
-        llama_core::write_atomic(&dir.join(TRAINER_STATE), state.to_string().as_bytes())?;
-        Ok(())
+        write_checkpoint(dir, adapter, &self.optimizer_state())
+    }
+
+    /// The optimizer's step and moments, as a checkpoint holds them.
+    pub fn optimizer_state(&self) -> OptimizerState {
+        OptimizerState {
+            step: self.optimizer.step,
+            exp_avg: self.optimizer.exp_avg.clone(),
+            exp_avg_sq: self.optimizer.exp_avg_sq.clone(),
+        }
     }
 
     /// Restores a checkpoint written by [`Self::save_checkpoint`]: the adapter onto `model`
@@ -251,18 +240,39 @@ impl Trainer {
 
     /// Writes the optimizer's state to `dir/optimizer.safetensors` (atomically).
     pub fn save_state(&self, dir: &Path) -> Result<()> {
-        let mut tensors = Vec::new();
-        tensors.push((
+        self.optimizer_state().save(dir)
+    }
+
+    /// Restores the state [`Self::save_state`] wrote; it must fit this trainer's adapter.
+    pub fn load_state(&mut self, dir: &Path) -> Result<()> {
+        let sizes: Vec<usize> = self.optimizer.exp_avg.iter().map(Vec::len).collect();
+        let state = OptimizerState::load(dir, &sizes)?;
+        self.optimizer.step = state.step;
+        self.optimizer.exp_avg = state.exp_avg;
+        self.optimizer.exp_avg_sq = state.exp_avg_sq;
+        Ok(())
+    }
+}
+
+/// An optimizer's state as a checkpoint holds it (`optimizer.safetensors`): the steps taken
+/// and, for AdamW, both moments of every trainable matrix in [`AdapterGrads::slices`] order
+/// (A then B of each pair, then the saved modules). The CPU and GPU trainers write the same
+/// file, so either can resume the other's run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OptimizerState {
+    pub step: u64,
+    pub exp_avg: Vec<Vec<f32>>,
+    pub exp_avg_sq: Vec<Vec<f32>>,
+}
+
+impl OptimizerState {
+    /// Writes `dir/optimizer.safetensors` (atomically).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let mut tensors = vec![(
             "step".to_string(),
-            Tensor::from_slice(&[self.optimizer.step as f32], vec![1])?,
-        ));
-        for (i, (m, v)) in self
-            .optimizer
-            .exp_avg
-            .iter()
-            .zip(&self.optimizer.exp_avg_sq)
-            .enumerate()
-        {
+            Tensor::from_slice(&[self.step as f32], vec![1])?,
+        )];
+        for (i, (m, v)) in self.exp_avg.iter().zip(&self.exp_avg_sq).enumerate() {
             tensors.push((
                 format!("exp_avg.{i}"),
                 Tensor::from_slice(m, vec![m.len()])?,
@@ -277,8 +287,9 @@ impl Trainer {
         Ok(())
     }
 
-    /// Restores the state [`Self::save_state`] wrote; it must fit this trainer's adapter.
-    pub fn load_state(&mut self, dir: &Path) -> Result<()> {
+    /// Reads `dir/optimizer.safetensors` for moments of `sizes` (none for SGD); a missing
+    /// tensor or one of another size is an error naming it.
+    pub fn load(dir: &Path, sizes: &[usize]) -> Result<OptimizerState> {
         let path = dir.join(STATE_FILE);
         let bytes = std::fs::read(&path).map_err(|e| ModelError::io(&path, e))?;
         let bad = |reason: String| ModelError::format(&path, "optimizer state", reason);
@@ -296,16 +307,95 @@ impl Trainer {
             }
             Ok(values)
         };
-        let step = read("step", 1)?[0] as u64;
-        let mut optimizer = self.optimizer.clone();
-        optimizer.step = step;
-        for (i, m) in optimizer.exp_avg.iter_mut().enumerate() {
-            *m = read(&format!("exp_avg.{i}"), m.len())?;
-        }
-        for (i, v) in optimizer.exp_avg_sq.iter_mut().enumerate() {
-            *v = read(&format!("exp_avg_sq.{i}"), v.len())?;
-        }
-        self.optimizer = optimizer;
-        Ok(())
+        let moments = |kind: &str| -> Result<Vec<Vec<f32>>> {
+            sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| read(&format!("{kind}.{i}"), n))
+                .collect()
+        };
+        Ok(OptimizerState {
+            step: read("step", 1)?[0] as u64,
+            exp_avg: moments("exp_avg")?,
+            exp_avg_sq: moments("exp_avg_sq")?,
+        })
     }
+}
+
+/// Writes a checkpoint to `dir`: the adapter in peft's format, the optimizer state and
+/// trainer_state.json, each file to a temporary name first.
+pub(crate) fn write_checkpoint(
+    dir: &Path,
+    adapter: &llama_peft::LoraAdapter,
+    state: &OptimizerState,
+) -> Result<()> {
+    adapter.save(dir, None)?;
+    state.save(dir)?;
+    let json = serde_json::json!({"global_step": state.step});
+    llama_core::write_atomic(&dir.join(TRAINER_STATE), json.to_string().as_bytes())?;
+    Ok(())
+}
+
+/// A training run's stepper, on whichever device: what [`run_steps`] drives.
+pub(crate) trait Steps {
+    fn steps_done(&self) -> usize;
+    fn grad_accum(&self) -> usize;
+    fn step(&mut self, micro_batches: &[Batch]) -> Result<StepReport>;
+    fn save_checkpoint(&self, dir: &Path) -> Result<()>;
+}
+
+/// The CPU trainer with the model it trains.
+struct CpuSteps<'a> {
+    trainer: &'a mut Trainer,
+    model: &'a mut LlamaModel,
+}
+
+impl Steps for CpuSteps<'_> {
+    fn steps_done(&self) -> usize {
+        self.trainer.steps_done()
+    }
+
+    fn grad_accum(&self) -> usize {
+        self.trainer.config.grad_accum
+    }
+
+    fn step(&mut self, micro_batches: &[Batch]) -> Result<StepReport> {
+        self.trainer.step(self.model, micro_batches)
+    }
+
+    fn save_checkpoint(&self, dir: &Path) -> Result<()> {
+        self.trainer.save_checkpoint(self.model, dir)
+    }
+}
+
+/// Optimizer steps until `plan.total_steps`, each over `grad_accum` micro-batches in the
+/// plan's order (so a resumed run takes the batches an uninterrupted one would); `on_step`
+/// sees each report; checkpoints as the plan says.
+pub(crate) fn run_steps(
+    steps: &mut dyn Steps,
+    batches: &[Batch],
+    plan: &RunPlan,
+    on_step: &mut dyn FnMut(&StepReport) -> Result<()>,
+) -> Result<()> {
+    if batches.is_empty() {
+        return Err(ModelError::input(
+            "data",
+            "no batch has a token to score".to_string(),
+        ));
+    }
+    let accum = steps.grad_accum();
+    while steps.steps_done() < plan.total_steps {
+        let first = steps.steps_done() * accum;
+        let micro: Vec<Batch> = (first..first + accum)
+            .map(|k| batches[plan.batch_index(k, batches.len())].clone())
+            .collect();
+        let report = steps.step(&micro)?;
+        on_step(&report)?;
+        if let (Some(every), Some(out)) = (plan.save_every, &plan.out_dir) {
+            if report.step % every == 0 && report.step < plan.total_steps {
+                steps.save_checkpoint(&out.join(format!("checkpoint-{}", report.step)))?;
+            }
+        }
+    }
+    Ok(())
 }

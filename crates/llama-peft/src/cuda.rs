@@ -92,6 +92,30 @@ impl Matrix {
         Ok(m)
     }
 
+    /// AdamW's moments (m, v) on the host; zeros before the first AdamW update.
+    fn moments(&self, device: &CudaDevice) -> Result<(Vec<f32>, Vec<f32>)> {
+        Ok(match &self.moments {
+            Some((m, v)) => (device.dtoh(m)?, device.dtoh(v)?),
+            None => (vec![0.0; self.master.len()], vec![0.0; self.master.len()]),
+        })
+    }
+
+    fn set_moments(&mut self, device: &CudaDevice, m: &[f32], v: &[f32]) -> Result<()> {
+        let n = self.master.len();
+        if m.len() != n || v.len() != n {
+            return shape_error(
+                "CudaLoraPair::set_moments",
+                format!(
+                    "moments of {} and {} values for {n} weights",
+                    m.len(),
+                    v.len()
+                ),
+            );
+        }
+        self.moments = Some((device.htod(m)?, device.htod(v)?));
+        Ok(())
+    }
+
     /// copy = bf16(master).
     fn refresh(&mut self, device: &CudaDevice) -> Result<()> {
         to_bf16(device, &self.master, &mut self.copy, self.master.len())
@@ -303,6 +327,18 @@ impl CudaLoraPair {
         let d = self.device.clone();
         self.a.update(&d, kind, step, lr)?;
         self.b.update(&d, kind, step, lr)
+    }
+
+    /// AdamW's moments of A and B on the host: [(m, v) of A, (m, v) of B].
+    pub fn moments(&self) -> Result<[(Vec<f32>, Vec<f32>); 2]> {
+        Ok([self.a.moments(&self.device)?, self.b.moments(&self.device)?])
+    }
+
+    /// Restores the moments [`Self::moments`] gave (a checkpoint's).
+    pub fn set_moments(&mut self, [(ma, va), (mb, vb)]: [(&[f32], &[f32]); 2]) -> Result<()> {
+        let d = self.device.clone();
+        self.a.set_moments(&d, ma, va)?;
+        self.b.set_moments(&d, mb, vb)
     }
 
     /// Device bytes held (masters, copies, gradients, moments).
