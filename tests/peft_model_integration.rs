@@ -56,6 +56,39 @@ fn sgd(lr: f32) -> TrainConfig {
     }
 }
 
+/// The losses of `count` train_steps over `data` in order.
+fn steps(
+    fast: &mut FastLlamaModel,
+    trainer: &mut FastTrainer,
+    data: &[Batch],
+    count: usize,
+) -> Vec<f32> {
+    (0..count)
+        .map(|step| {
+            let b = &data[step % data.len()];
+            fast.train_step(trainer, std::slice::from_ref(b))
+                .unwrap()
+                .loss
+        })
+        .collect()
+}
+
+/// The losses of a run as `plan` drives it.
+fn run_losses(
+    fast: &mut FastLlamaModel,
+    trainer: &mut FastTrainer,
+    data: &[Batch],
+    plan: &RunPlan,
+) -> Vec<f32> {
+    let mut losses = Vec::new();
+    fast.run(trainer, data, plan, &mut |r| {
+        losses.push(r.loss);
+        Ok(())
+    })
+    .unwrap();
+    losses
+}
+
 #[test]
 fn peft_adapters_through_fast_llama_model_match_peft() {
     for name in fixture_names("peft", "adapter_config.json") {
@@ -108,15 +141,7 @@ fn a_fresh_adapter_trains_saves_loads_and_merges() {
         assert!(fast.trainer(train_config(20, 1)).is_err(), "inference mode");
         fast.for_training(true);
         let mut trainer = fast.trainer(train_config(20, 1)).unwrap();
-        let mut losses = Vec::new();
-        for step in 0..20 {
-            let b = &data[step % data.len()];
-            losses.push(
-                fast.train_step(&mut trainer, std::slice::from_ref(b))
-                    .unwrap()
-                    .loss,
-            );
-        }
+        let losses = steps(&mut fast, &mut trainer, &data, 20);
         assert_eq!(trainer.steps_done(), 20);
         assert!(losses[19] < 0.5 * losses[0], "{label}: {losses:?}");
         // generate switches to inference and back
@@ -186,15 +211,7 @@ fn fast_llama_model_trains_and_generates_on_the_gpu() {
         let mut trainer = fast.trainer(train_config(20, 1)).unwrap();
         assert!(matches!(trainer, FastTrainer::Cuda(_)));
         let data = pattern_batches(fast.model(), 21, 8, 2);
-        let mut losses = Vec::new();
-        for step in 0..20 {
-            let b = &data[step % data.len()];
-            losses.push(
-                fast.train_step(&mut trainer, std::slice::from_ref(b))
-                    .unwrap()
-                    .loss,
-            );
-        }
+        let losses = steps(&mut fast, &mut trainer, &data, 20);
         assert!(losses[19] < 0.5 * losses[0], "{label}: {losses:?}");
         // the host model holds the trained adapter: its loss on the CPU agrees (bf16 on the GPU)
         let b = &data[0];
@@ -215,48 +232,60 @@ fn fast_llama_model_trains_and_generates_on_the_gpu() {
             .generate(&[b.ids[..4].to_vec()], &config, &mut |_, _| true)
             .unwrap();
         assert_eq!(out.ids[0].len(), 4);
+        // a run resumed from a GPU checkpoint repeats the whole run, and the CPU reads the
+        // same checkpoint (its next loss within bf16 of the GPU's)
+        let out = scratch("gpu-resume");
+        let (whole, tail, _, _) = run_and_resume(&dir, &on_gpu, &out);
+        assert_close(&format!("{label} resumed"), &tail, &whole[3..], &[3], 1e-5);
+        let mut cpu = FastLlamaModel::new(load_model(&dir), cpu_exact()).unwrap();
+        cpu.for_training(true);
+        let checkpoint = out.join("checkpoint-3");
+        let mut trainer = cpu.resume(&checkpoint, train_config(6, 2)).unwrap();
+        assert_eq!(trainer.steps_done(), 3);
+        let data = pattern_batches(cpu.model(), 2, 7, 2);
+        let plan = RunPlan {
+            total_steps: 4,
+            ..resume_plan(&out)
+        };
+        let next = run_losses(&mut cpu, &mut trainer, &data, &plan);
+        let close = (next[0] - whole[3]).abs() < 0.05 * whole[3].max(0.1);
+        assert!(close, "{label}: {next:?} vs {whole:?}");
+        std::fs::remove_dir_all(&out).ok();
     }
 }
 
-/// Runs `total` steps of a fresh r=4 adapter from step 0 (writing checkpoint-3 into `out`),
+/// Six shuffled steps with a checkpoint after three, into `out`.
+fn resume_plan(out: &std::path::Path) -> RunPlan {
+    RunPlan {
+        total_steps: 6,
+        shuffle: true,
+        seed: 3,
+        save_every: Some(3),
+        out_dir: Some(out.to_path_buf()),
+    }
+}
+
+/// Runs six steps of a fresh r=4 adapter from step 0 (writing checkpoint-3 into `out`),
 /// then resumes a second model from that checkpoint; the losses of both, and the models.
 fn run_and_resume(
     dir: &std::path::Path,
     options: &LoadOptions,
     out: &std::path::Path,
 ) -> (Vec<f32>, Vec<f32>, FastLlamaModel, FastLlamaModel) {
-    let plan = RunPlan {
-        total_steps: 6,
-        shuffle: true,
-        seed: 3,
-        save_every: Some(3),
-        out_dir: Some(out.to_path_buf()),
-    };
+    let plan = resume_plan(out);
     let mut whole = FastLlamaModel::new(load_model(dir), options.clone()).unwrap();
     whole.get_peft_model(LoraConfig::new(4, 8.0)).unwrap();
     whole.for_training(true);
     let data = pattern_batches(whole.model(), 2, 7, 2);
     let mut trainer = whole.trainer(train_config(6, 2)).unwrap();
-    let mut losses = Vec::new();
-    whole
-        .run(&mut trainer, &data, &plan, &mut |r| {
-            losses.push(r.loss);
-            Ok(())
-        })
-        .unwrap();
+    let losses = run_losses(&mut whole, &mut trainer, &data, &plan);
     let mut resumed = FastLlamaModel::new(load_model(dir), options.clone()).unwrap();
     resumed.for_training(true);
     let mut trainer = resumed
         .resume(&out.join("checkpoint-3"), train_config(6, 2))
         .unwrap();
     assert_eq!(trainer.steps_done(), 3);
-    let mut tail = Vec::new();
-    resumed
-        .run(&mut trainer, &data, &plan, &mut |r| {
-            tail.push(r.loss);
-            Ok(())
-        })
-        .unwrap();
+    let tail = run_losses(&mut resumed, &mut trainer, &data, &plan);
     (losses, tail, whole, resumed)
 }
 

@@ -28,8 +28,8 @@ impl Engine {
     /// `model` on the CPU, or copied to `device` (in bf16) when one is given and llama-patch's
     /// `pre_patch` finds that the CUDA kernels can run it (else it stays on the CPU, as the
     /// model's [`LlamaModel::patch_plan`] then says). A model with any op on its reference
-    /// implementation (unpatched) stays on the CPU too. A LoRA adapter runs unmerged on the CPU and is merged
-    /// into the bf16 weights on the GPU.
+    /// implementation (unpatched) stays on the CPU too. A LoRA adapter runs unmerged on the
+    /// CPU and is merged into the GPU's bf16 copies (the host model is left as it is).
     pub fn new(mut model: LlamaModel, device: Option<&Arc<CudaDevice>>) -> Result<Engine> {
         let Some(d) = device.filter(|_| !model.patch_plan().uses_reference()) else {
             return Ok(Engine::Cpu(Box::new(model)));

@@ -315,6 +315,17 @@ impl FastLlamaModel {
         trainer: &mut FastTrainer,
         micro_batches: &[Batch],
     ) -> Result<StepReport> {
+        let report = self.step_on_device(trainer, micro_batches)?;
+        self.sync_adapter(trainer)?;
+        Ok(report)
+    }
+
+    /// One step; on the GPU the host's adapter is left behind (see [`Self::sync_adapter`]).
+    fn step_on_device(
+        &mut self,
+        trainer: &mut FastTrainer,
+        micro_batches: &[Batch],
+    ) -> Result<StepReport> {
         if self.mode == Mode::Inference {
             return Err(ModelError::input(
                 "mode",
@@ -324,12 +335,17 @@ impl FastLlamaModel {
         self.generation_copy = None;
         match trainer {
             FastTrainer::Cpu(t) => t.step(&mut self.model, micro_batches),
-            FastTrainer::Cuda(t) => {
-                let report = t.step(micro_batches)?;
-                self.model.set_adapter(Some(t.adapter()?))?;
-                Ok(report)
-            }
+            FastTrainer::Cuda(t) => t.step(micro_batches),
         }
+    }
+
+    /// Copies a GPU trainer's adapter to the host model (nothing to do on the CPU, where the
+    /// trainer updates the model's own adapter).
+    fn sync_adapter(&mut self, trainer: &FastTrainer) -> Result<()> {
+        if let FastTrainer::Cuda(t) = trainer {
+            self.model.set_adapter(Some(t.adapter()?))?;
+        }
+        Ok(())
     }
 }
 
@@ -369,7 +385,9 @@ impl FastLlamaModel {
             model: self,
             trainer,
         };
-        run_steps(&mut steps, batches, plan, on_step)
+        // The adapter comes back from a GPU once, at the end, not after every step.
+        run_steps(&mut steps, batches, plan, on_step)?;
+        self.sync_adapter(trainer)
     }
 }
 
@@ -392,7 +410,7 @@ impl Steps for FastSteps<'_> {
     }
 
     fn step(&mut self, micro_batches: &[Batch]) -> Result<StepReport> {
-        self.model.train_step(self.trainer, micro_batches)
+        self.model.step_on_device(self.trainer, micro_batches)
     }
 
     fn save_checkpoint(&self, dir: &Path) -> Result<()> {

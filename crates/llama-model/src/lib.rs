@@ -2,8 +2,9 @@
 //!
 //! The assembled model (SPEC.md parts 3–5): [`LlamaConfig`] from HF `config.json` or GGUF
 //! metadata, weights from safetensors directories or GGUF files ([`load`]), the [`Tokenizer`]
-//! and chat template, the decoder ([`LlamaModel`]: forward, logits, loss, cached decoding) and
-//! [`generate`].
+//! and chat template, the decoder ([`LlamaModel`]: forward, logits, loss, cached decoding),
+//! [`generate`], LoRA training ([`Trainer`], [`CudaTrainer`]) and, over all of it, Unsloth's
+//! API: [`FastLlamaModel`].
 //!
 //! ```text
 //! config.rs     LlamaConfig                    gguf.rs      GGUF v2/v3 reader and writer
