@@ -151,6 +151,16 @@ fn load_options_are_checked_and_load_in_4bit_quantises() {
     };
     let fast = FastLlamaModel::new(load_model(dir), nf4).unwrap();
     assert_eq!(fast.model().facts().weight_dtype, DType::Nf4);
+    // unpatched, the model stays on the CPU whatever the device asked for, and says why
+    let unpatched_gpu = LoadOptions {
+        device: Device::Cuda(0),
+        precision: Precision::Fast,
+        patch: false,
+        ..cpu_exact()
+    };
+    let cpu = FastLlamaModel::new(load_model(dir), unpatched_gpu).unwrap();
+    assert_eq!(cpu.device(), Device::Cpu);
+    assert!(cpu.notes()[0].contains("reference implementations run on the CPU only"));
     assert!(fast.patch_reports()[0].to_string().contains("NF4 weights"));
 }
 

@@ -155,10 +155,13 @@ impl FastLlamaModel {
         };
         let device = model.patch_plan().device;
         if device != options.device {
+            let why = match report.not_patched.is_empty() {
+                true => "the reference implementations run on the CPU only".to_string(),
+                false => report.not_patched.join("; "),
+            };
             notes.push(format!(
-                "runs on the {device}, not {}: {}",
-                options.device,
-                report.not_patched.join("; ")
+                "runs on the {device}, not {}: {why}",
+                options.device
             ));
         }
         Ok(FastLlamaModel {
