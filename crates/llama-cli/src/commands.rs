@@ -24,6 +24,19 @@ pub struct GenerateArgs {
     chat: bool,
     #[arg(long, default_value_t = 128)]
     max_new_tokens: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Stop when the text contains this string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Print one JSON object with the ids, the text and the speeds instead of streaming.
+    #[arg(long)]
+    json: bool,
+}
+
+/// How the next token is chosen (generate and chat).
+#[derive(Args, Debug)]
+pub struct SamplingArgs {
     /// 0 is greedy.
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
@@ -38,12 +51,19 @@ pub struct GenerateArgs {
     repeat_penalty: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Stop when the text contains this string (repeatable).
-    #[arg(long)]
-    stop: Vec<String>,
-    /// Print one JSON object with the ids, the text and the speeds instead of streaming.
-    #[arg(long)]
-    json: bool,
+}
+
+impl SamplingArgs {
+    pub fn config(&self) -> SamplingConfig {
+        SamplingConfig {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repeat_penalty,
+            seed: self.seed,
+        }
+    }
 }
 
 pub fn generate_cmd(args: &GenerateArgs) -> Result<(), String> {
@@ -51,14 +71,7 @@ pub fn generate_cmd(args: &GenerateArgs) -> Result<(), String> {
     let prompt_ids = args.prompt.ids(&loaded, args.chat)?;
     let config = GenerationConfig {
         max_new_tokens: args.max_new_tokens,
-        sampling: SamplingConfig {
-            temperature: args.temperature,
-            top_k: args.top_k,
-            top_p: args.top_p,
-            min_p: args.min_p,
-            repetition_penalty: args.repeat_penalty,
-            seed: args.seed,
-        },
+        sampling: args.sampling.config(),
         eos_token_ids: loaded.model.config.eos_token_ids.clone(),
     };
     let LoadedModel {

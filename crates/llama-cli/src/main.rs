@@ -1,6 +1,7 @@
 //! `fastllama`: the command-line front end. Library crates return values and errors; this
 //! binary is the only place that prints.
 
+mod chat;
 mod commands;
 mod finetune;
 mod model_args;
@@ -29,6 +30,8 @@ struct Cli {
 enum Command {
     /// Generate text after a prompt, streaming it as it comes.
     Generate(commands::GenerateArgs),
+    /// Chat with the model on its chat template, turn after turn (stdin: a terminal or a pipe).
+    Chat(chat::ChatArgs),
     /// Write the logits of every position of a prompt to a safetensors file.
     Logits(commands::LogitsArgs),
     /// Print the token ids of a text as a JSON list.
@@ -78,6 +81,7 @@ fn main() -> ExitCode {
 fn run(cli: &Cli) -> Result<(), String> {
     match &cli.command {
         Command::Generate(args) => commands::generate_cmd(args),
+        Command::Chat(args) => chat::chat_cmd(args),
         Command::Logits(args) => commands::logits_cmd(args),
         Command::Tokenize(args) => commands::tokenize_cmd(args),
         Command::Info(args) => commands::info_cmd(args),

@@ -95,6 +95,11 @@ impl CudaModelCache {
     pub fn memory_bytes(&self) -> usize {
         self.layers.iter().map(CudaKvCache::memory_bytes).sum()
     }
+
+    /// Forgets positions from `len` on (keeps the memory).
+    pub fn truncate(&mut self, len: usize) {
+        self.layers.iter_mut().for_each(|c| c.truncate(len));
+    }
 }
 
 /// A Llama model on a CUDA device.
@@ -409,5 +414,13 @@ impl Decoder for CudaLlamaModel {
         self.layers = layers;
         self.buffers = Some(b);
         result
+    }
+
+    fn cache_len(cache: &CudaModelCache) -> usize {
+        cache.len()
+    }
+
+    fn truncate_cache(cache: &mut CudaModelCache, len: usize) {
+        cache.truncate(len);
     }
 }

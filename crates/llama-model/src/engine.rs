@@ -99,4 +99,18 @@ impl Decoder for Engine {
             )),
         }
     }
+
+    fn cache_len(cache: &EngineCache) -> usize {
+        match cache {
+            EngineCache::Cpu(c) => c.len(),
+            EngineCache::Cuda(c) => c.len(),
+        }
+    }
+
+    fn truncate_cache(cache: &mut EngineCache, len: usize) {
+        match cache {
+            EngineCache::Cpu(c) => c.truncate(len),
+            EngineCache::Cuda(c) => c.truncate(len),
+        }
+    }
 }

@@ -32,6 +32,10 @@ pub trait Decoder {
         batch: usize,
         cache: &mut Self::Cache,
     ) -> Result<Vec<f32>>;
+    /// Positions the caches hold.
+    fn cache_len(cache: &Self::Cache) -> usize;
+    /// Forgets cached positions from `len` on.
+    fn truncate_cache(cache: &mut Self::Cache, len: usize);
 }
 
 /// How the next token is chosen.
@@ -258,14 +262,80 @@ pub fn generate<D: Decoder + ?Sized>(
     }
     let padded = padding.iter().any(|&p| p > 0).then_some(padding);
     let mut cache = model.new_cache(batch, total, padded)?;
+    let pads = batch * longest - prompts.iter().map(Vec::len).sum::<usize>();
+    decode(
+        model,
+        &mut cache,
+        &ids,
+        pads,
+        prompts.to_vec(),
+        config,
+        on_token,
+    )
+}
+
+/// Generates after what `cache` already holds (one sequence): `new_ids` are prefilled onto it
+/// and the continuation decoded, leaving every id but the last generated one in the cache (a
+/// chat's history, so that the next turn prefills only itself). `history` is the ids the
+/// cache holds (for the repetition penalty). The new ids and max_new_tokens must fit the
+/// context after what is cached.
+pub fn generate_after<D: Decoder + ?Sized>(
+    model: &mut D,
+    cache: &mut D::Cache,
+    history: &[u32],
+    new_ids: &[u32],
+    config: &GenerationConfig,
+    on_token: &mut dyn FnMut(usize, u32) -> bool,
+) -> Result<Generation> {
+    config.sampling.validate()?;
+    if new_ids.is_empty() {
+        return Err(ModelError::input(
+            "prompt",
+            "a turn needs at least one new token",
+        ));
+    }
+    let cached = D::cache_len(cache);
+    let total = cached + new_ids.len() + config.max_new_tokens;
+    if total > model.max_seq_length() {
+        return Err(ModelError::input(
+            "max_new_tokens",
+            format!(
+                "{cached} cached, {} new and {} generated tokens pass the context of {}",
+                new_ids.len(),
+                config.max_new_tokens,
+                model.max_seq_length()
+            ),
+        ));
+    }
+    let history = [history, new_ids].concat();
+    decode(model, cache, new_ids, 0, vec![history], config, on_token)
+}
+
+/// Prefills `ids` [B, T] (of which `padding` are pads) onto `cache`, then decodes up to
+/// max_new_tokens per sequence. `histories` hold each sequence's ids so far (the repetition
+/// penalty reads them).
+fn decode<D: Decoder + ?Sized>(
+    model: &mut D,
+    cache: &mut D::Cache,
+    ids: &[u32],
+    padding: usize,
+    mut histories: Vec<Vec<u32>>,
+    config: &GenerationConfig,
+    on_token: &mut dyn FnMut(usize, u32) -> bool,
+) -> Result<Generation> {
+    let batch = histories.len();
+    let pad_id = model
+        .config()
+        .pad_token_id
+        .or(config.eos_token_ids.first().copied())
+        .unwrap_or(0);
     let mut rngs: Vec<Rng> = (0..batch as u64)
         .map(|b| Rng::new(config.sampling.seed.wrapping_add(b)))
         .collect();
-    let mut histories: Vec<Vec<u32>> = prompts.to_vec();
     let mut out = Generation {
         ids: vec![Vec::new(); batch],
         finish: vec![FinishReason::Length; batch],
-        prefill_tokens: prompts.iter().map(Vec::len).sum(),
+        prefill_tokens: ids.len() - padding,
         prefill_seconds: 0.0,
         decode_tokens: 0,
         decode_seconds: 0.0,
@@ -274,7 +344,7 @@ pub fn generate<D: Decoder + ?Sized>(
     let vocab = model.config().vocab_size;
     let start = Instant::now();
     let mut logits = if config.max_new_tokens > 0 {
-        model.forward_cached(&ids, batch, &mut cache)?
+        model.forward_cached(ids, batch, cache)?
     } else {
         Vec::new()
     };
@@ -303,7 +373,7 @@ pub fn generate<D: Decoder + ?Sized>(
         if step + 1 == config.max_new_tokens || !running.iter().any(|&r| r) {
             break;
         }
-        logits = model.forward_cached(&next, batch, &mut cache)?;
+        logits = model.forward_cached(&next, batch, cache)?;
     }
     out.decode_seconds = decode_start.elapsed().as_secs_f64();
     // The first id of each sequence came from the prefill's logits.

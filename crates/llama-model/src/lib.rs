@@ -14,9 +14,11 @@
 //! export.rs     a model → GGUF / HF dir       cuda_model.rs  the model on a GPU, in bf16
 //! train.rs      loss and LoRA gradients       trainer.rs     optimizer steps, checkpoints
 //! cuda_train.rs LoRA training on a GPU        data.rs        JSONL → batches
+//! chat.rs       multi-turn chat over one KV cache
 //! fast.rs       FastLlamaModel (Unsloth's API over all of the above)
 //! ```
 
+mod chat;
 mod config;
 mod cuda_model;
 mod cuda_train;
@@ -37,6 +39,7 @@ mod tokenizer;
 mod train;
 mod trainer;
 
+pub use chat::{ChatSession, TurnReport};
 pub use config::LlamaConfig;
 pub use cuda_model::{CudaLlamaModel, CudaModelCache};
 pub use cuda_train::CudaTrainer;
@@ -46,7 +49,8 @@ pub use export::{save_gguf, save_hf};
 pub use fast::{FastLlamaModel, FastTrainer, LoadOptions, Mode};
 pub use fetch::{resolve_model, DEFAULT_MODEL};
 pub use generate::{
-    generate, Decoder, FinishReason, Generation, GenerationConfig, SamplingConfig, TextStream,
+    generate, generate_after, Decoder, FinishReason, Generation, GenerationConfig, SamplingConfig,
+    TextStream,
 };
 pub use layer::{DecoderLayer, LlamaMlp};
 pub use loader::{load, LoadedModel, ModelFormat};

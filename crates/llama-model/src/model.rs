@@ -30,8 +30,11 @@ pub enum Precision {
     /// f32 activations, quantised weights dequantised exactly: HF transformers' numbers.
     Exact,
     /// Free to trade exactness for speed within a stated bound (mean KL ≤ 0.01 from `exact`
-    /// on SmolLM2, same top-1 token): decoding quantises activations to 8 bits for integer
-    /// dot products with Q4_0/Q4_1/Q8_0 weights, as llama.cpp does.
+    /// on SmolLM2, same top-1 token): decoding quantises the layers' activations to 8 bits
+    /// for integer dot products with Q4_0/Q4_1/Q8_0 weights, as llama.cpp does. The lm_head
+    /// reads f32 activations: its logits pick the token, and 8 bits there flip near-ties
+    /// (SmolLM2's first token answering "What is the capital of France?" is one; ~5% of a
+    /// decode step).
     #[default]
     Fast,
 }
@@ -642,13 +645,14 @@ impl LlamaModel {
     pub fn logits(&self, hidden: &[f32]) -> Result<Vec<f32>> {
         let n = hidden.len() / self.config.hidden_size;
         let mut logits = vec![0f32; n * self.config.vocab_size];
+        // f32 activations in either precision (see Precision::Fast).
         let kernel = self.plan.lm_head.kernel();
         linear(
             kernel,
             self.lm_head(),
             hidden,
             &mut logits,
-            self.activations(),
+            Activations::F32,
         )?;
         Ok(logits)
     }
@@ -786,6 +790,14 @@ impl crate::generate::Decoder for LlamaModel {
         cache: &mut ModelCache,
     ) -> Result<Vec<f32>> {
         LlamaModel::forward_cached(self, ids, batch, cache)
+    }
+
+    fn cache_len(cache: &ModelCache) -> usize {
+        cache.len()
+    }
+
+    fn truncate_cache(cache: &mut ModelCache, len: usize) {
+        cache.truncate(len);
     }
 }
 

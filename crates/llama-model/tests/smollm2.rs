@@ -6,8 +6,8 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use llama_fixtures::fixtures_dir;
 use llama_model::{
-    generate, load, resolve_model, ChatMessage, GenerationConfig, LoadedModel, Precision,
-    DEFAULT_MODEL,
+    generate, load, resolve_model, ChatMessage, ChatSession, GenerationConfig, LoadedModel,
+    Precision, DEFAULT_MODEL,
 };
 use serde_json::Value;
 
@@ -186,4 +186,51 @@ fn argmax_f64(v: &[f64]) -> usize {
             |b, (i, &x)| if x > b.1 { (i, x) } else { b },
         )
         .0
+}
+
+#[test]
+fn a_chat_keeps_its_history_in_the_cache_and_drops_the_oldest_turns_to_fit() {
+    let Some(mut loaded) = model() else { return };
+    let LoadedModel {
+        model, tokenizer, ..
+    } = &mut *loaded;
+    let tokenizer = tokenizer.as_ref().expect("the GGUF's tokenizer");
+    let config = GenerationConfig {
+        max_new_tokens: 12,
+        eos_token_ids: model.config.eos_token_ids.clone(),
+        ..Default::default()
+    };
+    let mut chat = ChatSession::new(&*model, None).unwrap();
+    let first = chat
+        .turn(model, tokenizer, "What is 2+2?", &config, &mut |_, _| true)
+        .unwrap();
+    assert_eq!(first.reused, 0);
+    let second = chat
+        .turn(model, tokenizer, "And 3+3?", &config, &mut |_, _| true)
+        .unwrap();
+    // the first exchange came from the cache; only the new turn was prefilled
+    assert!(second.reused > 20, "reused {}", second.reused);
+    assert!(second.generation.prefill_tokens < 20);
+    // and the answer is the one a fresh generation over the whole conversation gives
+    let mut messages = chat.messages();
+    messages.pop();
+    let text = tokenizer.apply_chat_template(&messages, true).unwrap();
+    let whole = tokenizer.encode(&text, false).unwrap();
+    assert_eq!(
+        second.reused + second.generation.prefill_tokens,
+        whole.len()
+    );
+    let fresh = generate(model, &[whole], &config, &mut |_, _| true).unwrap();
+    assert_eq!(second.generation.ids[0], fresh.ids[0]);
+    // a context that holds about one exchange: the oldest are dropped, and said so
+    let context = model.max_seq_length;
+    model.max_seq_length = chat.cached_tokens() + 8;
+    let third = chat.turn(model, tokenizer, "And 4+4?", &config, &mut |_, _| true);
+    model.max_seq_length = context;
+    let third = third.unwrap();
+    assert!(third.dropped >= 1, "dropped {}", third.dropped);
+    assert!(chat.messages().len() <= 4, "{:?}", chat.messages());
+    chat.reset();
+    assert_eq!(chat.cached_tokens(), 0);
+    assert!(chat.messages().is_empty());
 }

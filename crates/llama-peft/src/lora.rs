@@ -9,7 +9,6 @@
 
 use llama_core::{Kernel, SplitMix64};
 use llama_ops::math::{gemm, Operand};
-use llama_ops::matvec;
 
 use crate::config::LoraInit;
 use crate::error::{shape_error, Result};
@@ -176,12 +175,6 @@ impl LoraPair {
         let mask = dropout.filter(|d| d.p > 0.0).map(|d| d.mask(x.len()));
         let dropped = mask.as_deref().map(|mask| masked(x, mask));
         let input = dropped.as_deref().unwrap_or(x);
-        if m == 1 {
-            return Ok(LoraSaved {
-                xs: self.add_row(input, y)?,
-                mask,
-            });
-        }
         let mut xs = vec![0.0; m * self.rank];
         gemm(
             Operand::Plain(input, m, self.in_features),
@@ -197,18 +190,6 @@ impl LoraPair {
             true,
         );
         Ok(LoraSaved { xs, mask })
-    }
-
-    /// One row (a decode step): xs = s·A·x and y += B·xs as two SIMD matrix-vector products,
-    /// which cost a fraction of a GEMM call's set-up at these sizes. Returns xs.
-    fn add_row(&self, x: &[f32], y: &mut [f32]) -> Result<Vec<f32>> {
-        let mut xs = vec![0.0; self.rank];
-        matvec(&self.a, x, &mut xs)?;
-        xs.iter_mut().for_each(|v| *v *= self.scaling);
-        let mut delta = vec![0.0; self.out_features];
-        matvec(&self.b, &xs, &mut delta)?;
-        y.iter_mut().zip(&delta).for_each(|(y, d)| *y += d);
-        Ok(xs)
     }
 
     /// [`Self::forward_add`] by `kernel`: the reference runs [`reference::lora_branch`] in
