@@ -217,16 +217,7 @@ pub fn info_cmd(args: &InfoArgs) -> Result<(), String> {
     };
     let mut dtypes = std::collections::BTreeMap::<String, usize>::new();
     for layer in &m.layers {
-        let a = &layer.self_attn;
-        for w in [
-            &a.q_proj,
-            &a.k_proj,
-            &a.v_proj,
-            &a.o_proj,
-            &layer.mlp.gate_proj,
-            &layer.mlp.up_proj,
-            &layer.mlp.down_proj,
-        ] {
+        for w in layer.weights() {
             *dtypes.entry(w.dtype().to_string()).or_default() += 1;
         }
     }

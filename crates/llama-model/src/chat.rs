@@ -132,27 +132,30 @@ impl<D: Decoder> ChatSession<D> {
         max_new_tokens: usize,
     ) -> Result<(Vec<u32>, usize)> {
         let system = self.system_message();
-        for skip in (0..self.messages.len()).step_by(2) {
+        let render = |skip: usize| -> Result<Vec<u32>> {
             let kept = [&system[..], &self.messages[skip..]].concat();
-            let text = tokenizer.apply_chat_template(&kept, true)?;
             // The template writes any BOS itself.
-            let ids = tokenizer.encode(&text, false)?;
-            let fits = ids.len() + max_new_tokens <= model.max_seq_length();
-            if fits || skip + 1 == self.messages.len() {
-                if !fits {
-                    return Err(ModelError::input(
-                        "message",
-                        format!(
-                            "{} tokens and max_new_tokens {max_new_tokens} pass the context of {}",
-                            ids.len(),
-                            model.max_seq_length()
-                        ),
-                    ));
-                }
-                self.messages.drain(..skip);
-                return Ok((ids, skip / 2));
-            }
+            tokenizer.encode(&tokenizer.apply_chat_template(&kept, true)?, false)
+        };
+        let fits = |ids: &[u32]| ids.len() + max_new_tokens <= model.max_seq_length();
+        // Drop whole exchanges (two messages) while there is an older one than the new turn.
+        let mut skip = 0;
+        let mut ids = render(skip)?;
+        while !fits(&ids) && skip + 2 < self.messages.len() {
+            skip += 2;
+            ids = render(skip)?;
         }
-        unreachable!("the last step of the loop returns")
+        if !fits(&ids) {
+            return Err(ModelError::input(
+                "message",
+                format!(
+                    "{} tokens and max_new_tokens {max_new_tokens} pass the context of {}",
+                    ids.len(),
+                    model.max_seq_length()
+                ),
+            ));
+        }
+        self.messages.drain(..skip);
+        Ok((ids, skip / 2))
     }
 }

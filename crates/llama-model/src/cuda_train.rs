@@ -287,16 +287,12 @@ impl CudaTrainer {
             let gate = std::mem::replace(&mut layer.gate_proj, empty()?);
             let up = std::mem::replace(&mut layer.up_proj, empty()?);
             let down = std::mem::replace(&mut layer.down_proj, empty()?);
-            let mut quantised = Vec::with_capacity(7);
-            for (t, w) in Target::ALL.into_iter().zip([q, k, v, o, gate, up, down]) {
-                let (rows, cols) = t.shape(&dims);
-                quantised.push(to_nf4(&d, &w, rows, cols)?);
-            }
-            layers.push(
-                quantised
-                    .try_into()
-                    .unwrap_or_else(|_| unreachable!("seven projections")),
-            );
+            let weights = [q, k, v, o, gate, up, down];
+            let [q, k, v, o, gate, up, down] = std::array::from_fn(|i| {
+                let (rows, cols) = Target::ALL[i].shape(&dims);
+                to_nf4(&d, &weights[i], rows, cols)
+            });
+            layers.push([q?, k?, v?, o?, gate?, up?, down?]);
         }
         let largest = Target::ALL
             .iter()

@@ -260,11 +260,11 @@ impl FastLlamaModel {
         let result = match self.device {
             Device::Cpu => generate(&mut self.model, prompts, config, on_token),
             Device::Cuda(ordinal) => {
-                if self.generation_copy.is_none() {
-                    let device = CudaDevice::get(ordinal)?;
-                    self.generation_copy = Some(CudaLlamaModel::upload(&device, &self.model)?);
-                }
-                let copy = self.generation_copy.as_mut().expect("made just above");
+                let copy = match self.generation_copy.take() {
+                    Some(copy) => copy,
+                    None => CudaLlamaModel::upload(&CudaDevice::get(ordinal)?, &self.model)?,
+                };
+                let copy = self.generation_copy.insert(copy);
                 generate(copy, prompts, config, on_token)
             }
         };

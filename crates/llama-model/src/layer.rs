@@ -105,6 +105,20 @@ impl DecoderLayer {
     }
 
     /// The seven projection weights in [`Target`] order (q, k, v, o, gate, up, down).
+    pub fn weights(&self) -> [&Weight; 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
+    }
+
+    /// [`Self::weights`], mutable.
     pub fn projections_mut(&mut self) -> [&mut Weight; 7] {
         let (a, m) = (&mut self.self_attn, &mut self.mlp);
         [

@@ -397,17 +397,7 @@ impl LlamaModel {
             .layers
             .get(i)
             .ok_or_else(|| ModelError::input("layer", format!("{i} is past the model's layers")))?;
-        let a = &layer.self_attn;
-        let m = &layer.mlp;
-        let w = [
-            &a.q_proj,
-            &a.k_proj,
-            &a.v_proj,
-            &a.o_proj,
-            &m.gate_proj,
-            &m.up_proj,
-            &m.down_proj,
-        ][target as usize];
+        let w = layer.weights()[target as usize];
         let pair = self.adapter.as_ref().filter(|_| merged);
         with_delta(w, pair.and_then(|a| a.layers[i].get(target)), 1.0)
     }
@@ -516,19 +506,7 @@ impl LlamaModel {
             .layers
             .iter()
             .map(|l| {
-                let a = &l.self_attn;
-                [
-                    &a.q_proj,
-                    &a.k_proj,
-                    &a.v_proj,
-                    &a.o_proj,
-                    &l.mlp.gate_proj,
-                    &l.mlp.up_proj,
-                    &l.mlp.down_proj,
-                ]
-                .iter()
-                .map(|w| w.memory_bytes())
-                .sum::<usize>()
+                l.weights().iter().map(|w| w.memory_bytes()).sum::<usize>()
                     + vec_bytes(&l.input_layernorm)
                     + vec_bytes(&l.post_attention_layernorm)
             })

@@ -7,27 +7,15 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{adapter_matrices, check_matrices, grad_matrices, Case};
+use common::{adapter_matrices, check_matrices, constant_config, grad_matrices, Case};
 use llama_core::cuda::CudaDevice;
 use llama_fixtures::{assert_close, cuda_or_skip, fixture_names};
-use llama_model::{CudaLlamaModel, CudaTrainer, StepOptions, TrainConfig};
-use llama_peft::{OptimizerKind, Schedule, ScheduleKind};
+use llama_model::{CudaLlamaModel, CudaTrainer, StepOptions};
+use llama_peft::OptimizerKind;
 
 /// A GPU trainer for the case's model and adapter: `optimizer` at a constant `lr`.
 fn trainer(gpu: &Arc<CudaDevice>, c: &Case, optimizer: OptimizerKind, lr: f32) -> CudaTrainer {
-    let config = TrainConfig {
-        optimizer,
-        schedule: Schedule {
-            kind: ScheduleKind::Constant,
-            lr,
-            warmup: 0,
-            total: 3,
-        },
-        grad_accum: 1,
-        max_grad_norm: None,
-        gradient_checkpointing: true,
-        seed: 0,
-    };
+    let config = constant_config(optimizer, lr, true);
     let model = CudaLlamaModel::upload(gpu, &c.model).unwrap();
     CudaTrainer::new(model, &c.adapter, config).unwrap()
 }

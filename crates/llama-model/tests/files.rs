@@ -37,25 +37,8 @@ fn name_of(dir: &Path) -> String {
 
 /// Every matrix of the model converted to `dtype`, in memory.
 fn convert_all(model: &mut LlamaModel, dtype: DType) {
-    model.embed_tokens = model.embed_tokens.convert(dtype).unwrap();
-    if let Some(head) = &mut model.lm_head {
-        *head = head.convert(dtype).unwrap();
-    }
-    for layer in &mut model.layers {
-        let a = &mut layer.self_attn;
-        let m = &mut layer.mlp;
-        for w in [
-            &mut a.q_proj,
-            &mut a.k_proj,
-            &mut a.v_proj,
-            &mut a.o_proj,
-            &mut m.gate_proj,
-            &mut m.up_proj,
-            &mut m.down_proj,
-        ] {
-            *w = w.convert(dtype).unwrap();
-        }
-    }
+    model.convert_embeddings(dtype).unwrap();
+    model.convert_projections(dtype).unwrap();
 }
 
 #[test]

@@ -4,10 +4,10 @@
 
 mod common;
 
-use common::{adapter_matrices, check_matrices, grad_matrices, Case};
+use common::{adapter_matrices, check_matrices, constant_config, grad_matrices, Case};
 use llama_fixtures::assert_close;
-use llama_model::{StepOptions, TrainConfig, Trainer};
-use llama_peft::{LoraAdapter, OptimizerKind, Schedule, ScheduleKind, Target};
+use llama_model::{StepOptions, Trainer};
+use llama_peft::{LoraAdapter, OptimizerKind, Target};
 
 /// The cases with their adapters on the models.
 fn cases() -> Vec<Case> {
@@ -21,19 +21,7 @@ fn cases() -> Vec<Case> {
 }
 
 fn trainer(case: &Case, optimizer: OptimizerKind, lr: f32) -> Trainer {
-    let config = TrainConfig {
-        optimizer,
-        schedule: Schedule {
-            kind: ScheduleKind::Constant,
-            lr,
-            warmup: 0,
-            total: 3,
-        },
-        grad_accum: 1,
-        max_grad_norm: None,
-        gradient_checkpointing: false,
-        seed: 0,
-    };
+    let config = constant_config(optimizer, lr, false);
     Trainer::new(&case.model, config).unwrap()
 }
 

@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 
 use llama_fixtures::{assert_close, fixture_names, fixtures_dir, Fixture};
-use llama_model::{load, Batch, LlamaModel, Precision};
-use llama_peft::{peft_name, AdapterGrads, LoraAdapter};
+use llama_model::{load, Batch, LlamaModel, Precision, TrainConfig};
+use llama_peft::{peft_name, AdapterGrads, LoraAdapter, OptimizerKind, Schedule, ScheduleKind};
 
 /// One `$LLAMA_FIXTURES/peft` adapter: its reference numbers, its base model (f32, without
 /// the adapter), the adapter as peft saved it, and the fixture's batch.
@@ -95,5 +95,27 @@ pub fn check_matrices(
         let key = format!("{prefix}.{name}");
         let (expected, shape) = fixture.f32(&key);
         assert_close(&format!("{label} {key}"), values, &expected, &shape, tol);
+    }
+}
+
+/// The fixture's training settings: `optimizer` at a constant `lr` for three steps, no
+/// accumulation or clipping.
+pub fn constant_config(
+    optimizer: OptimizerKind,
+    lr: f32,
+    gradient_checkpointing: bool,
+) -> TrainConfig {
+    TrainConfig {
+        optimizer,
+        schedule: Schedule {
+            kind: ScheduleKind::Constant,
+            lr,
+            warmup: 0,
+            total: 3,
+        },
+        grad_accum: 1,
+        max_grad_norm: None,
+        gradient_checkpointing,
+        seed: 0,
     }
 }
