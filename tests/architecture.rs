@@ -16,6 +16,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("llama-patch", 4),
     ("llama-model", 5),
     ("llama-cli", 6),
+    ("llama-experiments", 6),
 ];
 
 fn metadata() -> Value {

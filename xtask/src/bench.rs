@@ -10,6 +10,10 @@ use serde_json::Value;
 
 use crate::cargo;
 
+// The table `fastllama bench` prints, shared so that both print the same one.
+#[path = "../../crates/llama-cli/src/bench_table.rs"]
+mod bench_table;
+
 const LLAMA_CPP_PYTHON: &str = "llama-cpp-python==0.3.36";
 
 /// CMake flags for llama.cpp on this CPU: its default native build segfaults on the AMX units
@@ -151,25 +155,6 @@ pub(crate) fn fastllama_and_model(root: &Path) -> Result<(PathBuf, String), Stri
     Ok((fastllama, model))
 }
 
-fn row(result: &Value, reference: Option<&Value>) -> String {
-    let num = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-    let ratio = |k: &str| {
-        reference.map_or(String::new(), |r| {
-            format!(" ({:.2}×)", num(result, k) / num(r, k))
-        })
-    };
-    format!(
-        "| {} | {} | {:.1}{} | {:.1}{} | {:.0} |",
-        result["engine"].as_str().unwrap_or("?"),
-        result["threads"],
-        num(result, "prefill_tokens_per_s"),
-        ratio("prefill_tokens_per_s"),
-        num(result, "decode_tokens_per_s"),
-        ratio("decode_tokens_per_s"),
-        num(result, "peak_rss_mib"),
-    )
-}
-
 pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
     let root = cargo::root();
     let (fastllama, model) = fastllama_and_model(&root)?;
@@ -199,9 +184,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
             "--repeats",
             &numbers(args.repeats),
         ]);
-        let mut result = run_json(&mut cmd, "fastllama bench")?;
-        result["engine"] = Value::from(format!("fastllama ({precision})"));
-        ours.push(result);
+        ours.push(run_json(&mut cmd, "fastllama bench")?);
     }
     let peer = if args.no_peer {
         None
@@ -232,16 +215,9 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
         args.threads, args.repeats
     );
     println!();
-    println!(
-        "| engine | threads | prefill {} tok/s (× llama.cpp) | decode {} tok/s (× llama.cpp) | peak RSS MiB |",
-        args.prompt_tokens, args.gen_tokens
+    print!(
+        "{}",
+        bench_table::table(args.prompt_tokens, args.gen_tokens, &ours, peer.as_ref())
     );
-    println!("| --- | --- | --- | --- | --- |");
-    if let Some(p) = &peer {
-        println!("{}", row(p, None));
-    }
-    for result in &ours {
-        println!("{}", row(result, peer.as_ref()));
-    }
     Ok(ExitCode::SUCCESS)
 }

@@ -27,6 +27,10 @@ pub struct BundleArgs {
     /// Fixture directory to include (default: $LLAMA_FIXTURES or ../shared/fixtures).
     #[arg(long)]
     fixtures: Option<PathBuf>,
+    /// Instead of the tests and benches: `fastllama-experiments`, whose GPU experiments
+    /// (long-context, kv-cache) run.sh then runs, their JSON and pages left in $OUT/experiments.
+    #[arg(long)]
+    experiments: bool,
 }
 
 /// A target to build: package, target name, and whether it is a test (else a bench).
@@ -50,16 +54,25 @@ pub fn run(args: BundleArgs) -> Result<ExitCode, String> {
         ));
     }
 
-    let targets = cuda_targets()?;
+    // The bundle must stay under 64 MiB: the experiments binary goes instead of the tests.
+    let targets = if args.experiments {
+        Vec::new()
+    } else {
+        cuda_targets()?
+    };
     let tests: Vec<&Target> = targets.iter().filter(|t| t.is_test).collect();
     let benches: Vec<&Target> = targets.iter().filter(|t| !t.is_test).collect();
 
-    let mut test_build = cargo::command();
-    test_build.args(["test", "--no-run", "--profile", PROFILE]);
-    for t in &tests {
-        test_build.args(["-p", &t.package, "--test", &t.name]);
-    }
-    let test_exes = build(test_build)?;
+    let test_exes = if tests.is_empty() {
+        Vec::new()
+    } else {
+        let mut test_build = cargo::command();
+        test_build.args(["test", "--no-run", "--profile", PROFILE]);
+        for t in &tests {
+            test_build.args(["-p", &t.package, "--test", &t.name]);
+        }
+        build(test_build)?
+    };
 
     let mut bin_build = cargo::command();
     bin_build.args([
@@ -73,6 +86,9 @@ pub fn run(args: BundleArgs) -> Result<ExitCode, String> {
     ]);
     for b in &benches {
         bin_build.args(["-p", &b.package, "--bench", &b.name]);
+    }
+    if args.experiments {
+        bin_build.args(["-p", "llama-experiments", "--bin", "fastllama-experiments"]);
     }
     let bin_exes = build(bin_build)?;
 

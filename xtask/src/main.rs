@@ -4,6 +4,8 @@
 //!   and ends with cargo's summary line;
 //! - `cargo xtask bench` times SmolLM2 prefill and decode beside llama.cpp;
 //! - `cargo xtask bench-train` times SmolLM2 LoRA training beside HF transformers + peft;
+//! - `cargo xtask experiment <name|all> [--device cuda] [--quick]` runs the four experiments
+//!   (crates/llama-experiments) and writes their pages to docs/experiments/;
 //! - `cargo xtask fetch-model` fetches the default model into the cache ahead of time;
 //! - `cargo xtask gpu-bundle` builds every CUDA test and bench binary plus `fastllama` into
 //!   `target/gpu-bundle/` with the kernels, the fixtures and a `run.sh` for the GPU machine.
@@ -12,6 +14,7 @@ mod bench;
 mod bench_train;
 mod bundle;
 mod cargo;
+mod experiment;
 // The parameter table shared with the tests; `param` itself is only for the tests.
 #[allow(dead_code)]
 #[path = "../../crates/llama-fixtures/src/params.rs"]
@@ -43,6 +46,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Benchmark LoRA training of SmolLM2 on the CPU beside HF transformers + peft.
     BenchTrain(bench_train::BenchTrainArgs),
+    /// Run an experiment (long-context, kv-cache, lora, quantization, all): tables and plots.
+    Experiment(experiment::ExperimentArgs),
     /// Fetch the default model (SmolLM2-135M-Instruct) into the cache ahead of first use.
     FetchModel,
 }
@@ -53,6 +58,7 @@ fn main() -> ExitCode {
         Command::GpuBundle(args) => bundle::run(args),
         Command::Bench(args) => bench::run(args),
         Command::BenchTrain(args) => bench_train::run(args),
+        Command::Experiment(args) => experiment::run(args),
         Command::FetchModel => fetch_model(),
     };
     match result {

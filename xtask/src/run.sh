@@ -58,6 +58,17 @@ for b in "$here"/benches/*; do
     [ "${PIPESTATUS[0]}" -eq 0 ] || broken="$broken $name"
 done
 
+# `gpu-bundle --experiments`: the GPU experiments, JSON and pages into $out/experiments.
+if [ -x "$here/bin/fastllama-experiments" ]; then
+    for e in long-context kv-cache; do
+        echo "== experiment $e" | tee -a "$out/experiments.log"
+        "$here/bin/fastllama-experiments" "$e" --device cuda ${FASTLLAMA_EXPERIMENT_ARGS:-} \
+            --root "$here" --data "$out/experiments" --docs "$out/experiments/pages" \
+            2>&1 | tee -a "$out/experiments.log" | grep -v '^\s*$' | tail -n 3
+        [ "${PIPESTATUS[0]}" -eq 0 ] || broken="$broken experiment-$e"
+    done
+fi
+
 skipped=$(grep -c . "$FASTLLAMA_SKIP_LOG" || true)
 echo "skipped: no CUDA device: $skipped"
 [ -z "$broken" ] || echo "failing binaries:$broken"

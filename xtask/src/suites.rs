@@ -10,7 +10,7 @@ pub fn packages(suite: Suite) -> &'static [&'static str] {
         Suite::Attention => &["llama-attn"],
         Suite::Optimization => &["llama-ops"],
         Suite::FastModel => &["llama-model", "llama-peft", "llama-patch", "llama-cli"],
-        Suite::Integration => &["fastllama-integration"],
+        Suite::Integration => &["fastllama-integration", "llama-experiments"],
     }
 }
 

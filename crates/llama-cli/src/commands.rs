@@ -7,7 +7,7 @@ use clap::Args;
 use llama_core::Device;
 use llama_model::{
     generate, CudaLlamaModel, Decoder, Engine, GenerationConfig, LlamaConfig, LlamaModel,
-    LoadedModel, ModelFormat, SamplingConfig, TextStream,
+    LoadedModel, ModelFormat, ModelShape, SamplingConfig, TextStream,
 };
 use serde_json::json;
 
@@ -293,7 +293,7 @@ fn patch_reports(model: &mut LlamaModel, args: &ModelArgs) -> Result<String, Str
     Ok(text)
 }
 
-/// Model shapes for `bench --random-weights`.
+/// Model shapes for `bench --random-weights` (see [`ModelShape`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Shape {
     /// SmolLM2-135M: hidden 576, 30 layers, 9 heads, 3 KV heads, intermediate 1536, vocab 49152.
@@ -308,19 +308,14 @@ pub enum Shape {
 }
 
 impl Shape {
-    /// The HF config.json of the shape.
+    /// The config of the shape.
     pub(crate) fn config(self) -> llama_model::Result<LlamaConfig> {
-        let (hidden, layers, heads, kv_heads, inter, vocab, theta, tied) = match self {
-            Shape::Smollm2_135m => (576, 30, 9, 3, 1536, 49152, 100000.0, true),
-            Shape::Llama32_1b => (2048, 16, 32, 8, 8192, 128256, 500000.0, true),
-            Shape::Llama3_8b => (4096, 32, 32, 8, 14336, 128256, 500000.0, false),
-        };
-        LlamaConfig::from_hf_json(&json!({
-            "architectures": ["LlamaForCausalLM"], "hidden_size": hidden, "num_hidden_layers": layers,
-            "num_attention_heads": heads, "num_key_value_heads": kv_heads, "intermediate_size": inter,
-            "vocab_size": vocab, "max_position_embeddings": 8192, "rope_theta": theta,
-            "rms_norm_eps": 1e-5, "tie_word_embeddings": tied,
-        }))
+        match self {
+            Shape::Smollm2_135m => ModelShape::Smollm2_135m,
+            Shape::Llama32_1b => ModelShape::Llama32_1b,
+            Shape::Llama3_8b => ModelShape::Llama3_8b,
+        }
+        .config()
     }
 }
 
@@ -420,35 +415,27 @@ pub fn bench_cmd(args: &BenchArgs) -> Result<(), String> {
     };
     let threads = rayon::current_num_threads();
     let device = engine.device_name();
+    let object = json!({
+        "engine": format!("fastllama ({precision})"),
+        "model": model_name,
+        "device": device,
+        "precision": precision,
+        "threads": threads,
+        "prompt_tokens": args.prompt_tokens,
+        "gen_tokens": args.gen_tokens,
+        "prefill_tokens_per_s": prefill_tps,
+        "decode_tokens_per_s": decode_tps,
+        "peak_rss_mib": peak_mib,
+        "device_used_mib": device_mib,
+    });
     if args.json {
-        let object = json!({
-            "engine": "fastllama",
-            "model": model_name,
-            "device": device,
-            "precision": precision,
-            "threads": threads,
-            "prompt_tokens": args.prompt_tokens,
-            "gen_tokens": args.gen_tokens,
-            "prefill_tokens_per_s": prefill_tps,
-            "decode_tokens_per_s": decode_tps,
-            "peak_rss_mib": peak_mib,
-            "device_used_mib": device_mib,
-        });
         println!("{object}");
     } else {
-        println!(
-            "model: {model_name}; device: {device}; precision: {precision}; threads: {threads}"
-        );
-        println!(
-            "| prefill {} tok/s | decode {} tok/s | peak RSS MiB | device MiB in use |",
-            args.prompt_tokens, args.gen_tokens
-        );
-        println!("| --- | --- | --- | --- |");
-        let mib = |m: Option<f64>| m.map_or("-".into(), |m| format!("{m:.0}"));
-        println!(
-            "| {prefill_tps:.1} | {decode_tps:.1} | {} | {} |",
-            mib(peak_mib),
-            mib(device_mib)
+        println!("model: {model_name}");
+        println!();
+        print!(
+            "{}",
+            crate::bench_table::table(args.prompt_tokens, args.gen_tokens, &[object], None)
         );
     }
     Ok(())

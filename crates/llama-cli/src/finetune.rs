@@ -365,21 +365,16 @@ pub struct BenchTrainArgs {
 /// The bench's training settings: AdamW at a constant 1e-4, no clipping.
 fn bench_config(args: &BenchTrainArgs) -> TrainConfig {
     TrainConfig {
-        optimizer: OptimizerKind::AdamW {
-            betas: (0.9, 0.999),
-            eps: 1e-8,
-            weight_decay: 0.0,
-        },
         schedule: Schedule {
             kind: ScheduleKind::Constant,
             lr: 1e-4,
             warmup: 0,
             total: args.steps,
         },
-        grad_accum: 1,
         max_grad_norm: None,
         gradient_checkpointing: args.gradient_checkpointing,
         seed: 0,
+        ..TrainConfig::adamw_linear(1e-4, 0, args.steps)
     }
 }
 

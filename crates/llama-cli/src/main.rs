@@ -1,6 +1,7 @@
 //! `fastllama`: the command-line front end. Library crates return values and errors; this
 //! binary is the only place that prints.
 
+mod bench_table;
 mod chat;
 mod commands;
 mod finetune;

@@ -14,7 +14,7 @@ use llama_model::{
     ChatMessage, FastLlamaModel, GenerationConfig, LoadOptions, Tokenizer, TrainConfig,
     DEFAULT_MODEL,
 };
-use llama_peft::{LoraConfig, OptimizerKind, Schedule, ScheduleKind};
+use llama_peft::LoraConfig;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -65,23 +65,9 @@ fn run(steps: usize, device: Device) -> Result<(), Error> {
 
     // 135M parameters: the activations fit without recomputing each layer.
     model.for_training(false);
-    let config = TrainConfig {
-        optimizer: OptimizerKind::AdamW {
-            betas: (0.9, 0.999),
-            eps: 1e-8,
-            weight_decay: 0.0,
-        },
-        schedule: Schedule {
-            kind: ScheduleKind::Linear,
-            lr: 1e-3,
-            warmup: 2,
-            total: steps,
-        },
-        grad_accum: 1,
-        max_grad_norm: Some(1.0),
-        gradient_checkpointing: false, // for_training's choice is the one that counts
-        seed: 3407,
-    };
+    // AdamW, lr 1e-3 after 2 warm-up steps, linear decay, gradient norm clipped at 1;
+    // gradient checkpointing follows for_training's choice.
+    let config = TrainConfig::adamw_linear(1e-3, 2, steps);
     let mut trainer = model.trainer(config)?;
     let started = Instant::now();
     for step in 0..steps {

@@ -329,3 +329,41 @@ fn activation(name: &str) -> Result<GatedAct> {
         }
     })
 }
+
+/// Shapes of well-known Llama models, for benchmarks and experiments with random weights
+/// (their real weights cannot be fetched here).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelShape {
+    /// SmolLM2-135M: hidden 576, 30 layers, 9 heads, 3 KV heads, intermediate 1536, vocab 49152.
+    Smollm2_135m,
+    /// Llama-3.2-1B: hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate 8192, vocab 128256.
+    Llama32_1b,
+    /// Llama-3-8B: hidden 4096, 32 layers, 32 heads, 8 KV heads, intermediate 14336, vocab 128256.
+    Llama3_8b,
+}
+
+impl ModelShape {
+    /// The model's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelShape::Smollm2_135m => "SmolLM2-135M",
+            ModelShape::Llama32_1b => "Llama-3.2-1B",
+            ModelShape::Llama3_8b => "Llama-3-8B",
+        }
+    }
+
+    /// The config of the shape (context 8,192, no RoPE scaling).
+    pub fn config(self) -> Result<LlamaConfig> {
+        let (hidden, layers, heads, kv_heads, inter, vocab, theta, tied) = match self {
+            ModelShape::Smollm2_135m => (576, 30, 9, 3, 1536, 49152, 100000.0, true),
+            ModelShape::Llama32_1b => (2048, 16, 32, 8, 8192, 128256, 500000.0, true),
+            ModelShape::Llama3_8b => (4096, 32, 32, 8, 14336, 128256, 500000.0, false),
+        };
+        LlamaConfig::from_hf_json(&json!({
+            "architectures": ["LlamaForCausalLM"], "hidden_size": hidden, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": kv_heads, "intermediate_size": inter,
+            "vocab_size": vocab, "max_position_embeddings": 8192, "rope_theta": theta,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": tied,
+        }))
+    }
+}

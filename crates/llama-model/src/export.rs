@@ -117,6 +117,10 @@ fn stored_matrix(
     let (rows, cols) = weight.shape();
     let bytes = match &weight {
         Weight::Dense { data, .. } => f32_bytes(data),
+        Weight::Bf16 { data, .. } => data
+            .iter()
+            .flat_map(|v| v.to_bits().to_le_bytes())
+            .collect(),
         Weight::Quant { bytes, .. } => bytes.clone(),
     };
     let bytes = match heads {

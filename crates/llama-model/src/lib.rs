@@ -40,7 +40,7 @@ mod train;
 mod trainer;
 
 pub use chat::{ChatSession, TurnReport};
-pub use config::LlamaConfig;
+pub use config::{LlamaConfig, ModelShape};
 pub use cuda_model::{CudaLlamaModel, CudaModelCache};
 pub use cuda_train::CudaTrainer;
 pub use engine::{Engine, EngineCache};

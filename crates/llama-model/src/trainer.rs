@@ -45,6 +45,31 @@ pub struct TrainConfig {
     pub seed: u64,
 }
 
+impl TrainConfig {
+    /// The usual LoRA run, as Unsloth's notebooks set it up: AdamW (torch's defaults, no weight
+    /// decay), `lr` warmed up over `warmup` steps then decayed linearly to 0 at `total`, one
+    /// micro-batch per step, the gradient norm clipped at 1, seed 3407.
+    pub fn adamw_linear(lr: f32, warmup: usize, total: usize) -> TrainConfig {
+        TrainConfig {
+            optimizer: OptimizerKind::AdamW {
+                betas: (0.9, 0.999),
+                eps: 1e-8,
+                weight_decay: 0.0,
+            },
+            schedule: Schedule {
+                kind: llama_peft::ScheduleKind::Linear,
+                lr,
+                warmup,
+                total,
+            },
+            grad_accum: 1,
+            max_grad_norm: Some(1.0),
+            gradient_checkpointing: false,
+            seed: 3407,
+        }
+    }
+}
+
 /// What one optimizer step did.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StepReport {

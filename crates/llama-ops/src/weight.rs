@@ -1,13 +1,13 @@
-//! [`Weight`]: the owned weight of a linear layer, [N, K] in HF's [out, in] layout, dense f32
-//! or block-quantised. Layers hold `Weight`s and call [`Weight::forward`] without caring which
+//! [`Weight`]: the owned weight of a linear layer, [N, K] in HF's [out, in] layout, dense f32,
+//! bf16 or block-quantised. Layers hold `Weight`s and call [`Weight::forward`] without caring which
 //! kind they hold: a quantised weight stays quantised and is dequantised inside the product.
 
 use std::borrow::Cow;
 
-use llama_core::DType;
+use llama_core::{bf16, DType};
 
 use crate::error::{check_len, OpsError, Result};
-use crate::matmul::{linear, linear_backward_input};
+use crate::matmul::{linear, linear_backward_input, matvec};
 use crate::quant::{matvec_q8_group, quantize, supports_q8, Q8Vector, QuantMatrix};
 
 /// How activations enter products with quantised weights.
@@ -27,6 +27,14 @@ pub enum Weight {
     /// Row-major f32 values.
     Dense {
         data: Vec<f32>,
+        rows: usize,
+        cols: usize,
+    },
+    /// Row-major bf16 values: half the memory of `Dense`; widened to f32 as a product reads
+    /// them (one row: a SIMD dot product per output; more rows: the whole matrix, then the
+    /// f32 GEMM).
+    Bf16 {
+        data: Vec<bf16>,
         rows: usize,
         cols: usize,
     },
@@ -60,14 +68,17 @@ impl Weight {
     /// (N, K).
     pub fn shape(&self) -> (usize, usize) {
         match self {
-            Weight::Dense { rows, cols, .. } | Weight::Quant { rows, cols, .. } => (*rows, *cols),
+            Weight::Dense { rows, cols, .. }
+            | Weight::Bf16 { rows, cols, .. }
+            | Weight::Quant { rows, cols, .. } => (*rows, *cols),
         }
     }
 
-    /// F32 for dense weights, else the block dtype.
+    /// F32 for dense weights, BF16, else the block dtype.
     pub fn dtype(&self) -> DType {
         match self {
             Weight::Dense { .. } => DType::F32,
+            Weight::Bf16 { .. } => DType::BF16,
             Weight::Quant { dtype, .. } => *dtype,
         }
     }
@@ -76,6 +87,7 @@ impl Weight {
     pub fn memory_bytes(&self) -> usize {
         match self {
             Weight::Dense { data, .. } => std::mem::size_of_val(data.as_slice()),
+            Weight::Bf16 { data, .. } => std::mem::size_of_val(data.as_slice()),
             Weight::Quant { bytes, .. } => bytes.len(),
         }
     }
@@ -88,9 +100,9 @@ impl Weight {
     /// The quantised view (its sizes were checked when the weight was built).
     fn quant(&self) -> Result<QuantMatrix<'_>> {
         match self {
-            Weight::Dense { .. } => Err(OpsError::UnsupportedDType {
+            Weight::Dense { .. } | Weight::Bf16 { .. } => Err(OpsError::UnsupportedDType {
                 op: "Weight::quant",
-                dtype: DType::F32,
+                dtype: self.dtype(),
                 supported: "quantised dtypes",
             }),
             Weight::Quant {
@@ -102,16 +114,18 @@ impl Weight {
         }
     }
 
-    /// The values in f32, [N, K]: borrowed when dense, dequantised when quantised.
+    /// The values in f32, [N, K]: borrowed when dense, widened from bf16, dequantised when
+    /// quantised.
     pub fn to_f32(&self) -> Result<Cow<'_, [f32]>> {
         Ok(match self {
             Weight::Dense { data, .. } => Cow::Borrowed(data),
+            Weight::Bf16 { data, .. } => Cow::Owned(widen(data)),
             Weight::Quant { .. } => Cow::Owned(self.quant()?.dequantize()),
         })
     }
 
-    /// The same weight stored as `dtype`: F32 dequantises, a block dtype quantises the f32
-    /// values (Q4_0, Q4_1, Q8_0, NF4; see [`quantize`]).
+    /// The same weight stored as `dtype`: F32 dequantises, BF16 rounds the f32 values to
+    /// nearest even, a block dtype quantises them (Q4_0, Q4_1, Q8_0, NF4; see [`quantize`]).
     pub fn convert(&self, dtype: DType) -> Result<Weight> {
         let (rows, cols) = self.shape();
         if dtype == self.dtype() {
@@ -120,6 +134,11 @@ impl Weight {
         let values = self.to_f32()?;
         match dtype {
             DType::F32 => Weight::dense(values.into_owned(), rows, cols),
+            DType::BF16 => Ok(Weight::Bf16 {
+                data: values.iter().map(|&v| bf16::from_f32(v)).collect(),
+                rows,
+                cols,
+            }),
             _ => Weight::quantized(dtype, rows, cols, quantize(dtype, &values, cols)?),
         }
     }
@@ -137,6 +156,8 @@ impl Weight {
         }
         match self {
             Weight::Dense { data, cols, .. } => linear(x, data, *cols, y),
+            Weight::Bf16 { data, cols, .. } if x.len() == *cols => matvec(data, x, y),
+            Weight::Bf16 { data, cols, .. } => linear(x, &widen(data), *cols, y),
             Weight::Quant { .. } => self.quant()?.matmul(x, y),
         }
     }
@@ -172,6 +193,7 @@ impl Weight {
     pub fn backward_input(&self, dy: &[f32], dx: &mut [f32]) -> Result<()> {
         match self {
             Weight::Dense { data, cols, .. } => linear_backward_input(dy, data, *cols, dx),
+            Weight::Bf16 { data, cols, .. } => linear_backward_input(dy, &widen(data), *cols, dx),
             Weight::Quant { .. } => self.quant()?.backward_input(dy, dx),
         }
     }
@@ -193,7 +215,21 @@ impl Weight {
                 out.copy_from_slice(&data[index * cols..(index + 1) * cols]);
                 Ok(())
             }
+            Weight::Bf16 { data, .. } => {
+                let row = &data[index * cols..(index + 1) * cols];
+                out.iter_mut().zip(row).for_each(|(o, v)| *o = v.to_f32());
+                Ok(())
+            }
             Weight::Quant { .. } => self.quant()?.dequantize_rows(index, out),
         }
     }
+}
+
+/// bf16 values widened to f32 (exact), in parallel.
+fn widen(data: &[bf16]) -> Vec<f32> {
+    use rayon::prelude::*;
+    data.par_iter()
+        .with_min_len(1 << 14)
+        .map(|v| v.to_f32())
+        .collect()
 }

@@ -365,3 +365,40 @@ fn q8_products_reject_other_formats_and_sizes() {
     let w = QuantMatrix::new(DType::Q8_0, 1, 32, &bytes).unwrap();
     assert!(w.matvec_q8(&x, &mut [0.0]).is_err());
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// bf16 weights: `convert` rounds each value to the nearest bf16, and every product (one
+    /// row: the widening SIMD dot; several: widen then GEMM), the input gradient and the row
+    /// lookup equal f64 arithmetic on the rounded values.
+    #[test]
+    fn bf16_weights_at_random_sizes(rows in 1usize..70, cols in 1usize..300, m in 1usize..4, seed: u64) {
+        let mut rng = TestRng::new(seed);
+        let values = rng.vec(rows * cols, 1.0);
+        let w = llama_ops::Weight::dense(values.clone(), rows, cols).unwrap().convert(DType::BF16).unwrap();
+        prop_assert_eq!(w.dtype(), DType::BF16);
+        prop_assert_eq!(w.memory_bytes(), 2 * rows * cols);
+        let rounded: Vec<f32> = values.iter().map(|&v| llama_core::bf16::from_f32(v).to_f32()).collect();
+        prop_assert_eq!(&w.to_f32().unwrap()[..], &rounded[..]);
+        let dense = to_f64(&rounded);
+        for m in [1, m] {
+            let x = rng.vec(m * cols, 1.0);
+            let expected: Vec<f32> =
+                reference::linear(&to_f64(&x), &dense, cols).iter().map(|&v| v as f32).collect();
+            let mut y = vec![0f32; m * rows];
+            w.forward(&x, &mut y).unwrap();
+            let err = llama_fixtures::rel_error(&y, &expected);
+            prop_assert!(err < 1e-5, "[{rows}, {cols}] × {m}: relative error {err:e}");
+        }
+        let dy = rng.vec(m * rows, 1.0);
+        let mut dx = vec![0f32; m * cols];
+        w.backward_input(&dy, &mut dx).unwrap();
+        let mut expected = vec![0f32; m * cols];
+        llama_ops::Weight::dense(rounded.clone(), rows, cols).unwrap().backward_input(&dy, &mut expected).unwrap();
+        prop_assert!(llama_fixtures::rel_error(&dx, &expected) < 1e-6);
+        let mut row = vec![0f32; cols];
+        w.row(rows - 1, &mut row).unwrap();
+        prop_assert_eq!(&row[..], &rounded[(rows - 1) * cols..]);
+    }
+}

@@ -13,6 +13,7 @@ pub(crate) mod ops;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use cudarc::driver::sys::CUmemPool_attribute as PoolAttribute;
 use cudarc::driver::{CudaContext, CudaModule, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
 
 pub use kernels::KernelSource;
@@ -150,6 +151,71 @@ impl CudaDevice {
             .mem_get_info()
             .map_err(|e| Error::cuda("cuMemGetInfo", e))?;
         Ok((total, free))
+    }
+
+    /// The most bytes the device's default memory pool (which serves every allocation made
+    /// here, stream-ordered) has had handed out at once since the last [`Self::reset_peak`];
+    /// None where the device allocates without a pool. Unlike `memory()`'s free count, it sees
+    /// through the pool keeping freed blocks for reuse.
+    pub fn pool_peak(&self) -> Result<Option<usize>> {
+        self.pool_attribute(PoolAttribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)
+    }
+
+    /// Bytes the default memory pool has handed out and not yet had back.
+    pub fn pool_in_use(&self) -> Result<Option<usize>> {
+        self.pool_attribute(PoolAttribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)
+    }
+
+    /// Restarts [`Self::pool_peak`] (the driver's documented reset: the watermark set to 0).
+    pub fn reset_peak(&self) -> Result<()> {
+        if !self.context.has_async_alloc() {
+            return Ok(());
+        }
+        let mut zero: u64 = 0;
+        let attr = PoolAttribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+        // SAFETY: the default pool lives as long as the context; the attribute is a u64.
+        unsafe {
+            let pool = self.default_pool()?;
+            cudarc::driver::result::mem_pool::set_attribute(
+                pool,
+                attr,
+                (&mut zero as *mut u64).cast(),
+            )
+        }
+        .map_err(|e| Error::cuda("cuMemPoolSetAttribute", e))
+    }
+
+    /// A u64 attribute of the default pool; None without a pool.
+    fn pool_attribute(&self, attr: PoolAttribute) -> Result<Option<usize>> {
+        if !self.context.has_async_alloc() {
+            return Ok(None);
+        }
+        let mut value: u64 = 0;
+        // SAFETY: the default pool lives as long as the context; the attributes read here
+        // (USED_MEM_HIGH, USED_MEM_CURRENT) are cuuint64_t, written into a u64.
+        unsafe {
+            let pool = self.default_pool()?;
+            cudarc::driver::result::mem_pool::get_attribute(
+                pool,
+                attr,
+                (&mut value as *mut u64).cast(),
+            )
+        }
+        .map_err(|e| Error::cuda("cuMemPoolGetAttribute", e))?;
+        Ok(Some(value as usize))
+    }
+
+    /// The device's default memory pool.
+    ///
+    /// # Safety
+    /// The handle is valid while the context lives.
+    unsafe fn default_pool(&self) -> Result<cudarc::driver::sys::CUmemoryPool> {
+        self.context
+            .bind_to_thread()
+            .map_err(|e| Error::cuda("cuCtxSetCurrent", e))?;
+        // SAFETY: the device handle comes from the live context.
+        unsafe { cudarc::driver::result::device::get_default_mem_pool(self.context.cu_device()) }
+            .map_err(|e| Error::cuda("cuDeviceGetDefaultMemPool", e))
     }
 
     /// The stream that every op on this device is queued on.
