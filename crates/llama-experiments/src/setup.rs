@@ -138,7 +138,7 @@ impl Context {
     pub fn progress(&self, experiment: Experiment, runs: usize) -> Progress {
         let bar = ProgressBar::new(runs as u64).with_style(
             ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed})")
-                .expect("a valid template")
+                .expect("a valid template") // a constant, not user input
                 .progress_chars("=> "),
         );
         bar.set_prefix(experiment.name());

@@ -6,9 +6,12 @@ use std::borrow::Cow;
 
 use llama_core::{bf16, DType};
 
-use crate::error::{check_len, OpsError, Result};
+use crate::error::{check_len, rows_of, OpsError, Result};
 use crate::matmul::{linear, linear_backward_input, matvec};
-use crate::quant::{matvec_q8_group, quantize, supports_q8, Q8Vector, QuantMatrix};
+use crate::quant::{
+    matvec_q8_group, quantize, supports_q8, tiled_backward_input, tiled_matmul, Q8Vector,
+    QuantMatrix,
+};
 
 /// How activations enter products with quantised weights.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -157,7 +160,13 @@ impl Weight {
         match self {
             Weight::Dense { data, cols, .. } => linear(x, data, *cols, y),
             Weight::Bf16 { data, cols, .. } if x.len() == *cols => matvec(data, x, y),
-            Weight::Bf16 { data, cols, .. } => linear(x, &widen(data), *cols, y),
+            Weight::Bf16 { data, rows, cols } => {
+                let m = rows_of("Weight::forward", "x", x.len(), *cols)?;
+                check_len("Weight::forward", "y", y.len(), m * rows)?;
+                tiled_matmul(*rows, *cols, x, y, |first, tile| {
+                    widen_rows(data, *cols, first, tile)
+                })
+            }
             Weight::Quant { .. } => self.quant()?.matmul(x, y),
         }
     }
@@ -193,7 +202,13 @@ impl Weight {
     pub fn backward_input(&self, dy: &[f32], dx: &mut [f32]) -> Result<()> {
         match self {
             Weight::Dense { data, cols, .. } => linear_backward_input(dy, data, *cols, dx),
-            Weight::Bf16 { data, cols, .. } => linear_backward_input(dy, &widen(data), *cols, dx),
+            Weight::Bf16 { data, rows, cols } => {
+                let m = rows_of("Weight::backward_input", "dy", dy.len(), *rows)?;
+                check_len("Weight::backward_input", "dx", dx.len(), m * cols)?;
+                tiled_backward_input(*rows, *cols, dy, dx, |first, tile| {
+                    widen_rows(data, *cols, first, tile)
+                })
+            }
             Weight::Quant { .. } => self.quant()?.backward_input(dy, dx),
         }
     }
@@ -215,11 +230,7 @@ impl Weight {
                 out.copy_from_slice(&data[index * cols..(index + 1) * cols]);
                 Ok(())
             }
-            Weight::Bf16 { data, .. } => {
-                let row = &data[index * cols..(index + 1) * cols];
-                out.iter_mut().zip(row).for_each(|(o, v)| *o = v.to_f32());
-                Ok(())
-            }
+            Weight::Bf16 { data, .. } => widen_rows(data, cols, index, out),
             Weight::Quant { .. } => self.quant()?.dequantize_rows(index, out),
         }
     }
@@ -232,4 +243,12 @@ fn widen(data: &[bf16]) -> Vec<f32> {
         .with_min_len(1 << 14)
         .map(|v| v.to_f32())
         .collect()
+}
+
+/// Rows first.. of a [_, cols] bf16 matrix widened into `out` (whole rows; the caller keeps
+/// them in range).
+fn widen_rows(data: &[bf16], cols: usize, first: usize, out: &mut [f32]) -> Result<()> {
+    let src = &data[first * cols..first * cols + out.len()];
+    out.iter_mut().zip(src).for_each(|(o, v)| *o = v.to_f32());
+    Ok(())
 }

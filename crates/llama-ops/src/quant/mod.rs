@@ -155,24 +155,72 @@ impl<'a> QuantMatrix<'a> {
         if m == 1 {
             return self.matvec(x, y);
         }
-        let (n, k) = (self.rows, self.cols);
-        let mut tile = vec![0f32; MATMUL_TILE_ROWS.min(n) * k];
-        let mut tile_out = vec![0f32; m * MATMUL_TILE_ROWS.min(n)];
-        for first in (0..n).step_by(MATMUL_TILE_ROWS) {
-            let rows = MATMUL_TILE_ROWS.min(n - first);
-            self.dequantize_rows(first, &mut tile[..rows * k])?;
-            matmul(
-                View::row_major(x, m, k),
-                View::transposed(&tile[..rows * k], k, rows),
-                &mut tile_out[..m * rows],
-                false,
-            );
-            for (y_row, t_row) in y.chunks_exact_mut(n).zip(tile_out.chunks_exact(rows)) {
-                y_row[first..first + rows].copy_from_slice(t_row);
-            }
-        }
-        Ok(())
+        tiled_matmul(self.rows, self.cols, x, y, |first, tile| {
+            self.dequantize_rows(first, tile)
+        })
     }
+}
+
+/// y [M, N] = x [M, K] · Wᵀ for a W [N, K] stored in another format: `fill(first, tile)`
+/// writes rows first.. of W in f32 into `tile`, a tile of rows at a time, each multiplied in
+/// f32 — the f32 weight is never whole in memory. The caller has checked the lengths.
+pub(crate) fn tiled_matmul(
+    n: usize,
+    k: usize,
+    x: &[f32],
+    y: &mut [f32],
+    fill: impl Fn(usize, &mut [f32]) -> Result<()>,
+) -> Result<()> {
+    let m = x.len() / k.max(1);
+    let mut tile = vec![0f32; MATMUL_TILE_ROWS.min(n) * k];
+    let mut tile_out = vec![0f32; m * MATMUL_TILE_ROWS.min(n)];
+    for first in (0..n).step_by(MATMUL_TILE_ROWS) {
+        let rows = MATMUL_TILE_ROWS.min(n - first);
+        fill(first, &mut tile[..rows * k])?;
+        matmul(
+            View::row_major(x, m, k),
+            View::transposed(&tile[..rows * k], k, rows),
+            &mut tile_out[..m * rows],
+            false,
+        );
+        for (y_row, t_row) in y.chunks_exact_mut(n).zip(tile_out.chunks_exact(rows)) {
+            y_row[first..first + rows].copy_from_slice(t_row);
+        }
+    }
+    Ok(())
+}
+
+/// dx [M, K] = dy [M, N] · W for a W filled a tile of rows at a time (see [`tiled_matmul`]),
+/// each tile's product accumulated. The caller has checked the lengths.
+pub(crate) fn tiled_backward_input(
+    n: usize,
+    k: usize,
+    dy: &[f32],
+    dx: &mut [f32],
+    fill: impl Fn(usize, &mut [f32]) -> Result<()>,
+) -> Result<()> {
+    let m = dy.len() / n.max(1);
+    dx.fill(0.0);
+    let mut tile = vec![0f32; MATMUL_TILE_ROWS.min(n) * k];
+    for first in (0..n).step_by(MATMUL_TILE_ROWS) {
+        let rows = MATMUL_TILE_ROWS.min(n - first);
+        fill(first, &mut tile[..rows * k])?;
+        // dy[:, first..first + rows], a strided view of dy's columns.
+        let dy_cols = View {
+            data: &dy[first..],
+            rows: m,
+            cols: rows,
+            row_stride: n,
+            col_stride: 1,
+        };
+        matmul(
+            dy_cols,
+            View::row_major(&tile[..rows * k], rows, k),
+            dx,
+            true,
+        );
+    }
+    Ok(())
 }
 
 impl QuantMatrix<'_> {
@@ -184,27 +232,9 @@ impl QuantMatrix<'_> {
         let (n, k) = (self.rows, self.cols);
         let m = rows_of(op, "dy", dy.len(), n)?;
         check_len(op, "dx", dx.len(), m * k)?;
-        dx.fill(0.0);
-        let mut tile = vec![0f32; MATMUL_TILE_ROWS.min(n) * k];
-        for first in (0..n).step_by(MATMUL_TILE_ROWS) {
-            let rows = MATMUL_TILE_ROWS.min(n - first);
-            self.dequantize_rows(first, &mut tile[..rows * k])?;
-            // dy[:, first..first + rows], a strided view of dy's columns.
-            let dy_cols = View {
-                data: &dy[first..],
-                rows: m,
-                cols: rows,
-                row_stride: n,
-                col_stride: 1,
-            };
-            matmul(
-                dy_cols,
-                View::row_major(&tile[..rows * k], rows, k),
-                dx,
-                true,
-            );
-        }
-        Ok(())
+        tiled_backward_input(n, k, dy, dx, |first, tile| {
+            self.dequantize_rows(first, tile)
+        })
     }
 }
 
