@@ -1,10 +1,13 @@
 //! Text ↔ token ids through the `tokenizers` crate, and chat templates through `minijinja`.
 //!
 //! HF directories bring `tokenizer.json` (+ `tokenizer_config.json` for the chat template and
-//! special tokens). A GGUF file brings its vocabulary, merges, token types and pre-tokenizer
-//! name; [`Tokenizer::from_gguf`] turns them into the `tokenizer.json` HF would have shipped
-//! (byte-level BPE, the pre-tokenizer llama.cpp names, control tokens as special added tokens).
+//! special tokens). A GGUF file brings its vocabulary, merges or scores, token types and
+//! pre-tokenizer name; [`Tokenizer::from_gguf`] turns them into the `tokenizer.json` HF
+//! transformers builds from the same file: byte-level BPE with the pre-tokenizer llama.cpp names
+//! (`tokenizer.ggml.model = gpt2`), or SentencePiece's BPE (`llama`: "▁" for spaces, byte
+//! fallback, merges recovered from the pieces' scores); control tokens as special added tokens.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -84,13 +87,15 @@ impl Tokenizer {
         })
     }
 
-    /// From a GGUF file's `tokenizer.ggml.*` metadata (byte-level BPE, `model = gpt2`).
+    /// From a GGUF file's `tokenizer.ggml.*` metadata: byte-level BPE (`model = gpt2`) or
+    /// SentencePiece BPE (`model = llama`).
     pub fn from_gguf(file: &GgufFile) -> Result<Tokenizer> {
         let get = |k: &str| file.get(&format!("tokenizer.ggml.{k}"));
         let model = get("model").and_then(GgufValue::as_str).unwrap_or("");
-        if model != "gpt2" {
+        if model != "gpt2" && model != "llama" {
             return Err(ModelError::Tokenizer(format!(
-                "GGUF tokenizer model {model:?} is not supported (byte-level BPE, \"gpt2\", is); pass token ids instead"
+                "GGUF tokenizer model {model:?} is not supported (byte-level BPE, \"gpt2\", and \
+                 SentencePiece BPE, \"llama\", are); pass token ids instead"
             )));
         }
         let strings = |k: &str| -> Result<Vec<&str>> {
@@ -106,22 +111,33 @@ impl Tokenizer {
                 .collect()
         };
         let tokens = strings("tokens")?;
-        let merges = strings("merges")?;
         let types: Vec<u64> = match get("token_type").and_then(GgufValue::as_array) {
             Some(t) => t.iter().map(|v| v.as_u64().unwrap_or(1)).collect(),
             None => vec![1; tokens.len()],
         };
-        let pre = get("pre").and_then(GgufValue::as_str).unwrap_or("default");
-        let json = gpt2_tokenizer_json(&tokens, &merges, &types, pre);
+        let json = if model == "gpt2" {
+            let pre = get("pre").and_then(GgufValue::as_str).unwrap_or("default");
+            gpt2_tokenizer_json(&tokens, &strings("merges")?, &types, pre)
+        } else {
+            let merges = match get("merges") {
+                Some(_) => strings("merges")?
+                    .iter()
+                    .map(|m| m.split_once(' ').unwrap_or((m, "")))
+                    .collect(),
+                None => merges_from_scores(&tokens, &scores(file, tokens.len())?),
+            };
+            spm_tokenizer_json(&tokens, &merges, &types)
+        };
         let inner: tokenizers::Tokenizer = json.to_string().parse().map_err(tok_error)?;
         let id = |k: &str| get(k).and_then(GgufValue::as_u64).map(|v| v as u32);
         let text_of = |id: Option<u32>| {
             id.and_then(|i| tokens.get(i as usize))
                 .map_or(String::new(), |t| t.to_string())
         };
+        // llama.cpp and HF's LlamaTokenizer put BOS before SentencePiece text unless told not to.
         let add_bos = get("add_bos_token")
             .and_then(GgufValue::as_bool)
-            .unwrap_or(false);
+            .unwrap_or(model == "llama");
         Ok(Tokenizer {
             inner,
             add_bos: id("bos_token_id").filter(|_| add_bos),
@@ -223,6 +239,96 @@ impl Tokenizer {
     }
 }
 
+/// `tokenizer.ggml.scores`: one f32 per token.
+fn scores(file: &GgufFile, count: usize) -> Result<Vec<f64>> {
+    let list = file
+        .get("tokenizer.ggml.scores")
+        .and_then(GgufValue::as_array)
+        .ok_or_else(|| {
+            ModelError::Tokenizer(
+                "tokenizer.ggml.scores is missing (a SentencePiece vocabulary without merges \
+                 needs its pieces' scores)"
+                    .into(),
+            )
+        })?;
+    let scores: Option<Vec<f64>> = list.iter().map(GgufValue::as_f64).collect();
+    match scores {
+        Some(s) if s.len() == count => Ok(s),
+        _ => Err(ModelError::Tokenizer(format!(
+            "tokenizer.ggml.scores holds {} values for {count} tokens, or a non-number",
+            list.len()
+        ))),
+    }
+}
+
+/// The merges a SentencePiece BPE vocabulary implies, as transformers' `generate_merges`
+/// recovers them: every split of a piece into two pieces of the vocabulary is a merge ranked by
+/// the whole piece's score (best first; ties: longer left, then longer right part, then the
+/// order found), the splits of one piece found in the order of their parts' ids. A piece seen
+/// twice counts at its first place with its last score, as a Python dict keeps it.
+fn merges_from_scores<'a>(tokens: &[&'a str], scores: &[f64]) -> Vec<(&'a str, &'a str)> {
+    let mut id_of: HashMap<&str, usize> = HashMap::with_capacity(tokens.len());
+    let mut score_of: HashMap<&str, f64> = HashMap::with_capacity(tokens.len());
+    let mut order: Vec<&str> = Vec::with_capacity(tokens.len());
+    for (i, (&t, &score)) in tokens.iter().zip(scores).enumerate() {
+        if id_of.insert(t, i).is_none() {
+            order.push(t);
+        }
+        score_of.insert(t, score);
+    }
+    let mut merges: Vec<(&str, &str, f64)> = Vec::new();
+    for piece in order {
+        let mut local: Vec<(&str, &str, f64)> = piece
+            .char_indices()
+            .skip(1)
+            .map(|(at, _)| piece.split_at(at))
+            .filter(|(l, r)| id_of.contains_key(l) && id_of.contains_key(r))
+            .map(|(l, r)| (l, r, score_of[piece]))
+            .collect();
+        local.sort_by_key(|(l, r, _)| (id_of[l], id_of[r]));
+        merges.extend(local);
+    }
+    // Python's sort(reverse=True) is stable: equal keys keep the order found.
+    let key = |(l, r, score): &(&str, &str, f64)| (*score, l.chars().count(), r.chars().count());
+    merges.sort_by(|a, b| {
+        let (ka, kb) = (key(a), key(b));
+        kb.0.total_cmp(&ka.0)
+            .then(kb.1.cmp(&ka.1))
+            .then(kb.2.cmp(&ka.2))
+    });
+    merges.into_iter().map(|(l, r, _)| (l, r)).collect()
+}
+
+/// The `tokenizer.json` of a SentencePiece BPE vocabulary as transformers' `LlamaTokenizer`
+/// builds it: "▁" for spaces and before the text (`Metaspace`, prepend "first"), BPE with byte
+/// fallback (`<0x..>` pieces for what the vocabulary lacks); GGUF token types 2 (unknown) and 3
+/// (control) special added tokens, 4 (user-defined) added ones.
+fn spm_tokenizer_json(tokens: &[&str], merges: &[(&str, &str)], types: &[u64]) -> Value {
+    let vocab = vocab_json(tokens);
+    let added = added_json(tokens, types, |ty| match ty {
+        2 | 3 => Some((true, false)),
+        4 => Some((false, false)),
+        _ => None,
+    });
+    let merges: Vec<[&str; 2]> = merges.iter().map(|&(l, r)| [l, r]).collect();
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false},
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
+                  "ignore_merges": false, "vocab": vocab, "merges": merges},
+    })
+}
+
 /// llama.cpp's pre-tokenizer names → HF pre-tokenizer JSON.
 fn pre_tokenizer(pre: &str) -> Value {
     let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
@@ -240,24 +346,45 @@ fn pre_tokenizer(pre: &str) -> Value {
 
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
-/// The `tokenizer.json` of a byte-level BPE vocabulary. GGUF token types: 1 normal, 3 control
-/// (special added tokens), 4 user-defined (added, not special).
-fn gpt2_tokenizer_json(tokens: &[&str], merges: &[&str], types: &[u64], pre: &str) -> Value {
-    let vocab: serde_json::Map<String, Value> = tokens
+/// Token → id of a GGUF vocabulary, as `tokenizer.json`'s model holds it.
+fn vocab_json(tokens: &[&str]) -> serde_json::Map<String, Value> {
+    tokens
         .iter()
         .enumerate()
         .map(|(i, t)| (t.to_string(), json!(i)))
-        .collect();
-    let added: Vec<Value> = tokens
+        .collect()
+}
+
+/// `tokenizer.json`'s added tokens: each token whose GGUF type `kind` maps to (special,
+/// normalized).
+fn added_json(
+    tokens: &[&str],
+    types: &[u64],
+    kind: impl Fn(u64) -> Option<(bool, bool)>,
+) -> Vec<Value> {
+    tokens
         .iter()
         .zip(types)
         .enumerate()
-        .filter(|(_, (_, &ty))| ty == 3 || ty == 4)
-        .map(|(id, (content, &ty))| {
-            json!({"id": id, "content": content, "single_word": false, "lstrip": false,
-                   "rstrip": false, "normalized": ty == 4, "special": ty == 3})
+        .filter_map(|(id, (content, &ty))| {
+            let (special, normalized) = kind(ty)?;
+            Some(
+                json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+                        "rstrip": false, "normalized": normalized, "special": special}),
+            )
         })
-        .collect();
+        .collect()
+}
+
+/// The `tokenizer.json` of a byte-level BPE vocabulary. GGUF token types: 1 normal, 3 control
+/// (special added tokens), 4 user-defined (added, not special).
+fn gpt2_tokenizer_json(tokens: &[&str], merges: &[&str], types: &[u64], pre: &str) -> Value {
+    let vocab = vocab_json(tokens);
+    let added = added_json(tokens, types, |ty| match ty {
+        3 => Some((true, false)),
+        4 => Some((false, true)),
+        _ => None,
+    });
     json!({
         "version": "1.0",
         "truncation": null,
