@@ -85,6 +85,40 @@ __device__ void gated_backward_impl(const T* gate, const T* up, const T* dh, T* 
     }
 }
 
+// The residual stream: h = T(h + delta), as PyTorch adds two tensors of T; a pack at a time.
+template <typename T>
+__device__ void add_in_place_impl(T* h, const T* delta, size_t n) {
+    const unsigned N = Pack<T>::N;
+    size_t packs = aligned16(h) && aligned16(delta) ? n / N : 0;
+    GRID_STRIDE_LOOP(p, packs) {
+        float a[N], b[N];
+        load_pack(h + p * N, a);
+        load_pack(delta + p * N, b);
+#pragma unroll
+        for (unsigned i = 0; i < N; ++i) a[i] += b[i];
+        store_pack(h + p * N, a);
+    }
+    GRID_STRIDE_LOOP(j, n - packs * N) {
+        size_t i = packs * N + j;
+        h[i] = from_f32<T>(to_f32(h[i]) + to_f32(delta[i]));
+    }
+}
+
+// Embedding lookup: out row r = table row ids[r] ([rows, cols] from [vocab, cols]); 16-byte
+// chunks when rows are whole chunks and aligned, else elements. Ids were checked on the host.
+template <typename E>
+__device__ void gather_rows_elems(const E* table, const unsigned* ids, E* out, size_t rows, size_t cols) {
+    GRID_STRIDE_LOOP(i, rows * cols) { out[i] = table[(size_t)ids[i / cols] * cols + i % cols]; }
+}
+
+template <typename T>
+__device__ void gather_rows_impl(const T* table, const unsigned* ids, T* out, size_t rows, size_t cols) {
+    if ((cols * sizeof(T)) % 16 == 0 && aligned16(table) && aligned16(out))
+        gather_rows_elems((const uint4*)table, ids, (uint4*)out, rows, cols * sizeof(T) / 16);
+    else
+        gather_rows_elems(table, ids, out, rows, cols);
+}
+
 // SplitMix64 of seed + i, as a float in [-1, 1).
 __device__ __forceinline__ float hash_uniform(unsigned long long seed, size_t i) {
     unsigned long long z = seed + 0x9E3779B97F4A7C15ull * (i + 1);
@@ -112,9 +146,12 @@ __device__ __forceinline__ float hash_uniform(unsigned long long seed, size_t i)
                                                    float scale) {                                  \
         GRID_STRIDE_LOOP(i, n) { x[i] = from_f32<T>(scale * hash_uniform(seed, i)); }             \
     }                                                                                              \
-    /* The residual stream: h = T(h + delta), as PyTorch adds two tensors of T. */                 \
+    extern "C" __global__ void gather_rows_##name(const T* table, const unsigned* ids, T* out,      \
+                                                  size_t rows, size_t cols) {                      \
+        gather_rows_impl(table, ids, out, rows, cols);                                             \
+    }                                                                                              \
     extern "C" __global__ void add_in_place_##name(T* h, const T* delta, size_t n) {                \
-        GRID_STRIDE_LOOP(i, n) { h[i] = from_f32<T>(to_f32(h[i]) + to_f32(delta[i])); }           \
+        add_in_place_impl(h, delta, n);                                                            \
     }
 
 GATED_KERNELS(f32, float)

@@ -250,7 +250,8 @@ __device__ void attn_dkv_impl(const T* q, const T* k, const T* v, const T* dout,
 
 // Tensor-core forward for bf16 and head_dim D ∈ {64, 128} (prefill): a block of 8 warps takes 128
 // query rows of one (b, h), each warp 16 of them; K and V tiles of 64 keys are staged in shared
-// memory (V transposed, so that P·V's operand runs along keys). S = Q Kᵀ and O += P V are
+// memory by cp.async, double-buffered (the next tile loads while this one is used), row-major
+// (P·V's operand, which runs along keys, comes from ldmatrix .trans). S = Q Kᵀ and O += P V are
 // mma.sync m16n8k16 bf16 products with f32 accumulators; the online softmax runs on the S
 // fragments (each row's 16 values spread over the 4 lanes of a quad), P is rounded to bf16 for
 // the second product as FlashAttention-2 does. Fragment layouts: PTX ISA, "Matrix fragments for
@@ -274,15 +275,137 @@ __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
 
 __device__ __forceinline__ unsigned ld_pair(const bf16_t* p) { return *(const unsigned*)p; }
 
+// The A fragments (D/16 of them, 16 rows × 16 columns each) of a lane's two rows of a row-major
+// [rows, D] matrix: rows[0] = first + grp and rows[1] = first + grp + 8; rows ≥ limit are zero.
+template <int D>
+__device__ __forceinline__ void load_a_rows(unsigned (*a)[4], const bf16_t* m, const unsigned* rows,
+                                            unsigned limit) {
+    unsigned t = threadIdx.x & 3u;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        unsigned c0 = kk * 16 + 2 * t;
+        a[kk][0] = rows[0] < limit ? ld_pair(m + (size_t)rows[0] * D + c0) : 0u;
+        a[kk][1] = rows[1] < limit ? ld_pair(m + (size_t)rows[1] * D + c0) : 0u;
+        a[kk][2] = rows[0] < limit ? ld_pair(m + (size_t)rows[0] * D + c0 + 8) : 0u;
+        a[kk][3] = rows[1] < limit ? ld_pair(m + (size_t)rows[1] * D + c0 + 8) : 0u;
+    }
+}
+
+// A row of a [*, D] bf16 tile in shared memory, padded by 8 so that the fragment loads of the
+// 8 rows a warp reads at once fall in different banks.
+template <int D> using Row = unsigned short[D + 8];
+
+// Rows first.. first + ROWS of a row-major [*, D] bf16 matrix into shared memory, 16 bytes per
+// thread and step with cp.async (zeros from `limit` on), by the whole block; the caller commits
+// the group and waits for it (double buffering: the next tile loads while this one is used).
+template <int D, int ROWS>
+__device__ __forceinline__ void stage_rows_async(Row<D>* dst, const bf16_t* src, unsigned first, unsigned limit) {
+    for (unsigned idx = threadIdx.x; idx < ROWS * D / 8; idx += blockDim.x) {
+        unsigned r = idx / (D / 8), c = (idx % (D / 8)) * 8, j = first + r;
+        bool valid = j < limit;
+        unsigned to = (unsigned)__cvta_generic_to_shared(&dst[r][c]);
+        const bf16_t* from = src + (size_t)(valid ? j : 0) * D + c;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(to), "l"(from), "r"(valid ? 16u : 0u));
+    }
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+// Waits until at most the newest committed group is still in flight.
+__device__ __forceinline__ void cp_async_wait_all_but_newest() { asm volatile("cp.async.wait_group 1;\n" ::); }
+
+// body(it) over tiles it = 0..n of shared memory that stage(it) fills with cp.async into buffer
+// it & 1: tile it + 1 loads while tile it is used (double buffering). Every thread of the block
+// calls it with the same n.
+template <typename Stage, typename Body>
+__device__ __forceinline__ void double_buffered(unsigned n, Stage stage, Body body) {
+    if (n > 0) stage(0u);
+    cp_async_commit();
+    for (unsigned it = 0; it < n; ++it) {
+        if (it + 1 < n) stage(it + 1);
+        cp_async_commit();
+        cp_async_wait_all_but_newest();
+        __syncthreads();
+        body(it);
+        __syncthreads();  // the buffer is refilled two tiles on
+    }
+}
+
+// C [16, N] = A [16, D] · Mᵀ for M [N, D] row-major in shared memory: B's column n is M's row n.
+template <int D, int N>
+__device__ __forceinline__ void mma_abt(float (*c)[4], const unsigned (*a)[4], const unsigned short (*m)[D + 8]) {
+    unsigned grp = (threadIdx.x & 31u) >> 2, t = threadIdx.x & 3u;
+#pragma unroll
+    for (int n = 0; n < N / 8; ++n) {
+        c[n][0] = c[n][1] = c[n][2] = c[n][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const unsigned short* mr = &m[n * 8 + grp][kk * 16 + 2 * t];
+            mma_bf16(c[n], a[kk], *(const unsigned*)mr, *(const unsigned*)(mr + 8));
+        }
+    }
+}
+
+// C [16, D] += A [16, K] · M for M [K, D] row-major in shared memory: ldmatrix .trans hands each
+// lane B's pairs along K (lanes 0–15 address the rows of n-block n, 16–31 those of n + 1).
+template <int K, int D>
+__device__ __forceinline__ void mma_ab(float (*c)[4], const unsigned (*a)[4], const unsigned short (*m)[D + 8]) {
+    unsigned lane = threadIdx.x & 31u;
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk)
+#pragma unroll
+        for (int n = 0; n < D / 8; n += 2) {
+            unsigned b[4];
+            unsigned addr = (unsigned)__cvta_generic_to_shared(&m[kk * 16 + (lane & 15u)][n * 8 + (lane >> 4) * 8]);
+            asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                         : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+                         : "r"(addr));
+            mma_bf16(c[n], a[kk], b[0], b[1]);
+            mma_bf16(c[n + 1], a[kk], b[2], b[3]);
+        }
+}
+
+// The A fragments [K/16][4] of C fragments [K/8][4] rounded to bf16 (an mma's output as the next
+// one's left operand).
+template <int K>
+__device__ __forceinline__ void pack_a(unsigned (*a)[4], const float (*c)[4]) {
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) {
+        a[kk][0] = pack_bf16(c[2 * kk][0], c[2 * kk][1]);
+        a[kk][1] = pack_bf16(c[2 * kk][2], c[2 * kk][3]);
+        a[kk][2] = pack_bf16(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+        a[kk][3] = pack_bf16(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+    }
+}
+
+// A lane's two rows of C fragments [D/8][4] times `mul[r]`, as bf16 pairs into rows[r] of a
+// row-major [*, D] matrix (rows ≥ limit skipped).
+template <int D>
+__device__ __forceinline__ void store_c_rows(bf16_t* m, const float (*c)[4], const unsigned* rows,
+                                             const float* mul, unsigned limit) {
+    unsigned t = threadIdx.x & 3u;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (rows[r] >= limit) continue;
+        bf16_t* row = m + (size_t)rows[r] * D;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n)
+            *(unsigned*)(row + n * 8 + 2 * t) = pack_bf16(c[n][2 * r] * mul[r], c[n][2 * r + 1] * mul[r]);
+    }
+}
+
+#define LOG2E 1.4426950408889634f
+
 template <int D>
 __device__ void attn_forward_tc_impl(const bf16_t* q, const bf16_t* k, const bf16_t* v, const int* pad,
                                      bf16_t* out, float* lse, AttnDims s, float scale) {
-    __shared__ __align__(16) unsigned short ks[TC_KEYS][D + 8];
-    __shared__ unsigned short vt[D][TC_KEYS + 8];
+    extern __shared__ __align__(16) unsigned char tc_smem[];
+    Row<D>* ks = (Row<D>*)tc_smem;  // [2 · TC_KEYS]: two buffers of K, then of V
+    Row<D>* vs = ks + 2 * TC_KEYS;
     unsigned warp = threadIdx.x / 32, lane = threadIdx.x & 31u, grp = lane >> 2, t = lane & 3u;
     unsigned tiles = (s.seq_q + TC_ROWS - 1) / TC_ROWS;
     // Scores in log2 units, so that the exponentials are exp2: s · scale · log2(e).
-    const float scale_log2 = scale * 1.4426950408889634f;
+    const float scale_log2 = scale * LOG2E;
     unsigned bh = blockIdx.x / tiles, tile = blockIdx.x % tiles;
     unsigned b = bh / s.heads, h = bh % s.heads, g = h / (s.heads / s.kv_heads);
     unsigned first_row = tile * TC_ROWS, row0 = first_row + warp * 16;
@@ -297,14 +420,7 @@ __device__ void attn_forward_tc_impl(const bf16_t* q, const bf16_t* k, const bf1
         if (rows[r] >= s.seq_q) hi[r] = lo[r];
     }
     unsigned qa[D / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-        unsigned c0 = kk * 16 + 2 * t;
-        qa[kk][0] = rows[0] < s.seq_q ? ld_pair(qb + (size_t)rows[0] * D + c0) : 0u;
-        qa[kk][1] = rows[1] < s.seq_q ? ld_pair(qb + (size_t)rows[1] * D + c0) : 0u;
-        qa[kk][2] = rows[0] < s.seq_q ? ld_pair(qb + (size_t)rows[0] * D + c0 + 8) : 0u;
-        qa[kk][3] = rows[1] < s.seq_q ? ld_pair(qb + (size_t)rows[1] * D + c0 + 8) : 0u;
-    }
+    load_a_rows<D>(qa, qb, rows, s.seq_q);
     float o[D / 8][4];
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
@@ -313,32 +429,16 @@ __device__ void attn_forward_tc_impl(const bf16_t* q, const bf16_t* k, const bf1
     // The keys any row of the block sees.
     unsigned block_lo, block_hi, last_row = min(first_row + TC_ROWS, s.seq_q) - 1;
     visible_keys(s, pad, b, last_row, &block_lo, &block_hi);
-    for (unsigned kt = block_lo; kt < block_hi; kt += TC_KEYS) {
-        __syncthreads();
-        // 8 bf16 (16 bytes) of a key row per thread and step; V lands transposed.
-        for (unsigned idx = threadIdx.x; idx < TC_KEYS * D / 8; idx += blockDim.x) {
-            unsigned key = idx / (D / 8), c = (idx % (D / 8)) * 8, j = kt + key;
-            uint4 kp = make_uint4(0u, 0u, 0u, 0u), vp = kp;
-            if (j < s.seq_k) {
-                kp = *(const uint4*)(kb + (size_t)j * D + c);
-                vp = *(const uint4*)(vb + (size_t)j * D + c);
-            }
-            *(uint4*)&ks[key][c] = kp;
-            const unsigned short* vh = (const unsigned short*)&vp;
-#pragma unroll
-            for (int e = 0; e < 8; ++e) vt[c + e][key] = vh[e];
-        }
-        __syncthreads();
+    unsigned key_tiles = (block_hi - block_lo + TC_KEYS - 1) / TC_KEYS;
+    auto stage = [&](unsigned it) {
+        unsigned kt = block_lo + it * TC_KEYS, buf = (it & 1) * TC_KEYS;
+        stage_rows_async<D, TC_KEYS>(ks + buf, kb, kt, s.seq_k);
+        stage_rows_async<D, TC_KEYS>(vs + buf, vb, kt, s.seq_k);
+    };
+    double_buffered(key_tiles, stage, [&](unsigned it) {
+        unsigned kt = block_lo + it * TC_KEYS, buf = (it & 1) * TC_KEYS;
         float sc[TC_KEYS / 8][4];
-#pragma unroll
-        for (int n = 0; n < TC_KEYS / 8; ++n) {
-            sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-                const unsigned short* kr = &ks[n * 8 + grp][kk * 16 + 2 * t];
-                mma_bf16(sc[n], qa[kk], *(const unsigned*)kr, *(const unsigned*)(kr + 8));
-            }
-        }
+        mma_abt<D, TC_KEYS>(sc, qa, ks + buf);
         // Online softmax per row on the fragments; masked entries become p = 0.
         unsigned pa[TC_KEYS / 16][4];
 #pragma unroll
@@ -377,33 +477,18 @@ __device__ void attn_forward_tc_impl(const bf16_t* q, const bf16_t* k, const bf1
                 o[n][2 * r + 1] *= rescale;
             }
         }
-#pragma unroll
-        for (int kk = 0; kk < TC_KEYS / 16; ++kk) {
-            pa[kk][0] = pack_bf16(sc[2 * kk][0], sc[2 * kk][1]);
-            pa[kk][1] = pack_bf16(sc[2 * kk][2], sc[2 * kk][3]);
-            pa[kk][2] = pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
-            pa[kk][3] = pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
-        }
-#pragma unroll
-        for (int n = 0; n < D / 8; ++n)
-#pragma unroll
-            for (int kk = 0; kk < TC_KEYS / 16; ++kk) {
-                const unsigned short* vr = &vt[n * 8 + grp][kk * 16 + 2 * t];
-                mma_bf16(o[n], pa[kk], *(const unsigned*)vr, *(const unsigned*)(vr + 8));
-            }
-    }
+        pack_a<TC_KEYS>(pa, sc);
+        mma_ab<TC_KEYS, D>(o, pa, vs + buf);
+    });
+    float inv[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        if (rows[r] >= s.seq_q) continue;
-        float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
-        bf16_t* orow = out + ((size_t)bh * s.seq_q + rows[r]) * D;
-#pragma unroll
-        for (int n = 0; n < D / 8; ++n)
-            *(unsigned*)(orow + n * 8 + 2 * t) = pack_bf16(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
+        inv[r] = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
         // m is in log2 units: L = ln 2 · (m + log2 l).
-        if (t == 0)
+        if (t == 0 && rows[r] < s.seq_q)
             lse[(size_t)bh * s.seq_q + rows[r]] = l[r] > 0.0f ? 0.6931471805599453f * (m[r] + log2f(l[r])) : -POS_INF;
     }
+    store_c_rows<D>(out + (size_t)bh * s.seq_q * D, o, rows, inv, s.seq_q);
 }
 
 extern "C" __global__ void __launch_bounds__(256) attn_forward_tc64_bf16(
@@ -417,6 +502,193 @@ extern "C" __global__ void __launch_bounds__(256) attn_forward_tc128_bf16(
     float scale) {
     attn_forward_tc_impl<128>(q, k, v, pad, out, lse, s, scale);
 }
+
+// FlashAttention-2's backward on the tensor cores (cuda.rs, backward_tc): bf16, D ∈ {64, 128},
+// causal self-attention without padding (T queries and keys; query i sees keys j ≤ i). The
+// probabilities are recomputed tile by tile from the forward's L, never stored:
+//   P = exp(scale·Q Kᵀ − L), dP = dO Vᵀ, dS = scale · P ∘ (dP − Δ)   (Δ = rowsum(dO ∘ O)),
+//   dQ = dS K                  attn_dq_tc: a block per 128 query rows of one (b, h), key tiles;
+//   dV = Σ Pᵀ dO, dK = Σ dSᵀ Q  attn_dkv_tc: a block per 128 keys of one (b, kv head), query
+//                              tiles of every head of the group (so no atomics).
+// Each warp owns 16 rows (queries, or keys), as in the forward; P and dS are rounded to bf16
+// for the products that take them as operands, as FlashAttention-2 does.
+
+// One key tile's share of dQ for a warp's 16 rows: S = Q Kᵀ, dP = dO Vᵀ, P = exp2(S·scale·log₂e −
+// L·log₂e) on the keys j ≤ the row, dS = scale · P ∘ (dP − Δ), dQ += dS K.
+template <int D>
+__device__ __forceinline__ void dq_tile(float (*acc)[4], const unsigned (*qa)[4], const unsigned (*da)[4],
+                                        const Row<D>* ks, const Row<D>* vs, unsigned kt, const unsigned* rows,
+                                        const float* l2, const float* dl, float scale) {
+    unsigned t = threadIdx.x & 3u;
+    const float scale_log2 = scale * LOG2E;
+    float sc[TC_KEYS / 8][4], dp[TC_KEYS / 8][4];
+    mma_abt<D, TC_KEYS>(sc, qa, ks);
+    mma_abt<D, TC_KEYS>(dp, da, vs);
+#pragma unroll
+    for (int n = 0; n < TC_KEYS / 8; ++n)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                unsigned j = kt + n * 8 + 2 * t + c;
+                float x = sc[n][2 * r + c], p = j <= rows[r] ? exp2f(x * scale_log2 - l2[r]) : 0.0f;
+                sc[n][2 * r + c] = scale * p * (dp[n][2 * r + c] - dl[r]);
+            }
+    unsigned dsa[TC_KEYS / 16][4];
+    pack_a<TC_KEYS>(dsa, sc);
+    mma_ab<TC_KEYS, D>(acc, dsa, ks);
+}
+
+template <int D>
+__device__ void attn_dq_tc_impl(const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* dout,
+                                const float* lse, const float* delta, bf16_t* dq, AttnDims s, float scale) {
+    extern __shared__ __align__(16) unsigned char tc_smem[];
+    Row<D>* ks = (Row<D>*)tc_smem;  // two buffers of K, then of V
+    Row<D>* vs = ks + 2 * TC_KEYS;
+    unsigned warp = threadIdx.x / 32, grp = (threadIdx.x & 31u) >> 2;
+    unsigned T = s.seq_q, tiles = (T + TC_ROWS - 1) / TC_ROWS, pairs = s.batch * s.heads;
+    // The tiles with the most keys (the last) first.
+    unsigned tile = tiles - 1 - blockIdx.x / pairs, bh = blockIdx.x % pairs;
+    unsigned b = bh / s.heads, g = (bh % s.heads) / (s.heads / s.kv_heads);
+    unsigned first_row = tile * TC_ROWS, row0 = first_row + warp * 16;
+    size_t row_base = (size_t)bh * T;
+    const bf16_t* kb = k + ((size_t)b * s.kv_heads + g) * s.kv_stride * D;
+    const bf16_t* vb = v + ((size_t)b * s.kv_heads + g) * s.kv_stride * D;
+    unsigned rows[2] = {row0 + grp, row0 + grp + 8};
+    unsigned qa[D / 16][4], da[D / 16][4];
+    load_a_rows<D>(qa, q + row_base * D, rows, T);
+    load_a_rows<D>(da, dout + row_base * D, rows, T);
+    float l2[2], dl[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l2[r] = rows[r] < T ? lse[row_base + rows[r]] * LOG2E : 0.0f;
+        dl[r] = rows[r] < T ? delta[row_base + rows[r]] : 0.0f;
+    }
+    float acc[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+    unsigned key_tiles = (min(first_row + TC_ROWS, T) + TC_KEYS - 1) / TC_KEYS;
+    auto stage = [&](unsigned it) {
+        unsigned buf = (it & 1) * TC_KEYS;
+        stage_rows_async<D, TC_KEYS>(ks + buf, kb, it * TC_KEYS, T);
+        stage_rows_async<D, TC_KEYS>(vs + buf, vb, it * TC_KEYS, T);
+    };
+    double_buffered(key_tiles, stage, [&](unsigned it) {
+        unsigned kt = it * TC_KEYS, buf = (it & 1) * TC_KEYS;
+        // Tiles whose every key is after these rows add nothing.
+        if (row0 < T && kt <= row0 + 15) dq_tile<D>(acc, qa, da, ks + buf, vs + buf, kt, rows, l2, dl, scale);
+    });
+    const float one[2] = {1.0f, 1.0f};
+    store_c_rows<D>(dq + row_base * D, acc, rows, one, T);
+}
+
+// The dK/dV pass; DV and DK choose which of the two it accumulates (at D = 128 one pass each,
+// so that the accumulators fit the registers).
+template <int D, bool DV, bool DK>
+__device__ void attn_dkv_tc_impl(const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* dout,
+                                 const float* lse, const float* delta, bf16_t* dk, bf16_t* dv, AttnDims s,
+                                 float scale) {
+    extern __shared__ __align__(16) unsigned char tc_smem[];
+    Row<D>* qs = (Row<D>*)tc_smem;  // two buffers of Q, then of dO, then L·log₂e and Δ
+    Row<D>* gs = qs + 2 * TC_KEYS;
+    float* l2s = (float*)(gs + 2 * TC_KEYS);
+    float* dls = l2s + 2 * TC_KEYS;
+    unsigned warp = threadIdx.x / 32, lane = threadIdx.x & 31u, grp = lane >> 2, t = lane & 3u;
+    unsigned T = s.seq_q, pairs = s.batch * s.kv_heads;
+    // The tiles with the most queries (the first) first.
+    unsigned tile = blockIdx.x / pairs, bg = blockIdx.x % pairs;
+    unsigned b = bg / s.kv_heads, g = bg % s.kv_heads, group = s.heads / s.kv_heads;
+    unsigned first_key = tile * TC_ROWS, key0 = first_key + warp * 16;
+    size_t kv_base = (size_t)bg * s.kv_stride;
+    const float scale_log2 = scale * LOG2E;
+    unsigned keys[2] = {key0 + grp, key0 + grp + 8};
+    unsigned ka[D / 16][4], va[D / 16][4];
+    load_a_rows<D>(ka, k + kv_base * D, keys, T);
+    if (DK) load_a_rows<D>(va, v + kv_base * D, keys, T);
+    float dka[D / 8][4], dva[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dka[n][e] = dva[n][e] = 0.0f;
+    // Query tiles i0 = first_key, first_key + 64, … of each head of the group, one after another.
+    unsigned per_head = (T - first_key + TC_KEYS - 1) / TC_KEYS, query_tiles = group * per_head;
+    auto row_base = [&](unsigned it) { return ((size_t)b * s.heads + g * group + it / per_head) * T; };
+    auto first_query = [&](unsigned it) { return first_key + (it % per_head) * TC_KEYS; };
+    auto stage = [&](unsigned it) {
+        size_t base = row_base(it);
+        unsigned i0 = first_query(it), buf = (it & 1) * TC_KEYS;
+        stage_rows_async<D, TC_KEYS>(qs + buf, q + base * D, i0, T);
+        stage_rows_async<D, TC_KEYS>(gs + buf, dout + base * D, i0, T);
+        for (unsigned r = threadIdx.x; r < TC_KEYS; r += blockDim.x) {
+            bool in = i0 + r < T;
+            l2s[buf + r] = in ? lse[base + i0 + r] * LOG2E : POS_INF;
+            dls[buf + r] = in ? delta[base + i0 + r] : 0.0f;
+        }
+    };
+    double_buffered(query_tiles, stage, [&](unsigned it) {
+        unsigned i0 = first_query(it), buf = (it & 1) * TC_KEYS;
+        // Tiles whose every query is before these keys add nothing.
+        if (key0 < T && i0 + TC_KEYS - 1 >= key0) {
+            // Sᵀ [16 keys, 64 queries] = K Qᵀ, dPᵀ = V dOᵀ
+            float st[TC_KEYS / 8][4], dpt[TC_KEYS / 8][4];
+            mma_abt<D, TC_KEYS>(st, ka, qs + buf);
+            if (DK) mma_abt<D, TC_KEYS>(dpt, va, gs + buf);
+#pragma unroll
+            for (int n = 0; n < TC_KEYS / 8; ++n)
+#pragma unroll
+                for (int r = 0; r < 2; ++r)
+#pragma unroll
+                    for (int c = 0; c < 2; ++c) {
+                        unsigned col = n * 8 + 2 * t + c, i = i0 + col;
+                        float x = st[n][2 * r + c];
+                        float p = (i >= keys[r] && i < T) ? exp2f(x * scale_log2 - l2s[buf + col]) : 0.0f;
+                        st[n][2 * r + c] = p;
+                        if (DK) dpt[n][2 * r + c] = scale * p * (dpt[n][2 * r + c] - dls[buf + col]);
+                    }
+            unsigned fa[TC_KEYS / 16][4];
+            if (DV) {
+                pack_a<TC_KEYS>(fa, st);
+                mma_ab<TC_KEYS, D>(dva, fa, gs + buf);
+            }
+            if (DK) {
+                pack_a<TC_KEYS>(fa, dpt);
+                mma_ab<TC_KEYS, D>(dka, fa, qs + buf);
+            }
+        }
+    });
+    const float one[2] = {1.0f, 1.0f};
+    if (DK) store_c_rows<D>(dk + kv_base * D, dka, keys, one, T);
+    if (DV) store_c_rows<D>(dv + kv_base * D, dva, keys, one, T);
+}
+
+#define ATTN_BACKWARD_TC(D, DKV_PASSES)                                                                \
+    extern "C" __global__ void __launch_bounds__(256) attn_dq_tc##D##_bf16(                           \
+        const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* dout, const float* lse,       \
+        const float* delta, bf16_t* dq, AttnDims s, float scale) {                                     \
+        attn_dq_tc_impl<D>(q, k, v, dout, lse, delta, dq, s, scale);                                   \
+    }                                                                                                  \
+    DKV_PASSES(D)
+
+#define DKV_ONE_PASS(D)                                                                                \
+    extern "C" __global__ void __launch_bounds__(256) attn_dkv_tc##D##_bf16(                          \
+        const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* dout, const float* lse,       \
+        const float* delta, bf16_t* dk, bf16_t* dv, AttnDims s, float scale) {                         \
+        attn_dkv_tc_impl<D, true, true>(q, k, v, dout, lse, delta, dk, dv, s, scale);                  \
+    }
+#define DKV_TWO_PASSES(D)                                                                              \
+    extern "C" __global__ void __launch_bounds__(256) attn_dv_tc##D##_bf16(                           \
+        const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* dout, const float* lse,       \
+        const float* delta, bf16_t* dk, bf16_t* dv, AttnDims s, float scale) {                         \
+        attn_dkv_tc_impl<D, true, false>(q, k, v, dout, lse, delta, dk, dv, s, scale);                 \
+    }                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(256) attn_dk_tc##D##_bf16(                           \
+        const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* dout, const float* lse,       \
+        const float* delta, bf16_t* dk, bf16_t* dv, AttnDims s, float scale) {                         \
+        attn_dkv_tc_impl<D, false, true>(q, k, v, dout, lse, delta, dk, dv, s, scale);                 \
+    }
+
+ATTN_BACKWARD_TC(64, DKV_ONE_PASS)
+ATTN_BACKWARD_TC(128, DKV_TWO_PASSES)
 
 // KV cache copies (src/cuda.rs, CudaKvCache): `count` positions of every (b, kv head) slab of
 // src ([slabs, src_stride, D]) into dst ([slabs, dst_stride, D]) from position `at` on — an
@@ -432,10 +704,11 @@ __device__ void kv_copy_impl(const T* src, T* dst, size_t slabs, unsigned count,
 }
 
 // [B, T, H, D] ↔ [B, H, T, D] (the attention layer's head split and merge): to_heads = 1 reads
-// token-major and writes head-major, 0 the reverse.
-template <typename T>
-__device__ void swap_axes_impl(const T* src, T* dst, unsigned batch, unsigned seq, unsigned heads, unsigned d,
-                               int to_heads) {
+// token-major and writes head-major, 0 the reverse. E is T, or a 16-byte chunk of a row when
+// rows are whole chunks (cuda_layer.rs sizes the grid by the same rule).
+template <typename E>
+__device__ void swap_axes_elems(const E* src, E* dst, unsigned batch, unsigned seq, unsigned heads, unsigned d,
+                                int to_heads) {
     GRID_STRIDE_LOOP(i, (size_t)batch * seq * heads * d) {
         size_t c = i % d, rest = i / d;
         size_t h = rest % heads, t = (rest / heads) % seq, b = rest / ((size_t)heads * seq);
@@ -443,6 +716,15 @@ __device__ void swap_axes_impl(const T* src, T* dst, unsigned batch, unsigned se
         if (to_heads) dst[head_major] = src[token_major];
         else dst[token_major] = src[head_major];
     }
+}
+
+template <typename T>
+__device__ void swap_axes_impl(const T* src, T* dst, unsigned batch, unsigned seq, unsigned heads, unsigned d,
+                               int to_heads) {
+    if ((d * sizeof(T)) % 16 == 0 && aligned16(src) && aligned16(dst))
+        swap_axes_elems((const uint4*)src, (uint4*)dst, batch, seq, heads, d * (unsigned)sizeof(T) / 16, to_heads);
+    else
+        swap_axes_elems(src, dst, batch, seq, heads, d, to_heads);
 }
 
 // The GEMM backward of causal self-attention (cuda.rs, backward_gemm) works on tiles: for

@@ -2,7 +2,8 @@
 //! head_dim 128, bf16, batch 1), each iteration launching and synchronising:
 //! - `prefill/T`: the causal forward over T positions, GFLOP/s counting 2·T²·H·D (memory: the
 //!   Q/K/V/O buffers and T log-sum-exps, linear in T);
-//! - `backward/T`: its backward;
+//! - `backward/T`: its backward as training runs it (`backward_tc`: FlashAttention-2 on the
+//!   tensor cores), GFLOP/s counting the 7·T²·H·D of its seven products over the causal half;
 //! - `decode/L`: one query per head against L cached positions (split-K), GiB/s of K and V read.
 //!
 //! Prints a skip line without a GPU. Run through `cargo xtask gpu-bundle` on the GPU machine.
@@ -54,35 +55,22 @@ fn bench(c: &mut Criterion) {
                 gpu.synchronize().unwrap()
             })
         });
-        if seq <= 2048 {
-            let dout = gpu.htod(&values(s.q_len())).unwrap();
-            let mut dq = gpu.zeros::<bf16>(s.q_len()).unwrap();
-            let (mut dk, mut dv) = (
-                gpu.zeros::<bf16>(s.kv_len()).unwrap(),
-                gpu.zeros::<bf16>(s.kv_len()).unwrap(),
-            );
-            g.throughput(Throughput::Elements((7 * seq * seq * HEADS * D) as u64));
-            g.bench_function(format!("backward/{seq}_flops"), |b| {
-                b.iter(|| {
-                    cuda::backward(
-                        &gpu,
-                        &q,
-                        &k,
-                        &v,
-                        &out,
-                        &lse,
-                        &dout,
-                        &s,
-                        &Mask::causal(),
-                        &mut dq,
-                        &mut dk,
-                        &mut dv,
-                    )
-                    .unwrap();
-                    gpu.synchronize().unwrap()
-                })
-            });
-        }
+        let dout = gpu.htod(&values(s.q_len())).unwrap();
+        let mut dq = gpu.zeros::<bf16>(s.q_len()).unwrap();
+        let (mut dk, mut dv) = (
+            gpu.zeros::<bf16>(s.kv_len()).unwrap(),
+            gpu.zeros::<bf16>(s.kv_len()).unwrap(),
+        );
+        g.throughput(Throughput::Elements((7 * seq * seq * HEADS * D) as u64));
+        g.bench_function(format!("backward/{seq}_flops"), |b| {
+            b.iter(|| {
+                cuda::backward_tc(
+                    &gpu, &q, &k, &v, &out, &lse, &dout, &s, &mut dq, &mut dk, &mut dv,
+                )
+                .unwrap();
+                gpu.synchronize().unwrap()
+            })
+        });
     }
     for context in [1024, 4096, 16384, 32768] {
         let s = AttnShape {

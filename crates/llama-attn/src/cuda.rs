@@ -34,6 +34,24 @@ const MIN_SPLIT_KEYS: usize = 64;
 const TC_ROWS: usize = 128;
 /// Fewer query rows than this go to the warp-per-row kernel.
 const TC_MIN_ROWS: usize = 16;
+/// Keys (or queries) per tile the tensor-core kernels stage in shared memory (`TC_KEYS`).
+const TC_TILE: usize = 64;
+
+/// Dynamic shared memory of a tensor-core kernel at `head_dim`: two bf16 matrices of a tile's
+/// rows (padded by 8), double-buffered, and `floats_per_row` f32 per row and buffer. Set as the
+/// function's limit too, since it passes the 48 KiB a launch gets without asking.
+fn tc_shared_memory(
+    f: &cudarc::driver::CudaFunction,
+    head_dim: usize,
+    floats_per_row: usize,
+) -> Result<u32> {
+    let bytes = 2 * (2 * TC_TILE * (head_dim + 8) * 2 + TC_TILE * floats_per_row * 4);
+    let attr =
+        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+    f.set_attribute(attr, bytes as i32)
+        .map_err(|e| llama_core::Error::cuda("cuFuncSetAttribute", e))?;
+    Ok(bytes as u32)
+}
 
 /// The kernels' `AttnDims`.
 #[repr(C)]
@@ -159,10 +177,11 @@ pub fn forward<T: CudaElement>(
         let config = LaunchConfig {
             grid_dim: (u32::try_from(blocks).unwrap_or(u32::MAX), 1, 1),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: tc_shared_memory(&f, s.head_dim, 0)?,
         };
         // SAFETY: as for the warp kernel below; T is bf16 (the kernel's bf16_t), head_dim is the
-        // kernel's D, and each block writes only the rows of its (b, h) tile below seq_q.
+        // kernel's D, each block writes only the rows of its (b, h) tile below seq_q, and the
+        // dynamic shared memory is the size the kernel carves (tc_shared_memory).
         return launched(&name, unsafe { launch.launch(config) });
     }
     let splits = splits_for(rows, s.seq_k);
@@ -240,6 +259,17 @@ fn row_deltas<T: CudaElement>(
     Ok(delta)
 }
 
+/// The sizes of a backward's buffers against `s` (q, k, v, O, dO, dQ, dK, dV, then L).
+fn check_buffers<T>(
+    op: &'static str,
+    s: &AttnShape,
+    buffers: [&CudaSlice<T>; 8],
+    lse: &CudaSlice<f32>,
+) -> Result<()> {
+    let [q, k, v, out, dout, dq, dk, dv] = buffers.map(CudaSlice::len);
+    s.check_backward(op, [q, k, v, out, dout, dq, lse.len(), dk, dv])
+}
+
 /// Backward: dQ, dK, dV on the device from the forward's inputs, O, L and dO (see
 /// [`crate::backward`]); deterministic (no atomics): one warp per query for dQ, one per key
 /// for dK and dV.
@@ -258,19 +288,13 @@ pub fn backward<T: CudaElement>(
     dk: &mut CudaSlice<T>,
     dv: &mut CudaSlice<T>,
 ) -> Result<()> {
-    s.check("cuda backward", q.len(), k.len(), v.len())?;
-    mask.check("cuda backward", s)?;
-    s.check_backward(
+    check_buffers(
         "cuda backward",
-        [
-            out.len(),
-            dout.len(),
-            dq.len(),
-            lse.len(),
-            dk.len(),
-            dv.len(),
-        ],
+        s,
+        [q, k, v, out, dout, &*dq, &*dk, &*dv],
+        lse,
     )?;
+    mask.check("cuda backward", s)?;
     let rows = s.q_rows();
     let d = dims(s, mask)?;
     let pad = upload_padding(device, mask)?;
@@ -302,6 +326,99 @@ pub fn backward<T: CudaElement>(
         launch.arg(dk).arg(dv).arg(&d).arg(&scale);
         // SAFETY: sizes as checked above; one warp per key row, every row of dK and dV written.
         launched(&name, unsafe { launch.launch(warps(keys)) })?;
+    }
+    Ok(())
+}
+
+/// Whether [`backward_tc`] takes `s` in element type T: bf16 causal self-attention at head_dim
+/// 64 or 128.
+pub fn tensor_core_backward<T: CudaElement>(s: &AttnShape) -> bool {
+    T::SUFFIX == "bf16"
+        && matches!(s.head_dim, 64 | 128)
+        && s.seq_k == s.seq_q
+        && s.kv_stride == s.seq_q
+}
+
+/// The backward of causal self-attention (no padding) as FlashAttention-2 computes it on the
+/// tensor cores (`attn_dq_tc*` and `attn_dkv_tc*` in attention.cu): the probabilities are
+/// recomputed a tile at a time from L and never stored, so it needs no scratch beyond Δ. Same
+/// inputs and outputs as [`backward`]; shapes [`tensor_core_backward`] accepts only.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_tc<T: CudaElement>(
+    device: &CudaDevice,
+    q: &CudaSlice<T>,
+    k: &CudaSlice<T>,
+    v: &CudaSlice<T>,
+    out: &CudaSlice<T>,
+    lse: &CudaSlice<f32>,
+    dout: &CudaSlice<T>,
+    s: &AttnShape,
+    dq: &mut CudaSlice<T>,
+    dk: &mut CudaSlice<T>,
+    dv: &mut CudaSlice<T>,
+) -> Result<()> {
+    check_buffers(
+        "cuda backward_tc",
+        s,
+        [q, k, v, out, dout, &*dq, &*dk, &*dv],
+        lse,
+    )?;
+    if !tensor_core_backward::<T>(s) {
+        return shape_error(
+            "cuda backward_tc",
+            format!(
+                "bf16 self-attention at head_dim 64 or 128 only, not {} at {s:?}",
+                T::SUFFIX
+            ),
+        );
+    }
+    let rows = s.q_rows();
+    if rows == 0 {
+        return Ok(());
+    }
+    let mask = Mask {
+        causal: true,
+        padding: None,
+    };
+    let dims = dims(s, &mask)?;
+    let (scale, dim) = (1.0 / (s.head_dim as f32).sqrt(), s.head_dim as u32);
+    let delta = row_deltas(device, out, dout, rows, dim)?;
+    let tiles = s.seq_q.div_ceil(TC_ROWS);
+    let blocks = |pairs: usize, shared_mem_bytes: u32| LaunchConfig {
+        grid_dim: (u32::try_from(pairs * tiles).unwrap_or(u32::MAX), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes,
+    };
+    let name = format!("attn_dq_tc{}_bf16", s.head_dim);
+    let f = device.function(&ATTENTION, &name)?;
+    let mut launch = device.stream().launch_builder(&f);
+    launch.arg(q).arg(k).arg(v).arg(dout).arg(lse).arg(&delta);
+    launch.arg(dq).arg(&dims).arg(&scale);
+    let shared = tc_shared_memory(&f, s.head_dim, 0)?;
+    // SAFETY: sizes as checked above (self-attention: T queries and keys); T is bf16 (the
+    // kernel's bf16_t) at the kernel's head_dim; a block per 128 query rows of each (b, h), rows
+    // past T not written; `shared` bytes of dynamic shared memory, as the kernel carves them.
+    launched(&name, unsafe {
+        launch.launch(blocks(s.batch * s.heads, shared))
+    })?;
+    // At head_dim 128 dV and dK are two passes (the accumulators of both overflow the registers).
+    let passes: &[&str] = if s.head_dim == 64 {
+        &["attn_dkv"]
+    } else {
+        &["attn_dv", "attn_dk"]
+    };
+    for pass in passes {
+        let name = format!("{pass}_tc{}_bf16", s.head_dim);
+        let f = device.function(&ATTENTION, &name)?;
+        let mut launch = device.stream().launch_builder(&f);
+        launch.arg(q).arg(k).arg(v).arg(dout).arg(lse).arg(&delta);
+        launch.arg(&mut *dk).arg(&mut *dv).arg(&dims).arg(&scale);
+        let shared = tc_shared_memory(&f, s.head_dim, 2)?;
+        // SAFETY: as for attn_dq_tc; a block per 128 keys of each (b, kv head) writes those rows
+        // of dK and/or dV below T.
+        launched(&name, unsafe {
+            launch.launch(blocks(s.batch * s.kv_heads, shared))
+        })?;
     }
     Ok(())
 }
@@ -380,17 +497,11 @@ pub fn backward_gemm<T: CudaElement>(
     block_scores: usize,
 ) -> Result<()> {
     use llama_ops::cuda::batched_matmul;
-    s.check("cuda backward_gemm", q.len(), k.len(), v.len())?;
-    s.check_backward(
+    check_buffers(
         "cuda backward_gemm",
-        [
-            out.len(),
-            dout.len(),
-            dq.len(),
-            lse.len(),
-            dk.len(),
-            dv.len(),
-        ],
+        s,
+        [q, k, v, out, dout, &*dq, &*dk, &*dv],
+        lse,
     )?;
     let (t, d, group) = (s.seq_q, s.head_dim, s.group());
     if s.seq_k != t || s.kv_stride != t {

@@ -11,7 +11,10 @@ use llama_ops::Weight;
 use llama_rope::cuda::{apply, DeviceTables, RopeElement};
 use llama_rope::{QkShape, RopeConfig, RotaryEmbedding};
 
-use crate::cuda::{backward_gemm, forward, CudaKvCache, ATTENTION, GEMM_BACKWARD_SCORES};
+use crate::cuda::{
+    backward_gemm, backward_tc, forward, tensor_core_backward, CudaKvCache, ATTENTION,
+    GEMM_BACKWARD_SCORES,
+};
 use crate::error::Result;
 use crate::layer::{AttentionConfig, LlamaAttention};
 use crate::shape::{AttnShape, Mask};
@@ -175,8 +178,19 @@ impl<T: CudaElement + RopeElement> CudaLlamaAttention<T> {
             .arg(&h)
             .arg(&d)
             .arg(&flag);
+        // A thread per 16-byte chunk where rows are whole chunks (the kernel's vector path).
+        let size = std::mem::size_of::<T>();
+        let per_thread = if (self.config.head_dim * size) % 16 == 0 {
+            16 / size
+        } else {
+            1
+        };
         let config = LaunchConfig {
-            grid_dim: (x.len().div_ceil(256).clamp(1, 65_535) as u32, 1, 1),
+            grid_dim: (
+                (x.len() / per_thread).div_ceil(256).clamp(1, 65_535) as u32,
+                1,
+                1,
+            ),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -278,20 +292,28 @@ impl<T: CudaElement + RopeElement> CudaLlamaAttention<T> {
             d.zeros::<T>(saved.k.len())?,
             d.zeros::<T>(saved.v.len())?,
         );
-        backward_gemm(
-            d,
-            &saved.q,
-            &saved.k,
-            &saved.v,
-            &saved.attn,
-            &saved.lse,
-            &d_attn,
-            &shape,
-            &mut dq,
-            &mut dk,
-            &mut dv,
-            GEMM_BACKWARD_SCORES,
-        )?;
+        let [q, k, v] = [&saved.q, &saved.k, &saved.v];
+        if tensor_core_backward::<T>(&shape) {
+            let (o, lse) = (&saved.attn, &saved.lse);
+            backward_tc(
+                d, q, k, v, o, lse, &d_attn, &shape, &mut dq, &mut dk, &mut dv,
+            )?;
+        } else {
+            backward_gemm(
+                d,
+                q,
+                k,
+                v,
+                &saved.attn,
+                &saved.lse,
+                &d_attn,
+                &shape,
+                &mut dq,
+                &mut dk,
+                &mut dv,
+                GEMM_BACKWARD_SCORES,
+            )?;
+        }
         // q and k were rotated after the projection: rotate their gradients back.
         let tables = self.tables(&saved.positions)?;
         for (buf, heads) in [(&mut dq, cfg.num_heads), (&mut dk, cfg.num_kv_heads)] {

@@ -280,19 +280,9 @@ pub fn backward(
     dk: &mut [f32],
     dv: &mut [f32],
 ) -> Result<()> {
-    s.check("backward", q.len(), k.len(), v.len())?;
+    let buffers = [q, k, v, out, dout, &*dq, lse, &*dk, &*dv];
+    s.check_backward("backward", buffers.map(<[f32]>::len))?;
     mask.check("backward", s)?;
-    s.check_backward(
-        "backward",
-        [
-            out.len(),
-            dout.len(),
-            dq.len(),
-            lse.len(),
-            dk.len(),
-            dv.len(),
-        ],
-    )?;
     let d = s.head_dim;
     // Dᵢ = dOᵢ · Oᵢ
     let delta: Vec<f32> = out

@@ -129,13 +129,17 @@ impl AttnShape {
         Ok(())
     }
 
-    /// Checks the backward's further buffers, `[O, dO, dQ, L, dK, dV]` lengths in that order.
-    pub fn check_backward(&self, op: &'static str, sizes: [usize; 6]) -> Result<()> {
+    /// Checks a backward's buffers, `[Q, K, V, O, dO, dQ, L, dK, dV]` lengths in that order.
+    pub fn check_backward(&self, op: &'static str, sizes: [usize; 9]) -> Result<()> {
+        self.check(op, sizes[0], sizes[1], sizes[2])?;
         let (q, kv) = (self.q_len(), self.kv_len());
-        if sizes != [q, q, q, self.q_rows(), kv, kv] {
+        if sizes[3..] != [q, q, q, self.q_rows(), kv, kv] {
             return shape_error(
                 op,
-                format!("out, dout, dq, lse, dk, dv hold {sizes:?} values for {self:?}"),
+                format!(
+                    "out, dout, dq, lse, dk, dv hold {:?} values for {self:?}",
+                    &sizes[3..]
+                ),
             );
         }
         Ok(())

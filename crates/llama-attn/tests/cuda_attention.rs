@@ -5,9 +5,11 @@
 
 mod common;
 
+use cudarc::driver::CudaSlice;
 use llama_attn::cuda::CudaKvCache;
 use llama_attn::{cuda, AttnShape, CudaLlamaAttention, KvCache, Mask};
 use llama_core::bf16;
+use llama_core::cuda::CudaDevice;
 use llama_fixtures::{assert_close, cuda_or_skip, TestRng};
 
 /// (shape, causal, padded)
@@ -135,14 +137,15 @@ fn forward_and_backward_match_the_cpu() {
     }
 }
 
-/// The tensor-core GEMM backward of causal self-attention (the training path) against the
-/// CPU: f32 and bf16, grouped heads, several query tiles, one pair per block and the default
-/// block.
-#[test]
-fn gemm_backward_matches_the_cpu() {
-    let Some(gpu) = cuda_or_skip!() else { return };
-    let mut rng = TestRng::new(5);
-    let s = |batch, heads, kv_heads, seq, head_dim| AttnShape {
+/// Causal self-attention without padding, the shape the training paths take.
+fn self_attention(
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    seq: usize,
+    head_dim: usize,
+) -> AttnShape {
+    AttnShape {
         batch,
         heads,
         kv_heads,
@@ -150,11 +153,79 @@ fn gemm_backward_matches_the_cpu() {
         seq_k: seq,
         kv_stride: seq,
         head_dim,
-    };
+    }
+}
+
+/// Random inputs of causal self-attention and the CPU's forward and backward of them.
+struct CpuBackward {
+    /// q, k, v, O, dO
+    inputs: [Vec<f32>; 5],
+    lse: Vec<f32>,
+    /// dQ, dK, dV
+    grads: [Vec<f32>; 3],
+}
+
+fn cpu_backward(shape: &AttnShape, rng: &mut TestRng) -> CpuBackward {
     let mask = Mask {
         causal: true,
         padding: None,
     };
+    let (q, k, v, dout) = (
+        rng.vec(shape.q_len(), 2.0),
+        rng.vec(shape.kv_len(), 2.0),
+        rng.vec(shape.kv_len(), 1.0),
+        rng.vec(shape.q_len(), 1.0),
+    );
+    let (mut out, mut lse) = (vec![0f32; shape.q_len()], vec![0f32; shape.q_rows()]);
+    llama_attn::forward(&q, &k, &v, shape, &mask, &mut out, &mut lse).unwrap();
+    let (mut dq, mut dk, mut dv) = (
+        vec![0f32; shape.q_len()],
+        vec![0f32; shape.kv_len()],
+        vec![0f32; shape.kv_len()],
+    );
+    llama_attn::backward(
+        &q, &k, &v, &out, &lse, &dout, shape, &mask, &mut dq, &mut dk, &mut dv,
+    )
+    .unwrap();
+    CpuBackward {
+        inputs: [q, k, v, out, dout],
+        lse,
+        grads: [dq, dk, dv],
+    }
+}
+
+/// `backward` (a device backward over uploaded inputs writing dQ, dK, dV) in bf16 against the
+/// CPU's gradients, within bf16's tolerance.
+fn check_bf16_backward(
+    gpu: &CudaDevice,
+    name: &str,
+    shape: &AttnShape,
+    cpu: &CpuBackward,
+    backward: impl Fn(&[CudaSlice<bf16>; 5], &CudaSlice<f32>, &mut [CudaSlice<bf16>; 3]),
+) {
+    let b16 = |x: &[f32]| {
+        gpu.htod(&x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>())
+            .unwrap()
+    };
+    let inputs = cpu.inputs.each_ref().map(|x| b16(x));
+    let mut grads =
+        [shape.q_len(), shape.kv_len(), shape.kv_len()].map(|n| gpu.zeros::<bf16>(n).unwrap());
+    backward(&inputs, &gpu.htod(&cpu.lse).unwrap(), &mut grads);
+    for ((what, got), want) in ["dq", "dk", "dv"].iter().zip(&grads).zip(&cpu.grads) {
+        let got: Vec<f32> = gpu.dtoh(got).unwrap().iter().map(|v| v.to_f32()).collect();
+        let name = format!("{name} bf16 {what} {shape:?}");
+        assert_close(&name, &got, want, &[want.len()], 3e-2);
+    }
+}
+
+/// The tensor-core GEMM backward of causal self-attention (the training path) against the
+/// CPU: f32 and bf16, grouped heads, several query tiles, one pair per block and the default
+/// block.
+#[test]
+fn gemm_backward_matches_the_cpu() {
+    let Some(gpu) = cuda_or_skip!() else { return };
+    let mut rng = TestRng::new(5);
+    let s = self_attention;
     // 600 positions: query tiles of 256, 256 and 88 rows.
     for shape in [
         s(2, 4, 2, 37, 16),
@@ -162,24 +233,9 @@ fn gemm_backward_matches_the_cpu() {
         s(2, 8, 8, 67, 128),
         s(1, 4, 2, 600, 64),
     ] {
-        let (q, k, v, dout) = (
-            rng.vec(shape.q_len(), 2.0),
-            rng.vec(shape.kv_len(), 2.0),
-            rng.vec(shape.kv_len(), 1.0),
-            rng.vec(shape.q_len(), 1.0),
-        );
-        let (mut out, mut lse) = (vec![0f32; shape.q_len()], vec![0f32; shape.q_rows()]);
-        llama_attn::forward(&q, &k, &v, &shape, &mask, &mut out, &mut lse).unwrap();
-        let (mut dq, mut dk, mut dv) = (
-            vec![0f32; shape.q_len()],
-            vec![0f32; shape.kv_len()],
-            vec![0f32; shape.kv_len()],
-        );
-        llama_attn::backward(
-            &q, &k, &v, &out, &lse, &dout, &shape, &mask, &mut dq, &mut dk, &mut dv,
-        )
-        .unwrap();
-        let ld = gpu.htod(&lse).unwrap();
+        let cpu = cpu_backward(&shape, &mut rng);
+        let [q, k, v, out, dout] = &cpu.inputs;
+        let ld = gpu.htod(&cpu.lse).unwrap();
         for block in [1, cuda::GEMM_BACKWARD_SCORES] {
             let up = |x: &[f32]| gpu.htod(x).unwrap();
             let (mut dqd, mut dkd, mut dvd) = (
@@ -189,12 +245,12 @@ fn gemm_backward_matches_the_cpu() {
             );
             cuda::backward_gemm(
                 &gpu,
-                &up(&q),
-                &up(&k),
-                &up(&v),
-                &up(&out),
+                &up(q),
+                &up(k),
+                &up(v),
+                &up(out),
                 &ld,
-                &up(&dout),
+                &up(dout),
                 &shape,
                 &mut dqd,
                 &mut dkd,
@@ -202,41 +258,66 @@ fn gemm_backward_matches_the_cpu() {
                 block,
             )
             .unwrap();
-            for (what, got, want) in [("dq", &dqd, &dq), ("dk", &dkd, &dk), ("dv", &dvd, &dv)] {
+            for (what, got, want) in [
+                ("dq", &dqd, &cpu.grads[0]),
+                ("dk", &dkd, &cpu.grads[1]),
+                ("dv", &dvd, &cpu.grads[2]),
+            ] {
                 let name = format!("gemm {what} {shape:?} block {block}");
                 assert_close(&name, &gpu.dtoh(got).unwrap(), want, &[want.len()], 1e-4);
             }
-            let b16 = |x: &[f32]| {
-                gpu.htod(&x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>())
-                    .unwrap()
-            };
-            let (mut dqb, mut dkb, mut dvb) = (
-                gpu.zeros::<bf16>(shape.q_len()).unwrap(),
-                gpu.zeros::<bf16>(shape.kv_len()).unwrap(),
-                gpu.zeros::<bf16>(shape.kv_len()).unwrap(),
-            );
-            cuda::backward_gemm(
+            let name = format!("gemm block {block}");
+            check_bf16_backward(
                 &gpu,
-                &b16(&q),
-                &b16(&k),
-                &b16(&v),
-                &b16(&out),
-                &ld,
-                &b16(&dout),
+                &name,
                 &shape,
-                &mut dqb,
-                &mut dkb,
-                &mut dvb,
-                block,
-            )
-            .unwrap();
-            for (what, got, want) in [("dq", &dqb, &dq), ("dk", &dkb, &dk), ("dv", &dvb, &dv)] {
-                let got: Vec<f32> = gpu.dtoh(got).unwrap().iter().map(|v| v.to_f32()).collect();
-                let name = format!("gemm bf16 {what} {shape:?} block {block}");
-                assert_close(&name, &got, want, &[want.len()], 3e-2);
-            }
+                &cpu,
+                |[q, k, v, o, g], lse, [dq, dk, dv]| {
+                    cuda::backward_gemm(&gpu, q, k, v, o, lse, g, &shape, dq, dk, dv, block)
+                        .unwrap()
+                },
+            );
         }
     }
+}
+
+/// The FlashAttention-2 backward on the tensor cores (bf16, head_dim 64 and 128) against the
+/// CPU: grouped heads, partial tiles of queries and keys (sequences that are not a multiple of
+/// 64 or 128), one and several row blocks; other shapes are refused.
+#[test]
+fn tensor_core_backward_matches_the_cpu() {
+    let Some(gpu) = cuda_or_skip!() else { return };
+    let mut rng = TestRng::new(6);
+    let s = self_attention;
+    for shape in [
+        s(1, 4, 2, 600, 64),
+        s(2, 8, 2, 150, 64),
+        s(1, 3, 3, 17, 64),
+        s(1, 4, 1, 67, 128),
+        s(2, 2, 2, 300, 128),
+    ] {
+        assert!(cuda::tensor_core_backward::<bf16>(&shape));
+        let cpu = cpu_backward(&shape, &mut rng);
+        check_bf16_backward(
+            &gpu,
+            "tc",
+            &shape,
+            &cpu,
+            |[q, k, v, o, g], lse, [dq, dk, dv]| {
+                cuda::backward_tc(&gpu, q, k, v, o, lse, g, &shape, dq, dk, dv).unwrap()
+            },
+        );
+    }
+    for refused in [
+        s(1, 2, 1, 40, 32),
+        AttnShape {
+            seq_q: 1,
+            ..s(1, 2, 1, 40, 64)
+        },
+    ] {
+        assert!(!cuda::tensor_core_backward::<bf16>(&refused));
+    }
+    assert!(!cuda::tensor_core_backward::<f32>(&s(1, 2, 1, 40, 64)));
 }
 
 #[test]

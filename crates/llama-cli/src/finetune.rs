@@ -407,14 +407,14 @@ fn best_step(steps: usize, mut step: impl FnMut() -> Result<(), String>) -> Resu
 }
 
 /// LoRA training on the GPU: bf16 base (the model's weights, or random ones of a shape),
-/// f32 LoRA and AdamW state, gradient checkpointing; device memory as the most seen in use
-/// minus what was in use before the model.
+/// f32 LoRA and AdamW state, gradient checkpointing; device memory as the most the memory pool
+/// had handed out during the steps minus what it had out before the model was made (as torch's
+/// `max_memory_allocated` counts).
 fn bench_train_cuda(
     args: &BenchTrainArgs,
     device: &std::sync::Arc<llama_core::cuda::CudaDevice>,
 ) -> Result<(), String> {
-    let used = |d: &llama_core::cuda::CudaDevice| d.memory().map(|(t, f)| t - f).unwrap_or(0);
-    let baseline = used(device);
+    let baseline = device.pool_in_use().map_err(err)?;
     let (model, name) = if args.random_weights {
         let config = args.shape.config().map_err(err)?;
         (
@@ -438,6 +438,7 @@ fn bench_train_cuda(
         trainer.quantize_base_nf4().map_err(err)?;
     }
     let batch = bench_batch(args, config.vocab_size);
+    device.reset_peak().map_err(err)?;
     let best = best_step(args.steps, || {
         trainer
             .step(std::slice::from_ref(&batch))
@@ -445,14 +446,17 @@ fn bench_train_cuda(
             .map_err(err)
     })?;
     let tokens = (args.batch_size * args.seq_len) as f64;
-    let peak_mib = trainer.peak_memory_used().saturating_sub(baseline) as f64 / (1 << 20) as f64;
+    let peak_mib = match (baseline, device.pool_peak().map_err(err)?) {
+        (Some(before), Some(peak)) => Some(peak.saturating_sub(before) as f64 / (1 << 20) as f64),
+        _ => None,
+    };
     report_train(
         args,
         &name,
         device.name(),
         tokens,
         best,
-        Some(peak_mib),
+        peak_mib,
         "device_peak_mib",
     )
 }

@@ -4,7 +4,8 @@
 //! The same layer order as [`crate::LlamaModel`]; per layer:
 //!   h += attn(rms_norm(h))                  CudaLlamaAttention (cuBLAS, RoPE, flash kernels)
 //!   h += down(silu(gate(n)) ⊙ up(n)),  n = rms_norm(h)
-//! Token embeddings are looked up on the host (one row per token) and uploaded.
+//! Token embeddings are looked up on the device (a row gather from the bf16 table, which is the
+//! lm_head's matrix when the two are tied).
 
 use std::sync::Arc;
 
@@ -13,7 +14,9 @@ use llama_attn::cuda::CudaKvCache;
 use llama_attn::CudaLlamaAttention;
 use llama_core::bf16;
 use llama_core::cuda::CudaDevice;
-use llama_ops::cuda::{add_in_place, fill_uniform, gated_forward_in_place, linear, rms_norm};
+use llama_ops::cuda::{
+    add_in_place, fill_uniform, gated_forward_in_place, gather_rows, linear, rms_norm,
+};
 use llama_ops::Weight;
 use llama_peft::Target;
 
@@ -106,8 +109,8 @@ impl CudaModelCache {
 pub struct CudaLlamaModel {
     pub config: LlamaConfig,
     pub(crate) device: Arc<CudaDevice>,
-    /// Token embeddings stay on the host for the lookup: [V, C].
-    embed_tokens: Weight,
+    /// Token embeddings [V, C]; None when they are the lm_head's matrix (tied).
+    embed_tokens: Option<CudaSlice<bf16>>,
     pub(crate) layers: Vec<CudaLayer>,
     pub(crate) norm: CudaSlice<bf16>,
     /// [V, C] (a copy of the embeddings when tied).
@@ -167,22 +170,23 @@ impl CudaLlamaModel {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let (embeddings, head) = if merged {
+            (model.embeddings(), model.lm_head())
+        } else {
+            (&model.embed_tokens, model.base_lm_head())
+        };
+        let embed_tokens = if std::ptr::eq(embeddings, head) {
+            None
+        } else {
+            Some(up(embeddings)?)
+        };
         Ok(CudaLlamaModel {
             config: model.config.clone(),
             device: device.clone(),
-            embed_tokens: if merged {
-                model.embeddings()
-            } else {
-                &model.embed_tokens
-            }
-            .clone(),
+            embed_tokens,
             layers,
             norm: up_vec(&model.norm)?,
-            lm_head: up(if merged {
-                model.lm_head()
-            } else {
-                model.base_lm_head()
-            })?,
+            lm_head: up(head)?,
             max_seq_length: model.max_seq_length,
             buffers: None,
         })
@@ -230,15 +234,15 @@ impl CudaLlamaModel {
                 down_proj: random(c, f)?,
             });
         }
-        // Embeddings on the host: small random rows from a hash, like the device fill.
-        let mut rng = crate::generate::Rng::new(seed);
-        let embed: Vec<f32> = (0..v * c)
-            .map(|_| (rng.next_f64() as f32 - 0.5) * 0.1)
-            .collect();
+        let embed_tokens = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(random(v, c)?)
+        };
         Ok(CudaLlamaModel {
             config: config.clone(),
             device: device.clone(),
-            embed_tokens: Weight::dense(embed, v, c)?,
+            embed_tokens,
             lm_head: random(v, c)?,
             layers,
             norm: ones(c)?,
@@ -276,26 +280,17 @@ impl CudaLlamaModel {
         Ok(())
     }
 
-    /// The embeddings of `ids`, looked up on the host, into h [N, C] on the device.
+    /// The embeddings of `ids` into h [N, C].
     pub(crate) fn embed_into(&self, ids: &[u32], h: &mut CudaSlice<bf16>) -> Result<()> {
-        let c = self.config.hidden_size;
-        let mut rows = vec![0f32; ids.len() * c];
-        for (row, &id) in rows.chunks_exact_mut(c).zip(ids) {
-            if id as usize >= self.config.vocab_size {
-                return Err(ModelError::input(
-                    "input_ids",
-                    format!(
-                        "token id {id} is outside the vocabulary of {}",
-                        self.config.vocab_size
-                    ),
-                ));
-            }
-            self.embed_tokens.row(id as usize, row)?;
+        let vocab = self.config.vocab_size;
+        if let Some(id) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(ModelError::input(
+                "input_ids",
+                format!("token id {id} is outside the vocabulary of {vocab}"),
+            ));
         }
-        self.device
-            .stream()
-            .memcpy_htod(&to_bf16(&rows), h)
-            .map_err(|e| llama_core::Error::cuda("memcpy_htod", e))?;
+        let table = self.embed_tokens.as_ref().unwrap_or(&self.lm_head);
+        gather_rows(&self.device, table, self.config.hidden_size, ids, h)?;
         Ok(())
     }
 

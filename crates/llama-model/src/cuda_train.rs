@@ -135,8 +135,6 @@ pub struct CudaTrainer {
     lora_config: LoraConfig,
     pub config: TrainConfig,
     step: u64,
-    /// The most device memory seen in use at the step's fullest points.
-    peak_used: usize,
     /// QLoRA: the frozen projections in NF4 (the model's bf16 copies freed).
     nf4: Option<Nf4Base>,
 }
@@ -249,7 +247,6 @@ impl CudaTrainer {
             lora_config: adapter.config.clone(),
             config,
             step: 0,
-            peak_used: 0,
             nf4: None,
         })
     }
@@ -306,18 +303,6 @@ impl CudaTrainer {
             copies: HashMap::new(),
         });
         Ok(())
-    }
-
-    /// The most device memory (bytes, the whole device's) seen in use during the steps so far,
-    /// sampled after the forward and inside each layer's backward.
-    pub fn peak_memory_used(&self) -> usize {
-        self.peak_used
-    }
-
-    fn sample_memory(&mut self) {
-        if let Ok((total, free)) = self.device().memory() {
-            self.peak_used = self.peak_used.max(total - free);
-        }
     }
 
     /// The adapter as trained so far, on the host.
@@ -505,7 +490,6 @@ impl CudaTrainer {
         let mut normed = d.zeros::<bf16>(h.len())?;
         rms_norm(&d, &h, &self.model.norm, cfg.rms_norm_eps, &mut normed)?;
         let targets = shift_labels(&b.labels, seq);
-        self.sample_memory();
         let (loss, d_normed) = self.head_backward(&normed, &targets, scale)?;
         let mut dh = d.zeros::<bf16>(h.len())?;
         let mut dw = d.zeros::<f32>(cfg.hidden_size)?;
@@ -649,9 +633,6 @@ impl CudaTrainer {
         w.backward(Target::OProj, o, &tape.merged, &d_mid, &mut d_merged, false)?;
         let [dq, dk, dv] = layer.self_attn.attend_backward(&tape.attend, &d_merged)?;
         drop(d_merged);
-        if let Ok((total, free)) = d.memory() {
-            self.peak_used = self.peak_used.max(total - free);
-        }
         let mut w = FrozenWeights::new(&d, layer, nf4.as_mut(), i, dims);
         let n1 = &tape.normed1;
         let [q, k, v] = [0, 1, 2].map(|j| &tape.qkv_lora[j]);

@@ -454,3 +454,30 @@ fn k_quant_blocks(dtype: DType, n: usize, rng: &mut TestRng) -> Vec<u8> {
     }
     bytes
 }
+
+/// The embedding row lookup copies the rows the ids name, bit for bit: f32 rows of 5 values
+/// (the element path), bf16 rows of 3 and of 72 values (elements, and 16-byte chunks), repeated
+/// and last ids; an id past the table is an error.
+#[test]
+fn gather_rows_copies_the_named_rows() {
+    let Some(gpu) = cuda_or_skip!() else { return };
+    let mut rng = TestRng::new(41);
+    let ids: Vec<u32> = vec![0, 6, 6, 2, 6, 1];
+    for cols in [3, 5, 72] {
+        let table = rng.vec(7 * cols, 1.0);
+        let want: Vec<f32> = ids
+            .iter()
+            .flat_map(|&i| table[i as usize * cols..(i as usize + 1) * cols].to_vec())
+            .collect();
+        let mut out = gpu.zeros::<f32>(ids.len() * cols).unwrap();
+        cuda::gather_rows(&gpu, &up(&gpu, &table), cols, &ids, &mut out).unwrap();
+        assert_eq!(down(&gpu, &out), want, "f32 rows of {cols}");
+        let mut out = gpu.zeros::<bf16>(ids.len() * cols).unwrap();
+        cuda::gather_rows(&gpu, &up(&gpu, &to_bf16(&table)), cols, &ids, &mut out).unwrap();
+        let want: Vec<f32> = to_bf16(&want).iter().map(|v| v.to_f32()).collect();
+        assert_eq!(down_bf16(&gpu, &out), want, "bf16 rows of {cols}");
+        let mut row = gpu.zeros::<f32>(cols).unwrap();
+        let err = cuda::gather_rows(&gpu, &up(&gpu, &table), cols, &[7], &mut row);
+        assert!(err.is_err(), "row 7 of 7 rows");
+    }
+}

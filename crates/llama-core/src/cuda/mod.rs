@@ -115,6 +115,11 @@ impl CudaDevice {
         let compute_capability = context
             .compute_capability()
             .map_err(|e| Error::cuda("cuDeviceGetAttribute", e))?;
+        // SAFETY: every allocation, copy, kernel and cuBLAS call of this device goes to its one
+        // stream (below), whose order alone orders each buffer's uses; cudarc's per-buffer
+        // events, which order uses across streams, would add driver calls to every allocation
+        // and launch (thousands per training step) and order nothing more.
+        unsafe { context.disable_event_tracking() };
         let stream = context
             .new_stream()
             .map_err(|e| Error::cuda("cuStreamCreate", e))?;

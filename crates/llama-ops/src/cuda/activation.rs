@@ -1,11 +1,12 @@
-//! Gated activations on CUDA (`kernels/activation.cu`): the counterparts of `crate::activation`.
+//! Gated activations on CUDA (`kernels/activation.cu`): the counterparts of `crate::activation`;
+//! beside them the residual add, the embedding row lookup and random fills.
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
 use llama_core::cuda::{CudaDevice, KernelSource};
 
 use super::{grid_for, grid_for_packs, kernel_source, launched, typed_kernel, CudaElement};
 use crate::activation::{GatedAct, Gelu};
-use crate::error::{check_len, Result};
+use crate::error::{check_len, rows_of, OpsError, Result};
 
 const ACTIVATION: KernelSource = kernel_source!("activation");
 
@@ -112,7 +113,44 @@ pub fn add_in_place<T: CudaElement>(
     let mut launch = device.stream().launch_builder(&f);
     launch.arg(h).arg(delta).arg(&n);
     // SAFETY: h and delta hold n elements each (checked).
-    launched(&name, unsafe { launch.launch(grid_for(n)) })
+    launched(&name, unsafe { launch.launch(grid_for_packs::<T>(n)) })
+}
+
+/// Row lookup (token embeddings): out [N, cols] row r = table [V, cols] row ids[r]. Every id
+/// must be below V (an error otherwise, checked on the host before anything is read).
+pub fn gather_rows<T: CudaElement>(
+    device: &CudaDevice,
+    table: &CudaSlice<T>,
+    cols: usize,
+    ids: &[u32],
+    out: &mut CudaSlice<T>,
+) -> Result<()> {
+    let op = "cuda gather_rows";
+    let vocab = rows_of(op, "table", table.len(), cols)?;
+    check_len(op, "out", out.len(), ids.len() * cols)?;
+    if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
+        return Err(OpsError::Shape {
+            op,
+            reason: format!("row {id} of a table of {vocab} rows"),
+        });
+    }
+    let n = out.len();
+    if n == 0 {
+        return Ok(());
+    }
+    let ids_dev = device.htod(ids)?;
+    let (f, name) = typed_kernel::<T>(device, &ACTIVATION, "gather_rows")?;
+    let (rows, cols_arg) = (ids.len(), cols);
+    let mut launch = device.stream().launch_builder(&f);
+    launch
+        .arg(table)
+        .arg(&ids_dev)
+        .arg(out)
+        .arg(&rows)
+        .arg(&cols_arg);
+    // SAFETY: table holds vocab · cols elements and every id is below vocab (checked); out holds
+    // rows · cols; the kernel reads ids[0..rows).
+    launched(&name, unsafe { launch.launch(grid_for_packs::<T>(n)) })
 }
 
 /// Fills x with uniform values in [−scale, scale) hashed from (seed, index): random weights

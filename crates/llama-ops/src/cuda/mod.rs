@@ -16,7 +16,7 @@ use llama_core::{bf16, f16, Element};
 use crate::error::{OpsError, Result};
 
 pub use activation::{
-    add_in_place, fill_uniform, gated_backward, gated_forward, gated_forward_in_place,
+    add_in_place, fill_uniform, gated_backward, gated_forward, gated_forward_in_place, gather_rows,
 };
 pub use loss::{cross_entropy, cross_entropy_backward, CudaCrossEntropy};
 pub use matmul::{
