@@ -7,6 +7,8 @@
 //! - `cargo xtask experiment <name|all> [--device cuda] [--quick]` runs the four experiments
 //!   (crates/llama-experiments) and writes their pages to docs/experiments/;
 //! - `cargo xtask fetch-model` fetches the default model into the cache ahead of time;
+//! - `cargo xtask kernels` compiles the CUDA kernels without a GPU (NVRTC from PyPI) and
+//!   prints their registers and spills;
 //! - `cargo xtask gpu-bundle` builds every CUDA test and bench binary plus `fastllama` into
 //!   `target/gpu-bundle/` with the kernels, the fixtures and a `run.sh` for the GPU machine.
 
@@ -15,6 +17,7 @@ mod bench_train;
 mod bundle;
 mod cargo;
 mod experiment;
+mod kernels;
 // The parameter table shared with the tests; `param` itself is only for the tests.
 #[allow(dead_code)]
 #[path = "../../crates/llama-fixtures/src/params.rs"]
@@ -50,6 +53,8 @@ enum Command {
     Experiment(experiment::ExperimentArgs),
     /// Fetch the default model (SmolLM2-135M-Instruct) into the cache ahead of first use.
     FetchModel,
+    /// Compile the CUDA kernels without a GPU (NVRTC from PyPI): registers, spills, errors.
+    Kernels(kernels::KernelsArgs),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +65,7 @@ fn main() -> ExitCode {
         Command::BenchTrain(args) => bench_train::run(args),
         Command::Experiment(args) => experiment::run(args),
         Command::FetchModel => fetch_model(),
+        Command::Kernels(args) => kernels::run(args),
     };
     match result {
         Ok(code) => code,
