@@ -1,6 +1,7 @@
 // LoRA training on the GPU (llama-peft, cuda.rs): the f32 master weights' bf16 copies, the
-// small scalings of the LoRA branch, the gradient norm and the AdamW update with torch's
-// arithmetic (decoupled weight decay, bias correction; see llama-peft/src/optim.rs).
+// small scalings of the LoRA branch, the gradient norm, the AdamW update with torch's
+// arithmetic (decoupled weight decay, bias correction; see llama-peft/src/optim.rs) and a
+// trained embedding's gradient.
 
 // dst = bf16(src): the copy of a master weight the products read.
 extern "C" __global__ void lora_to_bf16(const float* src, bf16_t* dst, size_t n) {
@@ -45,4 +46,11 @@ extern "C" __global__ void lora_adamw(float* p, const float* g, float* m, float*
 // Plain SGD: p ← p − lr·(g + wd·p).
 extern "C" __global__ void lora_sgd(float* p, const float* g, size_t n, float lr, float wd) {
     GRID_STRIDE_LOOP(i, n) { p[i] -= lr * (g[i] + wd * p[i]); }
+}
+
+// The gradient of an embedding lookup (a trained embed_tokens): grad row ids[r] += dh row r,
+// f32 atomics (ids repeat). Ids were checked on the host.
+extern "C" __global__ void lora_add_rows(float* grad, const unsigned* ids, const bf16_t* dh, size_t rows,
+                                         size_t cols) {
+    GRID_STRIDE_LOOP(i, rows * cols) { atomicAdd(&grad[(size_t)ids[i / cols] * cols + i % cols], to_f32(dh[i])); }
 }

@@ -280,8 +280,14 @@ impl CudaLlamaModel {
         Ok(())
     }
 
-    /// The embeddings of `ids` into h [N, C].
-    pub(crate) fn embed_into(&self, ids: &[u32], h: &mut CudaSlice<bf16>) -> Result<()> {
+    /// The embeddings of `ids` into h [N, C], from `table` (a trained copy, [V, C]) or the
+    /// model's own.
+    pub(crate) fn embed_into(
+        &self,
+        table: Option<&CudaSlice<bf16>>,
+        ids: &[u32],
+        h: &mut CudaSlice<bf16>,
+    ) -> Result<()> {
         let vocab = self.config.vocab_size;
         if let Some(id) = ids.iter().find(|&&id| id as usize >= vocab) {
             return Err(ModelError::input(
@@ -289,7 +295,8 @@ impl CudaLlamaModel {
                 format!("token id {id} is outside the vocabulary of {vocab}"),
             ));
         }
-        let table = self.embed_tokens.as_ref().unwrap_or(&self.lm_head);
+        let own = self.embed_tokens.as_ref().unwrap_or(&self.lm_head);
+        let table = table.unwrap_or(own);
         gather_rows(&self.device, table, self.config.hidden_size, ids, h)?;
         Ok(())
     }
@@ -400,7 +407,7 @@ impl Decoder for CudaLlamaModel {
         };
         let mut layers = std::mem::take(&mut self.layers);
         let result = (|| {
-            self.embed_into(ids, &mut b.h)?;
+            self.embed_into(None, ids, &mut b.h)?;
             for (layer, layer_cache) in layers.iter_mut().zip(&mut cache.layers) {
                 self.layer(layer, &mut b, &positions, layer_cache)?;
             }

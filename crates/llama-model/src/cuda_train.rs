@@ -2,7 +2,10 @@
 //! and AdamW state ([`CudaLoraPair`]), bf16 activations, cuBLAS products with f32 accumulation.
 //! The same step as the CPU's ([`crate::Trainer`]), with gradient checkpointing always on (as
 //! Unsloth trains): the forward keeps each layer's input, the backward recomputes the layer
-//! with its tape and runs the layer's backward (see layer.rs for the formulas).
+//! with its tape and runs the layer's backward (see layer.rs for the formulas). modules_to_save
+//! (embed_tokens, lm_head) train whole beside the adapter as [`CudaTrainable`]s: the lookup
+//! reads the trained embedding's bf16 copy and its gradient takes dh₀ row by row; the loss reads
+//! the trained lm_head and adds dlogitsᵀ·normed to its gradient chunk by chunk.
 //! Letters: N = B·T rows, C hidden, F intermediate, V vocabulary.
 
 use std::collections::hash_map::{Entry, HashMap};
@@ -15,12 +18,15 @@ use llama_core::{bf16, DType};
 use llama_ops::cuda::CudaQuantMatrix;
 use llama_ops::cuda::{
     add_in_place, cross_entropy, cross_entropy_backward, gated_backward, gated_forward, linear,
-    linear_backward_input, linear_backward_input_into, rms_norm, rms_norm_backward,
+    linear_backward_input, linear_backward_input_into, linear_backward_weight, rms_norm,
+    rms_norm_backward,
 };
+use llama_ops::Weight;
 use llama_ops::{CrossEntropyOptions, QuantMatrix};
-use llama_peft::cuda::{to_bf16, CudaLoraPair, CudaLoraSaved};
+use llama_peft::cuda::{to_bf16, CudaLoraPair, CudaLoraSaved, CudaTrainable};
 use llama_peft::{
-    AdapterGrads, LayerLora, LoraAdapter, LoraConfig, ModelDims, OptimizerKind, Target,
+    AdapterGrads, LayerLora, LoraAdapter, LoraConfig, ModelDims, OptimizerKind, SavedModules,
+    Target,
 };
 
 use crate::cuda_model::{CudaLayer, CudaLlamaModel};
@@ -132,6 +138,8 @@ impl<'a> FrozenWeights<'a> {
 pub struct CudaTrainer {
     model: CudaLlamaModel,
     lora: Vec<Pairs>,
+    /// modules_to_save trained whole: [embed_tokens, lm_head] ([V, C] each, f32 masters).
+    modules: [Option<CudaTrainable>; 2],
     lora_config: LoraConfig,
     pub config: TrainConfig,
     step: u64,
@@ -210,13 +218,6 @@ impl CudaTrainer {
             ));
         }
         config.optimizer.validate()?;
-        if !adapter.config.modules_to_save.is_empty() {
-            return Err(ModelError::input(
-                "modules_to_save",
-                "training whole embed_tokens / lm_head copies runs on the CPU in this version"
-                    .to_string(),
-            ));
-        }
         if adapter.config.lora_dropout > 0.0 {
             return Err(ModelError::input(
                 "lora_dropout",
@@ -241,9 +242,19 @@ impl CudaTrainer {
                 Ok(pairs)
             })
             .collect::<Result<Vec<_>>>()?;
+        let upload = |w: &Option<Weight>| -> Result<Option<CudaTrainable>> {
+            w.as_ref()
+                .map(|w| Ok(CudaTrainable::upload(&device, &w.to_f32()?)?))
+                .transpose()
+        };
+        let modules = [
+            upload(&adapter.modules.embed_tokens)?,
+            upload(&adapter.modules.lm_head)?,
+        ];
         Ok(CudaTrainer {
             model,
             lora,
+            modules,
             lora_config: adapter.config.clone(),
             config,
             step: 0,
@@ -318,10 +329,20 @@ impl CudaTrainer {
                 Ok(layer)
             })
             .collect::<Result<Vec<_>>>()?;
+        let (v, c) = (self.model.config.vocab_size, self.model.config.hidden_size);
+        let d = self.device();
+        let download = |m: &Option<CudaTrainable>| -> Result<Option<Weight>> {
+            m.as_ref()
+                .map(|m| Ok(Weight::dense(m.download(d)?, v, c)?))
+                .transpose()
+        };
         Ok(LoraAdapter {
             config: self.lora_config.clone(),
             layers,
-            modules: Default::default(),
+            modules: SavedModules {
+                embed_tokens: download(&self.modules[0])?,
+                lm_head: download(&self.modules[1])?,
+            },
         })
     }
 
@@ -330,11 +351,10 @@ impl CudaTrainer {
     pub fn optimizer_state(&self) -> Result<OptimizerState> {
         let (mut exp_avg, mut exp_avg_sq) = (Vec::new(), Vec::new());
         if matches!(self.config.optimizer, OptimizerKind::AdamW { .. }) {
-            for pair in self.lora.iter().flatten().flatten() {
-                for (m, v) in pair.moments()? {
-                    exp_avg.push(m);
-                    exp_avg_sq.push(v);
-                }
+            for t in self.trainables() {
+                let (m, v) = t.moments(self.device())?;
+                exp_avg.push(m);
+                exp_avg_sq.push(v);
             }
         }
         Ok(OptimizerState {
@@ -355,19 +375,15 @@ impl CudaTrainer {
     pub fn load_state(&mut self, dir: &std::path::Path) -> Result<()> {
         let adamw = matches!(self.config.optimizer, OptimizerKind::AdamW { .. });
         let sizes: Vec<usize> = self
-            .lora
-            .iter()
-            .flatten()
-            .flatten()
-            .flat_map(|p| [p.rank * p.in_features, p.out_features * p.rank])
+            .trainables()
+            .map(CudaTrainable::len)
             .filter(|_| adamw)
             .collect();
         let state = OptimizerState::load(dir, &sizes)?;
-        let mut moments = state.exp_avg.iter().zip(&state.exp_avg_sq);
-        for pair in self.pairs_mut() {
-            if let (Some((ma, va)), Some((mb, vb))) = (moments.next(), moments.next()) {
-                pair.set_moments([(ma, va), (mb, vb)])?;
-            }
+        let d = self.device().clone();
+        let moments = state.exp_avg.iter().zip(&state.exp_avg_sq);
+        for (t, (m, v)) in self.trainables_mut().zip(moments) {
+            t.set_moments(&d, m, v)?;
         }
         self.step = state.step;
         Ok(())
@@ -386,20 +402,35 @@ impl CudaTrainer {
                 Ok(out)
             })
             .collect::<Result<Vec<_>>>()?;
+        let d = self.device();
+        let grad = |m: &Option<CudaTrainable>| m.as_ref().map(|m| m.grad(d)).transpose();
         Ok(AdapterGrads {
             layers,
-            modules: [None, None],
+            modules: [grad(&self.modules[0])?, grad(&self.modules[1])?],
         })
     }
 
-    fn pairs_mut(&mut self) -> impl Iterator<Item = &mut CudaLoraPair> {
-        self.lora.iter_mut().flat_map(|l| l.iter_mut().flatten())
+    /// Every trained matrix in the checkpoint's order: A then B of each pair, layer by layer,
+    /// then the saved modules (embed_tokens, lm_head).
+    fn trainables(&self) -> impl Iterator<Item = &CudaTrainable> {
+        let pairs = self.lora.iter().flat_map(|l| l.iter().flatten());
+        pairs
+            .flat_map(CudaLoraPair::trainables)
+            .chain(self.modules.iter().flatten())
+    }
+
+    fn trainables_mut(&mut self) -> impl Iterator<Item = &mut CudaTrainable> {
+        let pairs = self.lora.iter_mut().flat_map(|l| l.iter_mut().flatten());
+        pairs
+            .flat_map(CudaLoraPair::trainables_mut)
+            .chain(self.modules.iter_mut().flatten())
     }
 
     /// Sets every gradient to zero.
     pub fn zero_grads(&mut self) -> Result<()> {
-        self.pairs_mut()
-            .try_for_each(|p| p.zero_grads().map_err(Into::into))
+        let d = self.device().clone();
+        self.trainables_mut()
+            .try_for_each(|t| t.zero_grad(&d).map_err(Into::into))
     }
 
     /// One optimizer step over `micro_batches` (each weighted 1/count), as [`crate::Trainer::step`].
@@ -421,14 +452,17 @@ impl CudaTrainer {
         if let Some(max) = self.config.max_grad_norm {
             let factor = max / (grad_norm + 1e-6);
             if factor < 1.0 {
-                self.pairs_mut().try_for_each(|p| p.scale_grads(factor))?;
+                let d = self.device().clone();
+                self.trainables_mut()
+                    .try_for_each(|t| t.scale_grad(&d, factor))?;
             }
         }
         let lr = self.config.schedule.lr_at(self.step as usize);
         self.step += 1;
         let (kind, step) = (self.config.optimizer, self.step);
-        self.pairs_mut()
-            .try_for_each(|p| p.update(kind, step, lr))?;
+        let d = self.device().clone();
+        self.trainables_mut()
+            .try_for_each(|t| t.update(&d, kind, step, lr))?;
         Ok(StepReport {
             step: step as usize,
             loss,
@@ -441,8 +475,8 @@ impl CudaTrainer {
     fn grad_norm(&mut self) -> Result<f32> {
         let d = self.device().clone();
         let mut acc = d.zeros::<f32>(1)?;
-        for p in self.pairs_mut() {
-            p.grad_sumsq(&mut acc)?;
+        for t in self.trainables() {
+            t.grad_sumsq(&d, &mut acc)?;
         }
         Ok(d.dtoh(&acc)?[0].sqrt())
     }
@@ -479,7 +513,8 @@ impl CudaTrainer {
         let positions: Vec<u32> = (0..seq as u32).collect();
         let d = self.device().clone();
         let mut h = d.zeros::<bf16>(b.ids.len() * cfg.hidden_size)?;
-        self.model.embed_into(&b.ids, &mut h)?;
+        let embed = self.modules[0].as_ref().map(CudaTrainable::copy);
+        self.model.embed_into(embed, &b.ids, &mut h)?;
         // forward, keeping only each layer's input
         let mut inputs = Vec::with_capacity(self.lora.len());
         for i in 0..self.lora.len() {
@@ -508,6 +543,10 @@ impl CudaTrainer {
             let i = inputs.len();
             let (_, tape) = self.layer_forward(i, &input, b.batch, &positions)?;
             dh = self.layer_backward(i, &input, &tape, &dh)?;
+        }
+        // dh is now the gradient of the embeddings: a trained embed_tokens takes it row by row.
+        if let Some(embed) = &mut self.modules[0] {
+            embed.add_rows(&d, &b.ids, &dh, cfg.hidden_size)?;
         }
         Ok(loss)
     }
@@ -653,16 +692,23 @@ impl CudaTrainer {
         Ok(dx)
     }
 
+    /// The lm_head the loss reads: the trained copy (modules_to_save) or the model's.
+    fn lm_head(&self) -> &CudaSlice<bf16> {
+        self.modules[1]
+            .as_ref()
+            .map_or(&self.model.lm_head, CudaTrainable::copy)
+    }
+
     /// Cross entropy of the normed hidden states [N, C] against `targets` [N], and its
     /// gradient [N, C] times `scale`, a chunk of rows at a time (the [N, V] logits never exist
-    /// whole).
+    /// whole); a trained lm_head's gradient (dW += dlogitsᵀ·normed) accumulates chunk by chunk.
     fn head_backward(
-        &self,
+        &mut self,
         normed: &CudaSlice<bf16>,
         targets: &[i64],
         scale: f32,
     ) -> Result<(f32, CudaSlice<bf16>)> {
-        let d = self.device();
+        let d = &self.model.device().clone();
         let (c, v) = (self.model.config.hidden_size, self.model.config.vocab_size);
         let opts = CrossEntropyOptions::default();
         let scored = targets.iter().filter(|&&t| t != opts.ignore_index).count();
@@ -679,7 +725,7 @@ impl CudaTrainer {
                 .memcpy_dtod(&normed.slice(first * c..(first + n) * c), &mut x)
                 .map_err(cuda_err("memcpy_dtod"))?;
             let mut logits = d.zeros::<bf16>(n * v)?;
-            linear(d, &x, &self.model.lm_head, c, &mut logits)?;
+            linear(d, &x, self.lm_head(), c, &mut logits)?;
             let ce = cross_entropy(d, &logits, t, &opts)?;
             loss_sum += ce.loss as f64 * ce.n_valid as f64;
             cross_entropy_backward(
@@ -689,7 +735,10 @@ impl CudaTrainer {
                 scale * ce.n_valid as f32 / scored as f32,
                 &opts,
             )?;
-            linear_backward_input(d, &logits, &self.model.lm_head, c, &mut x)?;
+            if let Some(head) = &mut self.modules[1] {
+                linear_backward_weight(d, &logits, &x, c, head.grad_mut())?;
+            }
+            linear_backward_input(d, &logits, self.lm_head(), c, &mut x)?;
             d.stream()
                 .memcpy_dtod(&x, &mut d_normed.slice_mut(first * c..(first + n) * c))
                 .map_err(cuda_err("memcpy_dtod"))?;

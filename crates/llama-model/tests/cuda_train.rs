@@ -1,7 +1,8 @@
 //! LoRA training on the GPU (bf16 base, f32 LoRA) against peft's f32 numbers for every adapter
 //! under `$LLAMA_FIXTURES/peft`: the loss, every LoRA gradient, the losses of three AdamW steps
 //! and the matrices after one SGD step, within bf16 tolerance; QLoRA's gradients against the
-//! CPU's NF4 model. Skipped, and counted, without a CUDA device.
+//! CPU's NF4 model; modules_to_save's gradients and step against the CPU's. Skipped, and
+//! counted, without a CUDA device.
 
 mod common;
 
@@ -11,7 +12,7 @@ use common::{adapter_matrices, check_matrices, constant_config, grad_matrices, C
 use llama_core::cuda::CudaDevice;
 use llama_fixtures::{assert_close, cuda_or_skip, fixture_names};
 use llama_model::{CudaLlamaModel, CudaTrainer, StepOptions};
-use llama_peft::OptimizerKind;
+use llama_peft::{AdapterGrads, LoraConfig, OptimizerKind};
 
 /// A GPU trainer for the case's model and adapter: `optimizer` at a constant `lr`.
 fn trainer(gpu: &Arc<CudaDevice>, c: &Case, optimizer: OptimizerKind, lr: f32) -> CudaTrainer {
@@ -21,6 +22,21 @@ fn trainer(gpu: &Arc<CudaDevice>, c: &Case, optimizer: OptimizerKind, lr: f32) -
 }
 
 const SGD: OptimizerKind = OptimizerKind::Sgd { weight_decay: 0.0 };
+
+/// The CPU's gradients (f32, no checkpointing) of the case's adapter on its batch.
+fn cpu_grads(c: &mut Case) -> AdapterGrads {
+    c.model.set_adapter(Some(c.adapter.clone())).unwrap();
+    let mut grads = c.adapter.zero_grads();
+    let options = StepOptions {
+        gradient_checkpointing: false,
+        grad_scale: 1.0,
+        dropout_seed: None,
+    };
+    c.model
+        .loss_and_grads(&c.batch, &mut grads, &options)
+        .unwrap();
+    grads
+}
 
 #[test]
 fn gpu_lora_training_matches_peft_in_bf16() {
@@ -83,18 +99,62 @@ fn gpu_qlora_gradients_match_the_cpu() {
     t.loss_and_grads(&c.batch, 1.0).unwrap();
     let gpu_grads = grad_matrices(&c.adapter, &t.grads().unwrap());
     c.model.convert_projections(llama_core::DType::Nf4).unwrap();
-    c.model.set_adapter(Some(c.adapter.clone())).unwrap();
-    let mut grads = c.adapter.zero_grads();
-    let options = StepOptions {
-        gradient_checkpointing: false,
-        grad_scale: 1.0,
-        dropout_seed: None,
-    };
-    c.model
-        .loss_and_grads(&c.batch, &mut grads, &options)
-        .unwrap();
+    let grads = cpu_grads(&mut c);
     for ((label, got), (_, want)) in gpu_grads.iter().zip(grad_matrices(&c.adapter, &grads)) {
         let name = format!("{} gpu qlora {label}", c.name);
         assert_close(&name, got, &want, &[want.len()], 5e-2);
+    }
+}
+
+/// modules_to_save on the GPU (embed_tokens and lm_head trained whole: f32 masters, bf16
+/// copies for the products) against the CPU's f32 gradients of the same adapter: both modules'
+/// gradients and the LoRA ones within bf16 tolerance, and one SGD step (lr 0.1) moves each
+/// module by −0.1 × its gradient.
+#[test]
+fn gpu_modules_to_save_match_the_cpu() {
+    let Some(gpu) = cuda_or_skip!() else { return };
+    let mut c = common::case(fixture_names("peft", "adapter_config.json").remove(0));
+    c.adapter.config.modules_to_save =
+        LoraConfig::parse_modules_to_save(&["embed_tokens", "lm_head"]).unwrap();
+    let (embed, head) = (c.model.embed_tokens.clone(), c.model.base_lm_head().clone());
+    c.adapter.init_modules(&embed, &head).unwrap();
+    let mut t = trainer(&gpu, &c, SGD, 0.1);
+    t.loss_and_grads(&c.batch, 1.0).unwrap();
+    let gpu_grads = t.grads().unwrap();
+    let grads = cpu_grads(&mut c);
+    let pairs = grad_matrices(&c.adapter, &gpu_grads);
+    for ((label, got), (_, want)) in pairs.iter().zip(grad_matrices(&c.adapter, &grads)) {
+        let name = format!("{} gpu modules_to_save {label}", c.name);
+        assert_close(&name, got, &want, &[want.len()], 5e-2);
+    }
+    t.zero_grads().unwrap();
+    t.step(std::slice::from_ref(&c.batch)).unwrap();
+    let trained = t.adapter().unwrap();
+    for (m, name) in ["embed_tokens", "lm_head"].iter().enumerate() {
+        let want = grads.modules[m].as_ref().expect("trained on the CPU");
+        let got = gpu_grads.modules[m].as_ref().expect("trained on the GPU");
+        assert_close(
+            &format!("{} gpu {name} grad", c.name),
+            got,
+            want,
+            &[want.len()],
+            5e-2,
+        );
+        let module = |a: &llama_peft::LoraAdapter| {
+            let w = [&a.modules.embed_tokens, &a.modules.lm_head][m];
+            w.as_ref()
+                .expect("a saved module")
+                .to_f32()
+                .unwrap()
+                .to_vec()
+        };
+        let moved: Vec<f32> = module(&trained)
+            .iter()
+            .zip(module(&c.adapter))
+            .map(|(after, before)| after - before)
+            .collect();
+        let step: Vec<f32> = want.iter().map(|g| -0.1 * g).collect();
+        let label = format!("{} gpu {name} after an SGD step", c.name);
+        assert_close(&label, &moved, &step, &[step.len()], 5e-2);
     }
 }

@@ -72,17 +72,19 @@ pub fn to_bf16(
     )
 }
 
-/// One matrix of a pair: the f32 master, its bf16 copy, its gradient and AdamW moments.
-struct Matrix {
+/// A trained matrix on a device: the f32 master, its bf16 copy for the products, its f32
+/// gradient and AdamW moments. Each of a LoRA pair's A and B is one, and so is each module of
+/// `modules_to_save` (embed_tokens, lm_head) the GPU trainer trains.
+pub struct CudaTrainable {
     master: CudaSlice<f32>,
     copy: CudaSlice<bf16>,
     grad: CudaSlice<f32>,
     moments: Option<(CudaSlice<f32>, CudaSlice<f32>)>,
 }
 
-impl Matrix {
-    fn upload(device: &CudaDevice, values: &[f32]) -> Result<Matrix> {
-        let mut m = Matrix {
+impl CudaTrainable {
+    pub fn upload(device: &CudaDevice, values: &[f32]) -> Result<CudaTrainable> {
+        let mut m = CudaTrainable {
             master: device.htod(values)?,
             copy: device.zeros(values.len())?,
             grad: device.zeros(values.len())?,
@@ -92,19 +94,82 @@ impl Matrix {
         Ok(m)
     }
 
+    /// How many weights it holds.
+    pub fn len(&self) -> usize {
+        self.master.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.master.is_empty()
+    }
+
+    /// The bf16 copy of the master weights the products read.
+    pub fn copy(&self) -> &CudaSlice<bf16> {
+        &self.copy
+    }
+
+    /// The f32 gradient, accumulated into by the backward.
+    pub fn grad_mut(&mut self) -> &mut CudaSlice<f32> {
+        &mut self.grad
+    }
+
+    /// The master weights on the host.
+    pub fn download(&self, device: &CudaDevice) -> Result<Vec<f32>> {
+        Ok(device.dtoh(&self.master)?)
+    }
+
+    /// The gradient on the host.
+    pub fn grad(&self, device: &CudaDevice) -> Result<Vec<f32>> {
+        Ok(device.dtoh(&self.grad)?)
+    }
+
+    pub fn zero_grad(&mut self, device: &CudaDevice) -> Result<()> {
+        device
+            .stream()
+            .memset_zeros(&mut self.grad)
+            .map_err(|e| llama_core::Error::cuda("memset", e).into())
+    }
+
+    /// Σ of the squared gradient into `acc` (one f32 on the device).
+    pub fn grad_sumsq(&self, device: &CudaDevice, acc: &mut CudaSlice<f32>) -> Result<()> {
+        let f = device.function(&LORA, "lora_sumsq_f32")?;
+        let n = self.grad.len();
+        let mut launch = device.stream().launch_builder(&f);
+        launch.arg(&self.grad).arg(&n).arg(acc);
+        // SAFETY: grad holds n values, acc one.
+        launched(
+            "lora_sumsq_f32",
+            unsafe { launch.launch(grid(n)) }.map(|_| ()),
+        )
+    }
+
+    /// Multiplies the gradient by `factor` (clipping).
+    pub fn scale_grad(&mut self, device: &CudaDevice, factor: f32) -> Result<()> {
+        let f = device.function(&LORA, "lora_scale_f32")?;
+        let n = self.grad.len();
+        let mut launch = device.stream().launch_builder(&f);
+        launch.arg(&mut self.grad).arg(&n).arg(&factor);
+        // SAFETY: grad holds n values.
+        launched(
+            "lora_scale_f32",
+            unsafe { launch.launch(grid(n)) }.map(|_| ()),
+        )
+    }
+
     /// AdamW's moments (m, v) on the host; zeros before the first AdamW update.
-    fn moments(&self, device: &CudaDevice) -> Result<(Vec<f32>, Vec<f32>)> {
+    pub fn moments(&self, device: &CudaDevice) -> Result<(Vec<f32>, Vec<f32>)> {
         Ok(match &self.moments {
             Some((m, v)) => (device.dtoh(m)?, device.dtoh(v)?),
             None => (vec![0.0; self.master.len()], vec![0.0; self.master.len()]),
         })
     }
 
-    fn set_moments(&mut self, device: &CudaDevice, m: &[f32], v: &[f32]) -> Result<()> {
+    /// Restores the moments [`Self::moments`] gave (a checkpoint's).
+    pub fn set_moments(&mut self, device: &CudaDevice, m: &[f32], v: &[f32]) -> Result<()> {
         let n = self.master.len();
         if m.len() != n || v.len() != n {
             return shape_error(
-                "CudaLoraPair::set_moments",
+                "CudaTrainable::set_moments",
                 format!(
                     "moments of {} and {} values for {n} weights",
                     m.len(),
@@ -121,7 +186,55 @@ impl Matrix {
         to_bf16(device, &self.master, &mut self.copy, self.master.len())
     }
 
-    fn update(
+    /// The gradient of an embedding lookup: row ids[r] of this [vocab, cols] gradient += row r
+    /// of dh [N, cols]. Ids past the table are an error.
+    pub fn add_rows(
+        &mut self,
+        device: &CudaDevice,
+        ids: &[u32],
+        dh: &CudaSlice<bf16>,
+        cols: usize,
+    ) -> Result<()> {
+        let vocab = self.grad.len() / cols.max(1);
+        if dh.len() != ids.len() * cols || ids.iter().any(|&id| id as usize >= vocab) {
+            return shape_error(
+                "CudaTrainable::add_rows",
+                format!(
+                    "{} ids and {} gradient values for a [{vocab}, {cols}] table",
+                    ids.len(),
+                    dh.len()
+                ),
+            );
+        }
+        if dh.is_empty() {
+            return Ok(());
+        }
+        let ids_dev = device.htod(ids)?;
+        let f = device.function(&LORA, "lora_add_rows")?;
+        let rows = ids.len();
+        let mut launch = device.stream().launch_builder(&f);
+        launch
+            .arg(&mut self.grad)
+            .arg(&ids_dev)
+            .arg(dh)
+            .arg(&rows)
+            .arg(&cols);
+        // SAFETY: grad holds vocab · cols values and every id is below vocab; dh holds rows ·
+        // cols (checked).
+        launched(
+            "lora_add_rows",
+            unsafe { launch.launch(grid(rows * cols)) }.map(|_| ()),
+        )
+    }
+
+    /// Device bytes held (master, copy, gradient, moments).
+    pub fn memory_bytes(&self) -> usize {
+        let moments = self.moments.as_ref().map_or(0, |_| self.master.len() * 8);
+        self.master.len() * (4 + 2 + 4) + moments
+    }
+
+    /// One optimizer update (step counts from 1), then a fresh bf16 copy.
+    pub fn update(
         &mut self,
         device: &CudaDevice,
         kind: OptimizerKind,
@@ -185,8 +298,8 @@ pub struct CudaLoraPair {
     pub in_features: usize,
     pub out_features: usize,
     pub scaling: f32,
-    a: Matrix,
-    b: Matrix,
+    a: CudaTrainable,
+    b: CudaTrainable,
 }
 
 /// What [`CudaLoraPair::forward_add`] keeps: xs = s·(x·Aᵀ), [M, r] in bf16.
@@ -202,17 +315,15 @@ impl CudaLoraPair {
             in_features: pair.in_features,
             out_features: pair.out_features,
             scaling: pair.scaling,
-            a: Matrix::upload(device, &pair.a)?,
-            b: Matrix::upload(device, &pair.b)?,
+            a: CudaTrainable::upload(device, &pair.a)?,
+            b: CudaTrainable::upload(device, &pair.b)?,
         })
     }
 
     /// The master weights, back on the host.
     pub fn download(&self) -> Result<LoraPair> {
-        let (a, b) = (
-            self.device.dtoh(&self.a.master)?,
-            self.device.dtoh(&self.b.master)?,
-        );
+        let d = &self.device;
+        let (a, b) = (self.a.download(d)?, self.b.download(d)?);
         LoraPair::from_parts(
             a,
             b,
@@ -226,19 +337,18 @@ impl CudaLoraPair {
     /// The accumulated gradients, on the host.
     pub fn grads(&self) -> Result<LoraGrads> {
         Ok(LoraGrads {
-            a: self.device.dtoh(&self.a.grad)?,
-            b: self.device.dtoh(&self.b.grad)?,
+            a: self.a.grad(&self.device)?,
+            b: self.b.grad(&self.device)?,
         })
     }
 
-    pub fn zero_grads(&mut self) -> Result<()> {
-        for m in [&mut self.a, &mut self.b] {
-            self.device
-                .stream()
-                .memset_zeros(&mut m.grad)
-                .map_err(|e| llama_core::Error::cuda("memset", e))?;
-        }
-        Ok(())
+    /// A and B, for the optimizer.
+    pub fn trainables(&self) -> [&CudaTrainable; 2] {
+        [&self.a, &self.b]
+    }
+
+    pub fn trainables_mut(&mut self) -> [&mut CudaTrainable; 2] {
+        [&mut self.a, &mut self.b]
     }
 
     fn rows(&self, op: &'static str, x: usize, y: usize) -> Result<usize> {
@@ -290,65 +400,8 @@ impl CudaLoraPair {
         Ok(())
     }
 
-    /// Σ of the squared gradients into `acc` (one f32 on the device).
-    pub fn grad_sumsq(&self, acc: &mut CudaSlice<f32>) -> Result<()> {
-        let f = self.device.function(&LORA, "lora_sumsq_f32")?;
-        for m in [&self.a, &self.b] {
-            let n = m.grad.len();
-            let mut launch = self.device.stream().launch_builder(&f);
-            launch.arg(&m.grad).arg(&n).arg(&mut *acc);
-            // SAFETY: grad holds n values, acc one.
-            launched(
-                "lora_sumsq_f32",
-                unsafe { launch.launch(grid(n)) }.map(|_| ()),
-            )?;
-        }
-        Ok(())
-    }
-
-    /// Multiplies the gradients by `factor` (clipping).
-    pub fn scale_grads(&mut self, factor: f32) -> Result<()> {
-        let f = self.device.function(&LORA, "lora_scale_f32")?;
-        for m in [&mut self.a, &mut self.b] {
-            let n = m.grad.len();
-            let mut launch = self.device.stream().launch_builder(&f);
-            launch.arg(&mut m.grad).arg(&n).arg(&factor);
-            // SAFETY: grad holds n values.
-            launched(
-                "lora_scale_f32",
-                unsafe { launch.launch(grid(n)) }.map(|_| ()),
-            )?;
-        }
-        Ok(())
-    }
-
-    /// One optimizer update of both matrices (step counts from 1), then fresh bf16 copies.
-    pub fn update(&mut self, kind: OptimizerKind, step: u64, lr: f32) -> Result<()> {
-        let d = self.device.clone();
-        self.a.update(&d, kind, step, lr)?;
-        self.b.update(&d, kind, step, lr)
-    }
-
-    /// AdamW's moments of A and B on the host: [(m, v) of A, (m, v) of B].
-    pub fn moments(&self) -> Result<[(Vec<f32>, Vec<f32>); 2]> {
-        Ok([self.a.moments(&self.device)?, self.b.moments(&self.device)?])
-    }
-
-    /// Restores the moments [`Self::moments`] gave (a checkpoint's).
-    pub fn set_moments(&mut self, [(ma, va), (mb, vb)]: [(&[f32], &[f32]); 2]) -> Result<()> {
-        let d = self.device.clone();
-        self.a.set_moments(&d, ma, va)?;
-        self.b.set_moments(&d, mb, vb)
-    }
-
     /// Device bytes held (masters, copies, gradients, moments).
     pub fn memory_bytes(&self) -> usize {
-        let values = self.a.master.len() + self.b.master.len();
-        let moments = [&self.a, &self.b]
-            .iter()
-            .filter(|m| m.moments.is_some())
-            .map(|m| m.master.len() * 8)
-            .sum::<usize>();
-        values * (4 + 2 + 4) + moments
+        self.a.memory_bytes() + self.b.memory_bytes()
     }
 }
