@@ -3,8 +3,9 @@
 //! query row (a key row in the dK/dV pass); when there are too few query rows to fill the GPU —
 //! decoding — the keys are split across warps and the partial softmaxes merged
 //! (flash-decoding). Prefill in bf16 at head_dim 64 or 128 runs a tensor-core kernel instead
-//! (mma.sync, K/V tiles in shared memory). head_dim ≤ 256. [`CudaKvCache`] keeps a layer's
-//! keys and values on the device, grown in increments like the host cache.
+//! (mma.sync, double-buffered K/V tiles in shared memory), and so does the training backward
+//! ([`backward_tc`], FlashAttention-2's). head_dim ≤ 256. [`CudaKvCache`] keeps a layer's keys
+//! and values on the device, grown in increments like the host cache.
 
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use llama_core::cuda::{CudaDevice, KernelSource};
