@@ -304,29 +304,24 @@ fn merges_from_scores<'a>(tokens: &[&'a str], scores: &[f64]) -> Vec<(&'a str, &
 /// fallback (`<0x..>` pieces for what the vocabulary lacks); GGUF token types 2 (unknown) and 3
 /// (control) special added tokens, 4 (user-defined) added ones.
 fn spm_tokenizer_json(tokens: &[&str], merges: &[(&str, &str)], types: &[u64]) -> Value {
-    let vocab = vocab_json(tokens);
     let added = added_json(tokens, types, |ty| match ty {
         2 | 3 => Some((true, false)),
         4 => Some((false, false)),
         _ => None,
     });
     let merges: Vec<[&str; 2]> = merges.iter().map(|&(l, r)| [l, r]).collect();
-    json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added,
-        "normalizer": null,
-        "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false},
-        "post_processor": null,
-        "decoder": {"type": "Sequence", "decoders": [
+    let parts = BpeJson {
+        added,
+        pre_tokenizer: json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false}),
+        post_processor: Value::Null,
+        decoder: json!({"type": "Sequence", "decoders": [
             {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
             {"type": "ByteFallback"}, {"type": "Fuse"},
-            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
-                  "ignore_merges": false, "vocab": vocab, "merges": merges},
-    })
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}),
+        byte_fallback: true,
+        merges: json!(merges),
+    };
+    bpe_tokenizer_json(tokens, parts)
 }
 
 /// llama.cpp's pre-tokenizer names → HF pre-tokenizer JSON.
@@ -346,13 +341,39 @@ fn pre_tokenizer(pre: &str) -> Value {
 
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
-/// Token → id of a GGUF vocabulary, as `tokenizer.json`'s model holds it.
-fn vocab_json(tokens: &[&str]) -> serde_json::Map<String, Value> {
-    tokens
+/// What a GGUF tokenizer kind sets in its `tokenizer.json`; the rest is common.
+struct BpeJson {
+    added: Vec<Value>,
+    pre_tokenizer: Value,
+    post_processor: Value,
+    decoder: Value,
+    /// SentencePiece's: characters the vocabulary lacks become `<0x..>` byte pieces, and
+    /// unknown runs fuse.
+    byte_fallback: bool,
+    merges: Value,
+}
+
+/// The `tokenizer.json` of a BPE vocabulary: `tokens` (ids in order) with `parts`.
+fn bpe_tokenizer_json(tokens: &[&str], parts: BpeJson) -> Value {
+    let vocab: serde_json::Map<String, Value> = tokens
         .iter()
         .enumerate()
         .map(|(i, t)| (t.to_string(), json!(i)))
-        .collect()
+        .collect();
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": parts.added,
+        "normalizer": null,
+        "pre_tokenizer": parts.pre_tokenizer,
+        "post_processor": parts.post_processor,
+        "decoder": parts.decoder,
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": parts.byte_fallback,
+                  "byte_fallback": parts.byte_fallback, "ignore_merges": false, "vocab": vocab,
+                  "merges": parts.merges},
+    })
 }
 
 /// `tokenizer.json`'s added tokens: each token whose GGUF type `kind` maps to (special,
@@ -379,23 +400,19 @@ fn added_json(
 /// The `tokenizer.json` of a byte-level BPE vocabulary. GGUF token types: 1 normal, 3 control
 /// (special added tokens), 4 user-defined (added, not special).
 fn gpt2_tokenizer_json(tokens: &[&str], merges: &[&str], types: &[u64], pre: &str) -> Value {
-    let vocab = vocab_json(tokens);
     let added = added_json(tokens, types, |ty| match ty {
         3 => Some((true, false)),
         4 => Some((false, true)),
         _ => None,
     });
-    json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added,
-        "normalizer": null,
-        "pre_tokenizer": pre_tokenizer(pre),
-        "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                  "ignore_merges": false, "vocab": vocab, "merges": merges},
-    })
+    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true});
+    let parts = BpeJson {
+        added,
+        pre_tokenizer: pre_tokenizer(pre),
+        post_processor: byte_level,
+        decoder: json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true}),
+        byte_fallback: false,
+        merges: json!(merges),
+    };
+    bpe_tokenizer_json(tokens, parts)
 }
