@@ -141,6 +141,11 @@ __device__ __forceinline__ float hash_uniform(unsigned long long seed, size_t i)
                                                      T* dgate, T* dup, size_t n, int act) {        \
         gated_backward_impl(gate, up, dh, dgate, dup, n, act);                                     \
     }                                                                                              \
+    /* The same with dgate over gate and dup over up (each element is read before it is written). */ \
+    extern "C" __global__ void gated_backward_in_place_##name(T* gate, T* up, const T* dh, size_t n, \
+                                                              int act) {                           \
+        gated_backward_impl(gate, up, dh, gate, up, n, act);                                       \
+    }                                                                                              \
     /* Uniform values in [-scale, scale) from a hash of (seed, i): random weights for benches. */ \
     extern "C" __global__ void fill_uniform_##name(T* x, size_t n, unsigned long long seed,        \
                                                    float scale) {                                  \

@@ -331,17 +331,36 @@ __device__ __forceinline__ void double_buffered(unsigned n, Stage stage, Body bo
     }
 }
 
-// C [16, N] = A [16, D] · Mᵀ for M [N, D] row-major in shared memory: B's column n is M's row n.
+// 8×8 b16 matrices from shared memory (ldmatrix): lanes 8i … 8i + 7 address the rows of matrix
+// i, and each lane receives its fragment of every matrix (row lane/4, columns 2·(lane%4), +1;
+// with .trans, of the transposed matrices). Two matrices (lanes 0–15 address) or four.
+__device__ __forceinline__ void ldsm_x2(unsigned* b, const void* row) {
+    unsigned addr = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(b[0]), "=r"(b[1])
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(unsigned* b, const void* row) {
+    unsigned addr = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+                 : "r"(addr));
+}
+
+// C [16, N] = A [16, D] · Mᵀ for M [N, D] row-major in shared memory: B's column n is M's row n,
+// so an ldmatrix of rows n·8 … n·8 + 7 at columns 16·kk and 16·kk + 8 hands each lane its pairs.
 template <int D, int N>
 __device__ __forceinline__ void mma_abt(float (*c)[4], const unsigned (*a)[4], const unsigned short (*m)[D + 8]) {
-    unsigned grp = (threadIdx.x & 31u) >> 2, t = threadIdx.x & 3u;
+    unsigned lane = threadIdx.x & 31u;
 #pragma unroll
     for (int n = 0; n < N / 8; ++n) {
         c[n][0] = c[n][1] = c[n][2] = c[n][3] = 0.0f;
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
-            const unsigned short* mr = &m[n * 8 + grp][kk * 16 + 2 * t];
-            mma_bf16(c[n], a[kk], *(const unsigned*)mr, *(const unsigned*)(mr + 8));
+            unsigned b[2];
+            ldsm_x2(b, &m[n * 8 + (lane & 7u)][kk * 16 + ((lane >> 3) & 1u) * 8]);
+            mma_bf16(c[n], a[kk], b[0], b[1]);
         }
     }
 }
@@ -356,10 +375,7 @@ __device__ __forceinline__ void mma_ab(float (*c)[4], const unsigned (*a)[4], co
 #pragma unroll
         for (int n = 0; n < D / 8; n += 2) {
             unsigned b[4];
-            unsigned addr = (unsigned)__cvta_generic_to_shared(&m[kk * 16 + (lane & 15u)][n * 8 + (lane >> 4) * 8]);
-            asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                         : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
-                         : "r"(addr));
+            ldsm_x4_trans(b, &m[kk * 16 + (lane & 15u)][n * 8 + (lane >> 4) * 8]);
             mma_bf16(c[n], a[kk], b[0], b[1]);
             mma_bf16(c[n + 1], a[kk], b[2], b[3]);
         }
@@ -396,6 +412,52 @@ __device__ __forceinline__ void store_c_rows(bf16_t* m, const float (*c)[4], con
 
 #define LOG2E 1.4426950408889634f
 
+// One key tile of the online softmax for a lane's two rows: the scores sc [TC_KEYS/8][4] (raw
+// Q·Kᵀ) become p = exp2(s·scale·log₂e − m), the running max m and sum l move on and the output
+// accumulators o are rescaled. MASK: keys outside a row's [lo, hi) count as −∞ (the caller
+// skips it for tiles every row of the warp sees whole). Rows that have seen no key keep m = −∞
+// and l = 0 (exp2 against 0 gives their p = 0).
+template <int D, bool MASK>
+__device__ __forceinline__ void softmax_tile(float (*sc)[4], float (*o)[4], float* m, float* l, unsigned kt,
+                                             const unsigned* lo, const unsigned* hi, float scale_log2) {
+    unsigned t = threadIdx.x & 3u;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float mx = -POS_INF;
+#pragma unroll
+        for (int n = 0; n < TC_KEYS / 8; ++n)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                unsigned j = kt + n * 8 + 2 * t + c;
+                float x = sc[n][2 * r + c] * scale_log2;
+                if (MASK && !(j >= lo[r] && j < hi[r])) x = -POS_INF;
+                sc[n][2 * r + c] = x;
+                mx = fmaxf(mx, x);
+            }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        float new_m = fmaxf(m[r], mx), base = new_m == -POS_INF ? 0.0f : new_m;
+        float rescale = exp2f(m[r] - base), sum = 0.0f;
+#pragma unroll
+        for (int n = 0; n < TC_KEYS / 8; ++n)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                float p = exp2f(sc[n][2 * r + c] - base);
+                sc[n][2 * r + c] = p;
+                sum += p;
+            }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        l[r] = l[r] * rescale + sum;
+        m[r] = new_m;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+            o[n][2 * r] *= rescale;
+            o[n][2 * r + 1] *= rescale;
+        }
+    }
+}
+
 template <int D>
 __device__ void attn_forward_tc_impl(const bf16_t* q, const bf16_t* k, const bf16_t* v, const int* pad,
                                      bf16_t* out, float* lse, AttnDims s, float scale) {
@@ -403,10 +465,11 @@ __device__ void attn_forward_tc_impl(const bf16_t* q, const bf16_t* k, const bf1
     Row<D>* ks = (Row<D>*)tc_smem;  // [2 · TC_KEYS]: two buffers of K, then of V
     Row<D>* vs = ks + 2 * TC_KEYS;
     unsigned warp = threadIdx.x / 32, lane = threadIdx.x & 31u, grp = lane >> 2, t = lane & 3u;
-    unsigned tiles = (s.seq_q + TC_ROWS - 1) / TC_ROWS;
+    unsigned tiles = (s.seq_q + TC_ROWS - 1) / TC_ROWS, pairs = s.batch * s.heads;
     // Scores in log2 units, so that the exponentials are exp2: s · scale · log2(e).
     const float scale_log2 = scale * LOG2E;
-    unsigned bh = blockIdx.x / tiles, tile = blockIdx.x % tiles;
+    // The tiles with the most keys (the last, under a causal mask) first.
+    unsigned tile = tiles - 1 - blockIdx.x / pairs, bh = blockIdx.x % pairs;
     unsigned b = bh / s.heads, h = bh % s.heads, g = h / (s.heads / s.kv_heads);
     unsigned first_row = tile * TC_ROWS, row0 = first_row + warp * 16;
     const bf16_t* qb = q + (size_t)bh * s.seq_q * D;
@@ -439,44 +502,14 @@ __device__ void attn_forward_tc_impl(const bf16_t* q, const bf16_t* k, const bf1
         unsigned kt = block_lo + it * TC_KEYS, buf = (it & 1) * TC_KEYS;
         float sc[TC_KEYS / 8][4];
         mma_abt<D, TC_KEYS>(sc, qa, ks + buf);
-        // Online softmax per row on the fragments; masked entries become p = 0.
+        // Masked entries become p = 0; tiles every row of the warp sees whole need no mask.
+        bool whole = true;
+        for (int r = 0; r < 2; ++r) whole = whole && kt >= lo[r] && kt + TC_KEYS <= hi[r];
+        if (__all_sync(0xffffffffu, whole))
+            softmax_tile<D, false>(sc, o, m, l, kt, lo, hi, scale_log2);
+        else
+            softmax_tile<D, true>(sc, o, m, l, kt, lo, hi, scale_log2);
         unsigned pa[TC_KEYS / 16][4];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float mx = -POS_INF;
-#pragma unroll
-            for (int n = 0; n < TC_KEYS / 8; ++n)
-#pragma unroll
-                for (int c = 0; c < 2; ++c) {
-                    unsigned j = kt + n * 8 + 2 * t + c;
-                    float x = (j >= lo[r] && j < hi[r]) ? sc[n][2 * r + c] * scale_log2 : -POS_INF;
-                    sc[n][2 * r + c] = x;
-                    mx = fmaxf(mx, x);
-                }
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            float new_m = fmaxf(m[r], mx);
-            float rescale = new_m == -POS_INF ? 1.0f : exp2f(m[r] - new_m);
-            float sum = 0.0f;
-#pragma unroll
-            for (int n = 0; n < TC_KEYS / 8; ++n)
-#pragma unroll
-                for (int c = 0; c < 2; ++c) {
-                    float x = sc[n][2 * r + c];
-                    float p = x == -POS_INF ? 0.0f : exp2f(x - new_m);
-                    sc[n][2 * r + c] = p;
-                    sum += p;
-                }
-            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-            l[r] = l[r] * rescale + sum;
-            m[r] = new_m;
-#pragma unroll
-            for (int n = 0; n < D / 8; ++n) {
-                o[n][2 * r] *= rescale;
-                o[n][2 * r + 1] *= rescale;
-            }
-        }
         pack_a<TC_KEYS>(pa, sc);
         mma_ab<TC_KEYS, D>(o, pa, vs + buf);
     });

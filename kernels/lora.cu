@@ -1,16 +1,10 @@
 // LoRA training on the GPU (llama-peft, cuda.rs): the f32 master weights' bf16 copies, the
-// small scalings of the LoRA branch, the gradient norm, the AdamW update with torch's
-// arithmetic (decoupled weight decay, bias correction; see llama-peft/src/optim.rs) and a
-// trained embedding's gradient.
+// gradient norm and clipping, the AdamW update with torch's arithmetic (decoupled weight decay,
+// bias correction; see llama-peft/src/optim.rs) and a trained embedding's gradient.
 
 // dst = bf16(src): the copy of a master weight the products read.
 extern "C" __global__ void lora_to_bf16(const float* src, bf16_t* dst, size_t n) {
     GRID_STRIDE_LOOP(i, n) { dst[i] = from_f32<bf16_t>(src[i]); }
-}
-
-// x *= s in place (bf16 values, f32 arithmetic): s·(x·Aᵀ) and s·(dy·B).
-extern "C" __global__ void lora_scale_bf16(bf16_t* x, size_t n, float s) {
-    GRID_STRIDE_LOOP(i, n) { x[i] = from_f32<bf16_t>(s * to_f32(x[i])); }
 }
 
 // x *= s in place (f32): gradient clipping.

@@ -17,8 +17,8 @@ use llama_core::cuda::CudaDevice;
 use llama_core::{bf16, DType};
 use llama_ops::cuda::CudaQuantMatrix;
 use llama_ops::cuda::{
-    add_in_place, cross_entropy, cross_entropy_backward, gated_backward, gated_forward, linear,
-    linear_backward_input, linear_backward_input_into, linear_backward_weight, rms_norm,
+    add_in_place, cross_entropy, cross_entropy_backward, gated_backward_in_place, gated_forward,
+    linear, linear_backward_input, linear_backward_input_into, linear_backward_weight, rms_norm,
     rms_norm_backward,
 };
 use llama_ops::Weight;
@@ -518,7 +518,8 @@ impl CudaTrainer {
         // forward, keeping only each layer's input
         let mut inputs = Vec::with_capacity(self.lora.len());
         for i in 0..self.lora.len() {
-            let (out, _) = self.layer_forward(i, &h, b.batch, &positions)?;
+            let (out, _) = self.layer_forward(i, &h, b.batch, &positions, true)?;
+            let out = out.expect("a forward asked for its output returns it");
             inputs.push(std::mem::replace(&mut h, out));
         }
         // head
@@ -541,8 +542,8 @@ impl CudaTrainer {
         // backward, last layer first, each recomputed from its input
         while let Some(input) = inputs.pop() {
             let i = inputs.len();
-            let (_, tape) = self.layer_forward(i, &input, b.batch, &positions)?;
-            dh = self.layer_backward(i, &input, &tape, &dh)?;
+            let (_, tape) = self.layer_forward(i, &input, b.batch, &positions, false)?;
+            dh = self.layer_backward(i, &input, tape, &dh)?;
         }
         // dh is now the gradient of the embeddings: a trained embed_tokens takes it row by row.
         if let Some(embed) = &mut self.modules[0] {
@@ -551,14 +552,17 @@ impl CudaTrainer {
         Ok(loss)
     }
 
-    /// Layer i over x [N, C]: its output and everything its backward needs.
+    /// Layer i over x [N, C]: everything its backward needs, and its output when `output`
+    /// (a forward recomputed for the backward skips it: the down projection's frozen product
+    /// and the residual add, whose result the backward never reads).
     fn layer_forward(
         &mut self,
         i: usize,
         x: &CudaSlice<bf16>,
         batch: usize,
         positions: &[u32],
-    ) -> Result<(CudaSlice<bf16>, Tape)> {
+        output: bool,
+    ) -> Result<(Option<CudaSlice<bf16>>, Tape)> {
         let (eps, act) = (self.model.config.rms_norm_eps, self.model.config.hidden_act);
         let dims = self.model.config.lora_dims();
         let d = self.model.device().clone();
@@ -588,12 +592,18 @@ impl CudaTrainer {
         let (up, u_s) = w.forward(Target::UpProj, pair(Target::UpProj), &normed2)?;
         let mut hact = d.zeros::<bf16>(gate.len())?;
         gated_forward(&d, act, &gate, &up, &mut hact)?;
-        let (mlp_out, dn_s) = w.forward(Target::DownProj, pair(Target::DownProj), &hact)?;
-        let mut out = d
-            .stream()
-            .clone_dtod(&mid)
-            .map_err(cuda_err("clone_dtod"))?;
-        add_in_place(&d, &mut out, &mlp_out)?;
+        let (out, dn_s) = if output {
+            let (mlp_out, dn_s) = w.forward(Target::DownProj, pair(Target::DownProj), &hact)?;
+            let mut out = d
+                .stream()
+                .clone_dtod(&mid)
+                .map_err(cuda_err("clone_dtod"))?;
+            add_in_place(&d, &mut out, &mlp_out)?;
+            (Some(out), dn_s)
+        } else {
+            let saved = pair(Target::DownProj).map(|p| p.forward_saved(&hact));
+            (None, saved.transpose()?)
+        };
         let tape = Tape {
             normed1,
             qkv_lora,
@@ -611,12 +621,13 @@ impl CudaTrainer {
     }
 
     /// Backward of layer i for dout [N, C] (the gradient of its output), given its input x:
-    /// returns the gradient of x; LoRA gradients accumulated.
+    /// returns the gradient of x; LoRA gradients accumulated. The tape is used up: the MLP's
+    /// [N, F] buffers turn into their own gradients.
     fn layer_backward(
         &mut self,
         i: usize,
         x: &CudaSlice<bf16>,
-        tape: &Tape,
+        tape: Tape,
         dout: &CudaSlice<bf16>,
     ) -> Result<CudaSlice<bf16>> {
         let (eps, act) = (self.model.config.rms_norm_eps, self.model.config.hidden_act);
@@ -631,17 +642,10 @@ impl CudaTrainer {
         let mut d_hact = d.zeros::<bf16>(tape.hact.len())?;
         let down = (p_down, &tape.mlp_lora[2]);
         w.backward(Target::DownProj, down, &tape.hact, dout, &mut d_hact, false)?;
-        let mut d_gate = d.zeros::<bf16>(tape.gate.len())?;
-        let mut d_up = d.zeros::<bf16>(tape.up.len())?;
-        gated_backward(
-            &d,
-            act,
-            &tape.gate,
-            &tape.up,
-            &d_hact,
-            &mut d_gate,
-            &mut d_up,
-        )?;
+        drop(tape.hact);
+        // gate and up become d_gate and d_up
+        let (mut d_gate, mut d_up) = (tape.gate, tape.up);
+        gated_backward_in_place(&d, act, &mut d_gate, &mut d_up, &d_hact)?;
         drop(d_hact);
         let mut d_normed = d.zeros::<bf16>(dout.len())?;
         let (gate, up) = ((p_gate, &tape.mlp_lora[0]), (p_up, &tape.mlp_lora[1]));

@@ -41,14 +41,26 @@ pub struct DecoderLayer {
     pub(crate) plan: LayerPlan,
 }
 
-/// Where a layer's attention gets its keys: the sequence itself (keeping what the backward
-/// needs when `keep`), or a cache it appends to.
+/// Where a layer's attention gets its keys: the sequence itself (keeping what `keep` says), or
+/// a cache it appends to.
 pub(crate) enum AttnInput<'a> {
     Sequence {
         padding: Option<&'a [usize]>,
-        keep: bool,
+        keep: Keep,
     },
     Cached(&'a mut KvCache),
+}
+
+/// What a forward over a sequence leaves behind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Keep {
+    /// The output in h (inference; a checkpointed training forward).
+    Output,
+    /// The output and the tape (training without checkpointing).
+    OutputAndTape,
+    /// The tape only: a forward recomputed for its backward, which never reads the output, so
+    /// the down projection's frozen product is skipped and h is left holding `mid`.
+    Tape,
 }
 
 /// What a layer's forward keeps for its backward.
@@ -171,8 +183,11 @@ impl DecoderLayer {
         let norm = self.plan.kernel(Op::RmsNorm);
         let c = self.input_layernorm.len();
         let rows = h.len() / c;
-        let kept_input =
-            matches!(input, AttnInput::Sequence { keep: true, .. }).then(|| h.to_vec());
+        let keep = match input {
+            AttnInput::Sequence { keep, .. } => keep,
+            AttnInput::Cached(_) => Keep::Output,
+        };
+        let kept_input = (keep != Keep::Output).then(|| h.to_vec());
         let mut normed1 = vec![0f32; h.len()];
         rms_norm(norm, h, &self.input_layernorm, eps, &mut normed1)?;
         // Split borrows: the projections read the weights, attend needs the layer's RoPE state.
@@ -212,8 +227,12 @@ impl DecoderLayer {
         rms_norm(norm, h, &self.post_attention_layernorm, eps, &mut normed2)?;
         let mid = kept_input.is_some().then(|| h.to_vec());
         let mlp_mode = self.group_mode(LoraGroup::Mlp);
-        let (mlp_out, mlp_saved) = mlp_forward(p.mlp, &normed2, mlp_mode, dropout.as_mut())?;
-        add_into(h, &mlp_out);
+        let output = keep != Keep::Tape;
+        let (mlp_out, mlp_saved) =
+            mlp_forward(p.mlp, &normed2, mlp_mode, dropout.as_mut(), output)?;
+        if let Some(mlp_out) = mlp_out {
+            add_into(h, &mlp_out);
+        }
         Ok(match (kept_input, attend, mid) {
             (Some(input), Some(attend), Some(mid)) => Some(LayerTape {
                 input,

@@ -21,7 +21,7 @@ use llama_peft::{LoraAdapter, LoraPair, ModelDims, Target};
 
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
-use crate::layer::{AttnInput, DecoderLayer, LayerAdapter, LlamaMlp};
+use crate::layer::{AttnInput, DecoderLayer, Keep, LayerAdapter, LlamaMlp};
 use crate::source::TensorSource;
 
 /// How activations are computed.
@@ -601,7 +601,7 @@ impl LlamaModel {
             };
             let input = AttnInput::Sequence {
                 padding,
-                keep: false,
+                keep: Keep::Output,
             };
             layer.forward(&mut h, batch, &positions, eps, input, adapter)?;
         }

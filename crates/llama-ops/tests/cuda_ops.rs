@@ -271,6 +271,18 @@ fn norms_and_activations_match_the_cpu_in_f32_and_bf16() {
                 &[n],
                 ACT_TOL,
             );
+            let (mut dg_in, mut du_in) = (up(&gpu, &g), up(&gpu, &u));
+            cuda::gated_backward_in_place(&gpu, act, &mut dg_in, &mut du_in, &dhd).unwrap();
+            assert_eq!(
+                down(&gpu, &dg_in),
+                down(&gpu, &dg),
+                "{act:?} dgate in place {name}"
+            );
+            assert_eq!(
+                down(&gpu, &du_in),
+                down(&gpu, &du),
+                "{act:?} dup in place {name}"
+            );
             let (gb, ub) = (to_bf16(&g), to_bf16(&u));
             let mut cb = vec![bf16::ZERO; n];
             llama_ops::gated_forward(act, &gb, &ub, &mut cb).unwrap();

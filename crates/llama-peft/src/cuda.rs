@@ -10,7 +10,10 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use llama_core::bf16;
 use llama_core::cuda::{CudaDevice, KernelSource};
-use llama_ops::cuda::{linear, linear_backward_input_into, linear_backward_weight, linear_into};
+use llama_ops::cuda::{
+    linear_backward_input_into, linear_backward_input_scaled, linear_backward_weight, linear_into,
+    linear_scaled,
+};
 
 use crate::error::{shape_error, Result};
 use crate::lora::{LoraGrads, LoraPair};
@@ -34,19 +37,6 @@ fn grid(n: usize) -> LaunchConfig {
 
 fn launched(kernel: &str, r: std::result::Result<(), cudarc::driver::DriverError>) -> Result<()> {
     r.map_err(|e| llama_core::Error::cuda(kernel, e).into())
-}
-
-/// x *= s for a bf16 buffer.
-fn scale_bf16(device: &CudaDevice, x: &mut CudaSlice<bf16>, s: f32) -> Result<()> {
-    let f = device.function(&LORA, "lora_scale_bf16")?;
-    let n = x.len();
-    let mut launch = device.stream().launch_builder(&f);
-    launch.arg(x).arg(&n).arg(&s);
-    // SAFETY: x holds n values.
-    launched(
-        "lora_scale_bf16",
-        unsafe { launch.launch(grid(n)) }.map(|_| ()),
-    )
 }
 
 /// dst[..n] = bf16(src[..n]).
@@ -227,12 +217,6 @@ impl CudaTrainable {
         )
     }
 
-    /// Device bytes held (master, copy, gradient, moments).
-    pub fn memory_bytes(&self) -> usize {
-        let moments = self.moments.as_ref().map_or(0, |_| self.master.len() * 8);
-        self.master.len() * (4 + 2 + 4) + moments
-    }
-
     /// One optimizer update (step counts from 1), then a fresh bf16 copy.
     pub fn update(
         &mut self,
@@ -368,12 +352,25 @@ impl CudaLoraPair {
         x: &CudaSlice<bf16>,
         y: &mut CudaSlice<bf16>,
     ) -> Result<CudaLoraSaved> {
-        let m = self.rows("CudaLoraPair::forward_add", x.len(), y.len())?;
+        self.rows("CudaLoraPair::forward_add", x.len(), y.len())?;
+        let saved = self.forward_saved(x)?;
+        let d = &*self.device;
+        linear_into(d, &saved.xs, &self.b.copy, self.rank, y, true)?;
+        Ok(saved)
+    }
+
+    /// Only what [`Self::backward`] reads of the forward, xs = s·(x·Aᵀ), for a forward
+    /// recomputed for its backward that never reads its output.
+    pub fn forward_saved(&self, x: &CudaSlice<bf16>) -> Result<CudaLoraSaved> {
+        let rows = x.len() / self.in_features.max(1);
+        let m = self.rows(
+            "CudaLoraPair::forward_saved",
+            x.len(),
+            rows * self.out_features,
+        )?;
         let d = &*self.device;
         let mut xs = d.zeros::<bf16>(m * self.rank)?;
-        linear(d, x, &self.a.copy, self.in_features, &mut xs)?;
-        scale_bf16(d, &mut xs, self.scaling)?;
-        linear_into(d, &xs, &self.b.copy, self.rank, y, true)?;
+        linear_scaled(d, x, &self.a.copy, self.in_features, &mut xs, self.scaling)?;
         Ok(CudaLoraSaved { xs })
     }
 
@@ -392,16 +389,10 @@ impl CudaLoraPair {
         // g = s·dy·B [M, r]: dy [M, N] times B [N, r] is dy·Wᵀ with W = Bᵀ; as a backward-input
         // product it is dy · B with B read as [N, r].
         let mut g = d.zeros::<bf16>(m * r)?;
-        llama_ops::cuda::linear_backward_input(d, dy, &self.b.copy, r, &mut g)?;
-        scale_bf16(d, &mut g, self.scaling)?;
+        linear_backward_input_scaled(d, dy, &self.b.copy, r, &mut g, self.scaling)?;
         linear_backward_weight(d, &g, x, k, &mut self.a.grad)?;
         linear_backward_weight(d, dy, &saved.xs, r, &mut self.b.grad)?;
         linear_backward_input_into(d, &g, &self.a.copy, k, dx, true)?;
         Ok(())
-    }
-
-    /// Device bytes held (masters, copies, gradients, moments).
-    pub fn memory_bytes(&self) -> usize {
-        self.a.memory_bytes() + self.b.memory_bytes()
     }
 }

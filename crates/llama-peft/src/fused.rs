@@ -152,6 +152,24 @@ pub fn projection_forward(
     Ok((y, saved))
 }
 
+/// What [`group_backward`] reads of one projection's forward, without its output: the LoRA
+/// branch runs (into a scratch output, drawing the same dropout mask), the frozen product not.
+fn lora_saved_only(
+    p: Projection,
+    x: &[f32],
+    mode: GroupMode,
+    dropout: Option<&mut Dropout>,
+) -> Result<GroupSaved> {
+    let lora = p
+        .lora
+        .map(|l| {
+            let mut scratch = vec![0.0; x.len() / p.base.shape().1.max(1) * p.out_features()];
+            l.forward_add_with(mode.kernel, x, &mut scratch, dropout)
+        })
+        .transpose()?;
+    Ok(GroupSaved { loras: vec![lora] })
+}
+
 /// The gated MLP's three projections and its activation (with the activation's kernel).
 #[derive(Clone, Copy)]
 pub struct MlpProjections<'a> {
@@ -170,13 +188,17 @@ pub struct MlpSaved {
     down: GroupSaved,
 }
 
-/// out [M, C] = down(act(gate(x)) ⊙ up(x)) for x [M, C] (Unsloth's `LoRA_MLP`).
+/// out [M, C] = down(act(gate(x)) ⊙ up(x)) for x [M, C] (Unsloth's `LoRA_MLP`), or, when
+/// `output` is false, only what [`mlp_backward`] reads: a forward recomputed for its backward
+/// (gradient checkpointing) never uses its output, so the down projection's frozen product,
+/// the largest of the three, is skipped (its LoRA branch still runs for the saved values).
 pub fn mlp_forward(
     mlp: MlpProjections,
     x: &[f32],
     mode: GroupMode,
     mut dropout: Option<&mut Dropout>,
-) -> Result<(Vec<f32>, MlpSaved)> {
+    output: bool,
+) -> Result<(Option<Vec<f32>>, MlpSaved)> {
     let (f, c) = mlp.gate.base.shape();
     let rows = x.len() / c.max(1);
     let mut gate = vec![0.0; rows * f];
@@ -190,7 +212,12 @@ pub fn mlp_forward(
     )?;
     let mut h = vec![0.0; rows * f];
     kernel::gated_forward(mlp.act_kernel, mlp.act, &gate, &up, &mut h)?;
-    let (out, down) = projection_forward(mlp.down, &h, mode, dropout)?;
+    let (out, down) = if output {
+        let (out, down) = projection_forward(mlp.down, &h, mode, dropout)?;
+        (Some(out), down)
+    } else {
+        (None, lora_saved_only(mlp.down, &h, mode, dropout)?)
+    };
     Ok((
         out,
         MlpSaved {

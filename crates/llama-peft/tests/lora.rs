@@ -2,8 +2,11 @@
 //! against their members one by one, the config's errors, the optimizers and schedules.
 
 use llama_core::{Kernel, SplitMix64};
+use llama_ops::GatedAct;
 use llama_ops::{Activations, Weight};
-use llama_peft::fused::{group_backward, group_forward, GroupMode, Projection};
+use llama_peft::fused::{
+    group_backward, group_forward, mlp_backward, mlp_forward, GroupMode, MlpProjections, Projection,
+};
 use llama_peft::reference::{lora_backward, lora_forward};
 use llama_peft::{
     clip_grad_norm, Dropout, LoraConfig, LoraInit, LoraPair, Optimizer, OptimizerKind, PeftError,
@@ -101,6 +104,56 @@ proptest! {
         }
         prop_assert!(rel_err(&dx, &to_f64(&dx_sum)) < 1e-6);
     }
+}
+
+#[test]
+fn a_tape_only_mlp_forward_feeds_the_same_backward() {
+    // A recomputed forward (gradient checkpointing) skips the output; its backward must equal
+    // the full forward's, with dropout drawing the same masks from the same seed.
+    let mut rng = SplitMix64::new(11);
+    let (m, c, f, r) = (7, 24, 37, 4);
+    let shapes = [(f, c), (f, c), (c, f)];
+    let bases: Vec<Weight> = shapes
+        .iter()
+        .map(|&(n, k)| Weight::dense(random(&mut rng, n * k), n, k).unwrap())
+        .collect();
+    let pairs: Vec<LoraPair> = shapes
+        .iter()
+        .map(|&(n, k)| random_pair(&mut rng, r, k, n, 0.5))
+        .collect();
+    let [gate, up, down] = [0, 1, 2].map(|i| Projection {
+        base: &bases[i],
+        lora: Some(&pairs[i]),
+    });
+    let mlp = MlpProjections {
+        gate,
+        up,
+        down,
+        act: GatedAct::Silu,
+        act_kernel: Kernel::Fast,
+    };
+    let (x, dout) = (random(&mut rng, m * c), random(&mut rng, m * c));
+    let mode = GroupMode::fast(Activations::F32);
+    let run = |output: bool| {
+        let mut dropout = Dropout {
+            p: 0.25,
+            rng: SplitMix64::new(5),
+        };
+        let (out, saved) = mlp_forward(mlp, &x, mode, Some(&mut dropout), output).unwrap();
+        let mut grads: Vec<_> = pairs.iter().map(LoraPair::zero_grads).collect();
+        let [g0, g1, g2] = &mut grads[..] else {
+            unreachable!()
+        };
+        let dx = mlp_backward(mlp, mode, &x, &saved, &dout, [Some(g0), Some(g1), Some(g2)]);
+        (out, dx.unwrap(), grads)
+    };
+    let (full_out, full_dx, full_grads) = run(true);
+    let (tape_out, tape_dx, tape_grads) = run(false);
+    assert_eq!(full_out.map(|o| o.len()), Some(m * c));
+    assert!(tape_out.is_none());
+    assert_eq!(full_dx, tape_dx);
+    assert_eq!(full_grads, tape_grads);
+    assert!(full_grads[2].a.iter().any(|&g| g != 0.0));
 }
 
 #[test]

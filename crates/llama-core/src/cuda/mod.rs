@@ -123,14 +123,19 @@ impl CudaDevice {
         let stream = context
             .new_stream()
             .map_err(|e| Error::cuda("cuStreamCreate", e))?;
-        Ok(CudaDevice {
+        let device = CudaDevice {
             ordinal,
             name,
             compute_capability,
             context,
             stream,
             modules: Mutex::new(HashMap::new()),
-        })
+        };
+        // The pool keeps what is freed for the next allocation instead of handing it back to
+        // the driver at every synchronisation (its default threshold, 0): a training step
+        // frees and takes back gigabytes, and synchronises on every loss chunk.
+        device.set_pool_attribute(PoolAttribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, u64::MAX)?;
+        Ok(device)
     }
 
     /// The device ordinal.
@@ -173,18 +178,23 @@ impl CudaDevice {
 
     /// Restarts [`Self::pool_peak`] (the driver's documented reset: the watermark set to 0).
     pub fn reset_peak(&self) -> Result<()> {
+        self.set_pool_attribute(PoolAttribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, 0)
+    }
+
+    /// Sets a u64 attribute of the default pool (nothing without a pool).
+    fn set_pool_attribute(&self, attr: PoolAttribute, value: u64) -> Result<()> {
         if !self.context.has_async_alloc() {
             return Ok(());
         }
-        let mut zero: u64 = 0;
-        let attr = PoolAttribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
-        // SAFETY: the default pool lives as long as the context; the attribute is a u64.
+        let mut value = value;
+        // SAFETY: the default pool lives as long as the context; the attributes set here
+        // (USED_MEM_HIGH, RELEASE_THRESHOLD) are cuuint64_t, read from a u64.
         unsafe {
             let pool = self.default_pool()?;
             cudarc::driver::result::mem_pool::set_attribute(
                 pool,
                 attr,
-                (&mut zero as *mut u64).cast(),
+                (&mut value as *mut u64).cast(),
             )
         }
         .map_err(|e| Error::cuda("cuMemPoolSetAttribute", e))

@@ -98,6 +98,29 @@ pub fn gated_backward<T: CudaElement>(
     launched(&name, unsafe { launch.launch(grid_for_packs::<T>(n)) })
 }
 
+/// [`gated_backward`] in place: gate becomes dgate and up becomes dup (the MLP's backward no
+/// longer needs them), which saves two [N, F] buffers at the peak of a training step.
+pub fn gated_backward_in_place<T: CudaElement>(
+    device: &CudaDevice,
+    act: GatedAct,
+    gate: &mut CudaSlice<T>,
+    up: &mut CudaSlice<T>,
+    dh: &CudaSlice<T>,
+) -> Result<()> {
+    let n = gate.len();
+    check_len("cuda gated_backward_in_place", "up", up.len(), n)?;
+    check_len("cuda gated_backward_in_place", "dh", dh.len(), n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let (f, name) = typed_kernel::<T>(device, &ACTIVATION, "gated_backward_in_place")?;
+    let act = code(act);
+    let mut launch = device.stream().launch_builder(&f);
+    launch.arg(gate).arg(up).arg(dh).arg(&n).arg(&act);
+    // SAFETY: all three buffers hold n elements (checked).
+    launched(&name, unsafe { launch.launch(grid_for_packs::<T>(n)) })
+}
+
 /// The residual add h = T(h + delta).
 pub fn add_in_place<T: CudaElement>(
     device: &CudaDevice,

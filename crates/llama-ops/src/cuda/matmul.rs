@@ -53,15 +53,30 @@ struct Operand<'a, T> {
     ld: usize,
 }
 
-/// C (col-major [m, n], ld m) = op(A) · op(B) (+ C when `accumulate`), f32 compute.
-#[allow(clippy::too_many_arguments)]
+/// How a product lands in its output: C = alpha · product (+ C when `accumulate`).
+#[derive(Clone, Copy)]
+struct Epilogue {
+    alpha: f32,
+    accumulate: bool,
+}
+
+impl Epilogue {
+    fn plain(accumulate: bool) -> Epilogue {
+        Epilogue {
+            alpha: 1.0,
+            accumulate,
+        }
+    }
+}
+
+/// C (col-major [m, n], ld m) = alpha · op(A) · op(B) (+ C when accumulating), f32 compute.
 fn gemm<A: CudaElement, C: CudaElement>(
     device: &CudaDevice,
     (m, n, k): (usize, usize, usize),
     a: Operand<A>,
     b: Operand<A>,
     c: &mut CudaSlice<C>,
-    accumulate: bool,
+    epilogue: Epilogue,
 ) -> Result<()> {
     if m == 0 || n == 0 {
         return Ok(());
@@ -75,7 +90,8 @@ fn gemm<A: CudaElement, C: CudaElement>(
             sys::cublasOperation_t::CUBLAS_OP_N
         }
     };
-    let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
+    let alpha = epilogue.alpha;
+    let beta = if epilogue.accumulate { 1.0f32 } else { 0.0 };
     let stream = device.stream();
     let (a_ptr, _ra) = a.data.device_ptr(stream);
     let (b_ptr, _rb) = b.data.device_ptr(stream);
@@ -131,6 +147,35 @@ pub fn linear_into<T: CudaElement>(
     y: &mut CudaSlice<T>,
     accumulate: bool,
 ) -> Result<()> {
+    let epilogue = Epilogue::plain(accumulate);
+    linear_with(device, x, weight, in_features, y, epilogue)
+}
+
+/// y = alpha · x · Wᵀ, the scale applied to the f32 accumulator before y is rounded (a LoRA
+/// branch's s·(x·Aᵀ) in one product).
+pub fn linear_scaled<T: CudaElement>(
+    device: &CudaDevice,
+    x: &CudaSlice<T>,
+    weight: &CudaSlice<T>,
+    in_features: usize,
+    y: &mut CudaSlice<T>,
+    alpha: f32,
+) -> Result<()> {
+    let epilogue = Epilogue {
+        alpha,
+        accumulate: false,
+    };
+    linear_with(device, x, weight, in_features, y, epilogue)
+}
+
+fn linear_with<T: CudaElement>(
+    device: &CudaDevice,
+    x: &CudaSlice<T>,
+    weight: &CudaSlice<T>,
+    in_features: usize,
+    y: &mut CudaSlice<T>,
+    epilogue: Epilogue,
+) -> Result<()> {
     let op = "cuda linear";
     let k = in_features;
     let m = rows_of(op, "x", x.len(), k)?;
@@ -146,7 +191,7 @@ pub fn linear_into<T: CudaElement>(
         transpose: false,
         ld: k,
     };
-    gemm(device, (n, m, k), w, xt, y, accumulate)
+    gemm(device, (n, m, k), w, xt, y, epilogue)
 }
 
 /// Linear backward for the input: dy [M, N], weight [N, K] → dx [M, K] = dy · W.
@@ -171,6 +216,34 @@ pub fn linear_backward_input_into<T: CudaElement>(
     dx: &mut CudaSlice<T>,
     accumulate: bool,
 ) -> Result<()> {
+    let epilogue = Epilogue::plain(accumulate);
+    linear_backward_input_with(device, dy, weight, in_features, dx, epilogue)
+}
+
+/// dx = alpha · dy · W, scaled before rounding (a LoRA branch's s·(dy·B) in one product).
+pub fn linear_backward_input_scaled<T: CudaElement>(
+    device: &CudaDevice,
+    dy: &CudaSlice<T>,
+    weight: &CudaSlice<T>,
+    in_features: usize,
+    dx: &mut CudaSlice<T>,
+    alpha: f32,
+) -> Result<()> {
+    let epilogue = Epilogue {
+        alpha,
+        accumulate: false,
+    };
+    linear_backward_input_with(device, dy, weight, in_features, dx, epilogue)
+}
+
+fn linear_backward_input_with<T: CudaElement>(
+    device: &CudaDevice,
+    dy: &CudaSlice<T>,
+    weight: &CudaSlice<T>,
+    in_features: usize,
+    dx: &mut CudaSlice<T>,
+    epilogue: Epilogue,
+) -> Result<()> {
     let op = "cuda linear_backward_input";
     let k = in_features;
     let n = rows_of(op, "weight", weight.len(), k)?;
@@ -186,7 +259,7 @@ pub fn linear_backward_input_into<T: CudaElement>(
         transpose: false,
         ld: n,
     };
-    gemm(device, (k, m, n), wt, dyt, dx, accumulate)
+    gemm(device, (k, m, n), wt, dyt, dx, epilogue)
 }
 
 /// Linear backward for the weight: dy [M, N], x [M, K] → dw [N, K] += dyᵀ · x (f32).
@@ -213,7 +286,7 @@ pub fn linear_backward_weight<T: CudaElement>(
         transpose: true,
         ld: n,
     };
-    gemm(device, (k, n, m), xt, dy_op, dw, true)
+    gemm(device, (k, n, m), xt, dy_op, dw, Epilogue::plain(true))
 }
 
 /// One side of a batched product: `count` row-major matrices [rows, cols] in `data`, `stride`

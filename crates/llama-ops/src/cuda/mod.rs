@@ -16,12 +16,13 @@ use llama_core::{bf16, f16, Element};
 use crate::error::{OpsError, Result};
 
 pub use activation::{
-    add_in_place, fill_uniform, gated_backward, gated_forward, gated_forward_in_place, gather_rows,
+    add_in_place, fill_uniform, gated_backward, gated_backward_in_place, gated_forward,
+    gated_forward_in_place, gather_rows,
 };
 pub use loss::{cross_entropy, cross_entropy_backward, CudaCrossEntropy};
 pub use matmul::{
     batched_matmul, linear, linear_backward_input, linear_backward_input_into,
-    linear_backward_weight, linear_into, Strided,
+    linear_backward_input_scaled, linear_backward_weight, linear_into, linear_scaled, Strided,
 };
 pub use norm::{gemma_rms_norm, layer_norm, layer_norm_backward, rms_norm, rms_norm_backward};
 pub use quant::CudaQuantMatrix;
