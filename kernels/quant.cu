@@ -2,7 +2,8 @@
 // bitsandbytes NF4 (block layouts in src/quant/blocks.rs). decode_quarter<FMT> decodes 8
 // weights of a row with the roundings of the CPU decoder (the _rn intrinsics keep
 // NVRTC from fusing them into FMAs), so dequantised values are the same bits on both sides.
-//   dequantize_<fmt>:  out [rows, cols] f32, one thread per 8 weights
+//   dequantize_<fmt>:  out [rows, cols] f32, one thread per 8 weights (dequantize_bf16_<fmt>:
+//                      the same values rounded to bf16)
 //   matvec_<fmt>:      y [rows] = W · x, a warp per row (matvec4_<fmt>: per 4 rows)
 
 #define FMT_Q4_0 0
@@ -152,9 +153,21 @@ __device__ __forceinline__ const float* nf4_table() {
     return table;
 }
 
-// One thread per quarter (8 weights), written as two float4.
-template <int FMT>
-__device__ void dequantize_impl(const unsigned char* w, float* out, size_t rows, unsigned cols) {
+// Four consecutive values at dst (16-byte aligned for f32, 8-byte for bf16).
+__device__ __forceinline__ void store4(float* dst, const float* v) {
+    *(float4*)dst = make_float4(v[0], v[1], v[2], v[3]);
+}
+
+__device__ __forceinline__ void store4(bf16_t* dst, const float* v) {
+    unsigned lo = (unsigned)from_f32<bf16_t>(v[0]).bits | ((unsigned)from_f32<bf16_t>(v[1]).bits << 16);
+    unsigned hi = (unsigned)from_f32<bf16_t>(v[2]).bits | ((unsigned)from_f32<bf16_t>(v[3]).bits << 16);
+    *(uint2*)dst = make_uint2(lo, hi);
+}
+
+// One thread per quarter (8 weights), written as two runs of four: f32, or bf16 rounded from
+// the same f32 values (the operand of a QLoRA product, without an f32 copy in between).
+template <int FMT, typename T>
+__device__ void dequantize_impl(const unsigned char* w, T* out, size_t rows, unsigned cols) {
     const float* nf4 = nf4_table();
     size_t row_bytes = (size_t)(cols / Layout<FMT>::len) * Layout<FMT>::bytes;
     size_t quarters = (size_t)cols / 8;
@@ -164,9 +177,9 @@ __device__ void dequantize_impl(const unsigned char* w, float* out, size_t rows,
         float v[8];
         decode_quarter<FMT>(w + r * row_bytes, g, q, nf4, v);
         uint2 o = quarter_offsets<FMT>(q);
-        float* dst = out + r * cols + (size_t)g * 32;
-        *(float4*)(dst + o.x) = make_float4(v[0], v[1], v[2], v[3]);
-        *(float4*)(dst + o.y) = make_float4(v[4], v[5], v[6], v[7]);
+        T* dst = out + r * cols + (size_t)g * 32;
+        store4(dst + o.x, v);
+        store4(dst + o.y, v + 4);
     }
 }
 
@@ -206,6 +219,10 @@ __device__ void matvec_impl(const unsigned char* w, const float* x, float* y, si
 #define QUANT_KERNELS(name, FMT)                                                                  \
     extern "C" __global__ void dequantize_##name(const unsigned char* w, float* out, size_t rows,  \
                                                  unsigned cols) {                                  \
+        dequantize_impl<FMT>(w, out, rows, cols);                                                  \
+    }                                                                                              \
+    extern "C" __global__ void dequantize_bf16_##name(const unsigned char* w, bf16_t* out,         \
+                                                      size_t rows, unsigned cols) {                \
         dequantize_impl<FMT>(w, out, rows, cols);                                                  \
     }                                                                                              \
     extern "C" __global__ void matvec_##name(const unsigned char* w, const float* x, float* y,     \

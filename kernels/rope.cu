@@ -31,6 +31,38 @@ __device__ void rope_impl(T* x, const float* cos, const float* sin, const unsign
     }
 }
 
+// The same rotation fused with the move between the projections' token-major layout
+// [batch, seq, heads, head_dim] and attention's head-major one [batch, heads, seq, head_dim]:
+// to_heads reads token-major src and writes head-major dst (the head split of q and k), else
+// the reverse (the merge of their gradients, with sign = -1). `row` counts head-major rows;
+// dimensions past the rotary width are copied.
+template <typename T>
+__device__ void rope_moving_impl(const T* src, T* dst, const float* cos, const float* sin,
+                                 const unsigned int* positions, size_t rows, unsigned int heads,
+                                 unsigned int seq, unsigned int head_dim, unsigned int half,
+                                 unsigned int per_sequence, float sign, int to_heads) {
+    size_t row_step = (size_t)gridDim.x * blockDim.y;
+    for (size_t row = (size_t)blockIdx.x * blockDim.y + threadIdx.y; row < rows; row += row_step) {
+        unsigned int t = (unsigned int)(row % seq), h = (unsigned int)((row / seq) % heads);
+        size_t b = row / ((size_t)seq * heads);
+        size_t token_row = (b * seq + t) * heads + h;
+        unsigned int p = positions[per_sequence ? b * seq + t : t];
+        const float* cos_row = cos + (size_t)p * half;
+        const float* sin_row = sin + (size_t)p * half;
+        const T* from = src + (to_heads ? token_row : row) * head_dim;
+        T* to = dst + (to_heads ? row : token_row) * head_dim;
+        for (unsigned int i = threadIdx.x; i < half; i += blockDim.x) {
+            float c = cos_row[i];
+            float s = __fmul_rn(sign, sin_row[i]);
+            float a = to_f32(from[i]);
+            float bb = to_f32(from[i + half]);
+            to[i] = from_f32<T>(__fsub_rn(__fmul_rn(a, c), __fmul_rn(bb, s)));
+            to[i + half] = from_f32<T>(__fadd_rn(__fmul_rn(bb, c), __fmul_rn(a, s)));
+        }
+        for (unsigned int i = 2 * half + threadIdx.x; i < head_dim; i += blockDim.x) to[i] = from[i];
+    }
+}
+
 #define ROPE(name, T)                                                                      \
     extern "C" __global__ void rope_##name(T* x, const float* cos, const float* sin,       \
                                            const unsigned int* positions, size_t rows,     \
@@ -38,6 +70,16 @@ __device__ void rope_impl(T* x, const float* cos, const float* sin, const unsign
                                            unsigned int head_dim, unsigned int half,       \
                                            unsigned int per_sequence, float sign) {        \
         rope_impl(x, cos, sin, positions, rows, heads, seq, head_dim, half, per_sequence, sign); \
+    }                                                                                      \
+    extern "C" __global__ void rope_moving_##name(const T* src, T* dst, const float* cos,  \
+                                                  const float* sin,                        \
+                                                  const unsigned int* positions, size_t rows, \
+                                                  unsigned int heads, unsigned int seq,    \
+                                                  unsigned int head_dim, unsigned int half, \
+                                                  unsigned int per_sequence, float sign,   \
+                                                  int to_heads) {                          \
+        rope_moving_impl(src, dst, cos, sin, positions, rows, heads, seq, head_dim, half,  \
+                         per_sequence, sign, to_heads);                                    \
     }
 
 ROPE(f32, float)

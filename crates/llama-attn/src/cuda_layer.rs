@@ -8,7 +8,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use llama_core::cuda::CudaDevice;
 use llama_ops::cuda::{linear, CudaElement};
 use llama_ops::Weight;
-use llama_rope::cuda::{apply, DeviceTables, RopeElement};
+use llama_rope::cuda::{apply, apply_moving, DeviceTables, RopeElement};
 use llama_rope::{QkShape, RopeConfig, RotaryEmbedding};
 
 use crate::cuda::{
@@ -229,36 +229,35 @@ impl<T: CudaElement + RopeElement> CudaLlamaAttention<T> {
         let cfg = self.config;
         let d = &self.device.clone();
         let seq = q_lin.len() / (batch * cfg.num_heads * cfg.head_dim).max(1);
-        let heads_of = |lin: &CudaSlice<T>, heads: usize| -> Result<CudaSlice<T>> {
-            let mut split = d.zeros::<T>(lin.len())?;
-            self.swap_axes(lin, &mut split, (batch, seq, heads), true)?;
-            Ok(split)
-        };
-        let (mut q, mut k, v) = (
-            heads_of(q_lin, cfg.num_heads)?,
-            heads_of(k_lin, cfg.num_kv_heads)?,
-            heads_of(v_lin, cfg.num_kv_heads)?,
-        );
+        // q and k: split into heads and rotated in one pass; v: split.
+        let mut v = d.uninit::<T>(v_lin.len())?;
+        self.swap_axes(v_lin, &mut v, (batch, seq, cfg.num_kv_heads), true)?;
         let tables = self.tables(positions)?;
-        for (buf, heads) in [(&mut q, cfg.num_heads), (&mut k, cfg.num_kv_heads)] {
+        let rotated = |lin: &CudaSlice<T>, heads: usize| -> Result<CudaSlice<T>> {
             let shape = QkShape {
                 batch,
                 heads,
                 seq,
                 head_dim: cfg.head_dim,
             };
-            apply(buf, shape, tables, positions, false)?;
-        }
+            let mut split = d.uninit::<T>(lin.len())?;
+            apply_moving(lin, &mut split, shape, tables, positions, false, true)?;
+            Ok(split)
+        };
+        let (q, k) = (
+            rotated(q_lin, cfg.num_heads)?,
+            rotated(k_lin, cfg.num_kv_heads)?,
+        );
         let shape =
             AttnShape::self_attention(batch, cfg.num_heads, cfg.num_kv_heads, seq, cfg.head_dim);
         let mask = Mask {
             causal: true,
             padding: None,
         };
-        let mut attn = d.zeros::<T>(q.len())?;
-        let mut lse = d.zeros::<f32>(shape.q_rows().max(1))?;
+        let mut attn = d.uninit::<T>(q.len())?;
+        let mut lse = d.uninit::<f32>(shape.q_rows().max(1))?;
         forward(d, &q, &k, &v, &shape, &mask, &mut attn, &mut lse)?;
-        let mut merged = d.zeros::<T>(q.len())?;
+        let mut merged = d.uninit::<T>(q.len())?;
         self.swap_axes(&attn, &mut merged, (batch, seq, cfg.num_heads), false)?;
         let saved = CudaAttendSaved {
             q,
@@ -285,7 +284,7 @@ impl<T: CudaElement + RopeElement> CudaLlamaAttention<T> {
         let (batch, seq) = (saved.batch, saved.seq);
         let shape =
             AttnShape::self_attention(batch, cfg.num_heads, cfg.num_kv_heads, seq, cfg.head_dim);
-        let mut d_attn = d.zeros::<T>(d_merged.len())?;
+        let mut d_attn = d.uninit::<T>(d_merged.len())?;
         self.swap_axes(d_merged, &mut d_attn, (batch, seq, cfg.num_heads), true)?;
         let (mut dq, mut dk, mut dv) = (
             d.zeros::<T>(saved.q.len())?,
@@ -314,30 +313,23 @@ impl<T: CudaElement + RopeElement> CudaLlamaAttention<T> {
                 GEMM_BACKWARD_SCORES,
             )?;
         }
-        // q and k were rotated after the projection: rotate their gradients back.
+        // q and k were rotated after the projection: their gradients are rotated back as they
+        // are merged into the projections' layout; dv is merged.
+        let mut v = d.uninit::<T>(dv.len())?;
+        self.swap_axes(&dv, &mut v, (batch, seq, cfg.num_kv_heads), false)?;
         let tables = self.tables(&saved.positions)?;
-        for (buf, heads) in [(&mut dq, cfg.num_heads), (&mut dk, cfg.num_kv_heads)] {
+        let merged = |g: &CudaSlice<T>, heads: usize| -> Result<CudaSlice<T>> {
             let shape = QkShape {
                 batch,
                 heads,
                 seq,
                 head_dim: cfg.head_dim,
             };
-            apply(buf, shape, tables, &saved.positions, true)?;
-        }
-        let mut out = Vec::with_capacity(3);
-        for (g, heads) in [
-            (&dq, cfg.num_heads),
-            (&dk, cfg.num_kv_heads),
-            (&dv, cfg.num_kv_heads),
-        ] {
-            let mut flat = d.zeros::<T>(g.len())?;
-            self.swap_axes(g, &mut flat, (batch, seq, heads), false)?;
-            out.push(flat);
-        }
-        let [q, k, v]: [CudaSlice<T>; 3] = out
-            .try_into()
-            .unwrap_or_else(|_| unreachable!("three gradients pushed"));
+            let mut flat = d.uninit::<T>(g.len())?;
+            apply_moving(g, &mut flat, shape, tables, &saved.positions, true, false)?;
+            Ok(flat)
+        };
+        let (q, k) = (merged(&dq, cfg.num_heads)?, merged(&dk, cfg.num_kv_heads)?);
         Ok([q, k, v])
     }
 

@@ -23,7 +23,7 @@ use llama_ops::cuda::{
 };
 use llama_ops::Weight;
 use llama_ops::{CrossEntropyOptions, QuantMatrix};
-use llama_peft::cuda::{to_bf16, CudaLoraPair, CudaLoraSaved, CudaTrainable};
+use llama_peft::cuda::{CudaLoraPair, CudaLoraSaved, CudaTrainable};
 use llama_peft::{
     AdapterGrads, LayerLora, LoraAdapter, LoraConfig, ModelDims, OptimizerKind, SavedModules,
     Target,
@@ -102,7 +102,7 @@ impl<'a> FrozenWeights<'a> {
     ) -> Result<(CudaSlice<bf16>, Option<CudaLoraSaved>)> {
         let (out, in_features) = target.shape(&self.dims);
         let d = self.d;
-        let mut y = d.zeros::<bf16>(x.len() / in_features * out)?;
+        let mut y = d.uninit::<bf16>(x.len() / in_features * out)?;
         linear(d, x, self.weight(target)?, in_features, &mut y)?;
         let saved = pair.map(|p| p.forward_add(x, &mut y)).transpose()?;
         Ok((y, saved))
@@ -151,8 +151,6 @@ pub struct CudaTrainer {
 /// shape just before each product.
 struct Nf4Base {
     layers: Vec<[CudaQuantMatrix; 7]>,
-    /// f32 values of the matrix being dequantised (the largest's size).
-    scratch: CudaSlice<f32>,
     /// One bf16 buffer per projection shape.
     copies: HashMap<(usize, usize), CudaSlice<bf16>>,
 }
@@ -180,12 +178,11 @@ fn frozen<'a>(
     };
     let matrix = &base.layers[i][target as usize];
     let (rows, cols) = matrix.shape();
-    matrix.dequantize_into(d, &mut base.scratch)?;
     let copy = match base.copies.entry((rows, cols)) {
         Entry::Occupied(e) => e.into_mut(),
-        Entry::Vacant(e) => e.insert(d.zeros(rows * cols)?),
+        Entry::Vacant(e) => e.insert(d.uninit(rows * cols)?),
     };
-    to_bf16(d, &base.scratch, copy, rows * cols)?;
+    matrix.dequantize_into_bf16(d, copy)?;
     Ok(copy)
 }
 
@@ -302,15 +299,8 @@ impl CudaTrainer {
             });
             layers.push([q?, k?, v?, o?, gate?, up?, down?]);
         }
-        let largest = Target::ALL
-            .iter()
-            .map(|t| t.shape(&dims))
-            .map(|(r, c)| r * c)
-            .max()
-            .unwrap_or(1);
         self.nf4 = Some(Nf4Base {
             layers,
-            scratch: d.zeros(largest)?,
             copies: HashMap::new(),
         });
         Ok(())
@@ -512,7 +502,7 @@ impl CudaTrainer {
         }
         let positions: Vec<u32> = (0..seq as u32).collect();
         let d = self.device().clone();
-        let mut h = d.zeros::<bf16>(b.ids.len() * cfg.hidden_size)?;
+        let mut h = d.uninit::<bf16>(b.ids.len() * cfg.hidden_size)?;
         let embed = self.modules[0].as_ref().map(CudaTrainable::copy);
         self.model.embed_into(embed, &b.ids, &mut h)?;
         // forward, keeping only each layer's input
@@ -523,11 +513,11 @@ impl CudaTrainer {
             inputs.push(std::mem::replace(&mut h, out));
         }
         // head
-        let mut normed = d.zeros::<bf16>(h.len())?;
+        let mut normed = d.uninit::<bf16>(h.len())?;
         rms_norm(&d, &h, &self.model.norm, cfg.rms_norm_eps, &mut normed)?;
         let targets = shift_labels(&b.labels, seq);
         let (loss, d_normed) = self.head_backward(&normed, &targets, scale)?;
-        let mut dh = d.zeros::<bf16>(h.len())?;
+        let mut dh = d.uninit::<bf16>(h.len())?;
         let mut dw = d.zeros::<f32>(cfg.hidden_size)?;
         rms_norm_backward(
             &d,
@@ -570,7 +560,7 @@ impl CudaTrainer {
         let pairs = &self.lora[i];
         let pair = |t: Target| pairs[t as usize].as_ref();
         let nf4 = &mut self.nf4;
-        let mut normed1 = d.zeros::<bf16>(x.len())?;
+        let mut normed1 = d.uninit::<bf16>(x.len())?;
         rms_norm(&d, x, &layer.input_layernorm, eps, &mut normed1)?;
         let ([q, k, v], qkv_lora) = {
             let mut w = FrozenWeights::new(&d, layer, nf4.as_mut(), i, dims);
@@ -586,11 +576,11 @@ impl CudaTrainer {
         let mut mid = d.stream().clone_dtod(x).map_err(cuda_err("clone_dtod"))?;
         add_in_place(&d, &mut mid, &attn_out)?;
         drop(attn_out);
-        let mut normed2 = d.zeros::<bf16>(x.len())?;
+        let mut normed2 = d.uninit::<bf16>(x.len())?;
         rms_norm(&d, &mid, &layer.post_attention_layernorm, eps, &mut normed2)?;
         let (gate, g_s) = w.forward(Target::GateProj, pair(Target::GateProj), &normed2)?;
         let (up, u_s) = w.forward(Target::UpProj, pair(Target::UpProj), &normed2)?;
-        let mut hact = d.zeros::<bf16>(gate.len())?;
+        let mut hact = d.uninit::<bf16>(gate.len())?;
         gated_forward(&d, act, &gate, &up, &mut hact)?;
         let (out, dn_s) = if output {
             let (mlp_out, dn_s) = w.forward(Target::DownProj, pair(Target::DownProj), &hact)?;
@@ -639,7 +629,7 @@ impl CudaTrainer {
         let mut dw = d.zeros::<f32>(dims.hidden)?;
         let mut w = FrozenWeights::new(&d, layer, nf4.as_mut(), i, dims);
         // out = mid + down(act(gate(n₂)) ⊙ up(n₂)), n₂ = rms_norm(mid)
-        let mut d_hact = d.zeros::<bf16>(tape.hact.len())?;
+        let mut d_hact = d.uninit::<bf16>(tape.hact.len())?;
         let down = (p_down, &tape.mlp_lora[2]);
         w.backward(Target::DownProj, down, &tape.hact, dout, &mut d_hact, false)?;
         drop(tape.hact);
@@ -647,7 +637,7 @@ impl CudaTrainer {
         let (mut d_gate, mut d_up) = (tape.gate, tape.up);
         gated_backward_in_place(&d, act, &mut d_gate, &mut d_up, &d_hact)?;
         drop(d_hact);
-        let mut d_normed = d.zeros::<bf16>(dout.len())?;
+        let mut d_normed = d.uninit::<bf16>(dout.len())?;
         let (gate, up) = ((p_gate, &tape.mlp_lora[0]), (p_up, &tape.mlp_lora[1]));
         w.backward(
             Target::GateProj,
@@ -666,12 +656,12 @@ impl CudaTrainer {
             true,
         )?;
         drop((d_gate, d_up));
-        let mut d_mid = d.zeros::<bf16>(dout.len())?;
+        let mut d_mid = d.uninit::<bf16>(dout.len())?;
         let ln2 = &layer.post_attention_layernorm;
         rms_norm_backward(&d, &tape.mid, ln2, &d_normed, eps, &mut d_mid, &mut dw)?;
         add_in_place(&d, &mut d_mid, dout)?;
         // mid = x + o(attend(qkv(n₁))), n₁ = rms_norm(x)
-        let mut d_merged = d.zeros::<bf16>(tape.merged.len())?;
+        let mut d_merged = d.uninit::<bf16>(tape.merged.len())?;
         let o = (po, &tape.o_lora);
         w.backward(Target::OProj, o, &tape.merged, &d_mid, &mut d_merged, false)?;
         let [dq, dk, dv] = layer.self_attn.attend_backward(&tape.attend, &d_merged)?;
@@ -682,7 +672,7 @@ impl CudaTrainer {
         w.backward(Target::QProj, (pq, q), n1, &dq, &mut d_normed, false)?;
         w.backward(Target::KProj, (pk, k), n1, &dk, &mut d_normed, true)?;
         w.backward(Target::VProj, (pv, v), n1, &dv, &mut d_normed, true)?;
-        let mut dx = d.zeros::<bf16>(dout.len())?;
+        let mut dx = d.uninit::<bf16>(dout.len())?;
         rms_norm_backward(
             &d,
             x,
@@ -724,11 +714,11 @@ impl CudaTrainer {
                 continue;
             }
             let (first, n) = (chunk * rows, t.len());
-            let mut x = d.zeros::<bf16>(n * c)?;
+            let mut x = d.uninit::<bf16>(n * c)?;
             d.stream()
                 .memcpy_dtod(&normed.slice(first * c..(first + n) * c), &mut x)
                 .map_err(cuda_err("memcpy_dtod"))?;
-            let mut logits = d.zeros::<bf16>(n * v)?;
+            let mut logits = d.uninit::<bf16>(n * v)?;
             linear(d, &x, self.lm_head(), c, &mut logits)?;
             let ce = cross_entropy(d, &logits, t, &opts)?;
             loss_sum += ce.loss as f64 * ce.n_valid as f64;

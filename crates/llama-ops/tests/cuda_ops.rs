@@ -440,6 +440,14 @@ fn check_quant(gpu: &Arc<CudaDevice>, w: QuantMatrix, rng: &mut TestRng) {
         .zip(&gpu_dense)
         .all(|(a, b)| a.to_bits() == b.to_bits());
     assert!(same, "{name}: dequantised values differ from the CPU's");
+    let mut bf = gpu.zeros::<bf16>(rows * cols).unwrap();
+    wd.dequantize_into_bf16(gpu, &mut bf).unwrap();
+    let rounded = cpu.iter().map(|&v| bf16::from_f32(v).to_bits());
+    let got = gpu.dtoh(&bf).unwrap();
+    assert!(
+        got.iter().map(|v| v.to_bits()).eq(rounded),
+        "{name}: bf16 dequantisation differs from the CPU's values rounded"
+    );
     let x = rng.vec(cols, 1.0);
     let mut y = vec![0f32; rows];
     w.matvec(&x, &mut y).unwrap();

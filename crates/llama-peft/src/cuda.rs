@@ -40,7 +40,7 @@ fn launched(kernel: &str, r: std::result::Result<(), cudarc::driver::DriverError
 }
 
 /// dst[..n] = bf16(src[..n]).
-pub fn to_bf16(
+fn to_bf16(
     device: &CudaDevice,
     src: &CudaSlice<f32>,
     dst: &mut CudaSlice<bf16>,
@@ -369,7 +369,7 @@ impl CudaLoraPair {
             rows * self.out_features,
         )?;
         let d = &*self.device;
-        let mut xs = d.zeros::<bf16>(m * self.rank)?;
+        let mut xs = d.uninit::<bf16>(m * self.rank)?;
         linear_scaled(d, x, &self.a.copy, self.in_features, &mut xs, self.scaling)?;
         Ok(CudaLoraSaved { xs })
     }
@@ -388,7 +388,7 @@ impl CudaLoraPair {
         let (r, k) = (self.rank, self.in_features);
         // g = s·dy·B [M, r]: dy [M, N] times B [N, r] is dy·Wᵀ with W = Bᵀ; as a backward-input
         // product it is dy · B with B read as [N, r].
-        let mut g = d.zeros::<bf16>(m * r)?;
+        let mut g = d.uninit::<bf16>(m * r)?;
         linear_backward_input_scaled(d, dy, &self.b.copy, r, &mut g, self.scaling)?;
         linear_backward_weight(d, &g, x, k, &mut self.a.grad)?;
         linear_backward_weight(d, dy, &saved.xs, r, &mut self.b.grad)?;

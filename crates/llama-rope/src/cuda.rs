@@ -51,15 +51,15 @@ impl DeviceTables {
     }
 }
 
-/// An element type the rope kernel handles.
+/// An element type the rope kernels handle: `ROPE_SUFFIX` names their instances.
 pub trait RopeElement: Element {
-    const KERNEL: &'static str;
+    const ROPE_SUFFIX: &'static str;
 }
 impl RopeElement for f32 {
-    const KERNEL: &'static str = "rope_f32";
+    const ROPE_SUFFIX: &'static str = "f32";
 }
 impl RopeElement for bf16 {
-    const KERNEL: &'static str = "rope_bf16";
+    const ROPE_SUFFIX: &'static str = "bf16";
 }
 
 /// Rotates `x` ([batch, heads, seq, head_dim] on the tables' device) in place; `backward`
@@ -75,42 +75,104 @@ pub fn apply<T: RopeElement>(
     if x.is_empty() {
         return Ok(());
     }
-    let device = &tables.device;
-    let positions_dev = device.htod(positions)?;
-    let function = device.function(&ROPE, T::KERNEL)?;
-    let rows = shape.batch * shape.heads * shape.seq;
-    let to_u32 = |v: usize, what: &str| {
-        u32::try_from(v).map_err(|_| RopeError::Shape {
-            op: "cuda apply",
-            reason: format!("{what} {v} exceeds u32"),
-        })
-    };
-    let (heads, seq) = (to_u32(shape.heads, "heads")?, to_u32(shape.seq, "seq")?);
-    let (head_dim, half) = (
-        to_u32(shape.head_dim, "head_dim")?,
-        to_u32(tables.half, "half")?,
-    );
-    let per_sequence = u32::from(positions.len() != shape.seq);
-    let sign = if backward { -1.0f32 } else { 1.0f32 };
-    let config = launch_config(rows, tables.half);
-    let mut launch = device.stream().launch_builder(&function);
-    launch
-        .arg(x)
-        .arg(&tables.cos)
-        .arg(&tables.sin)
-        .arg(&positions_dev)
-        .arg(&rows)
-        .arg(&heads)
-        .arg(&seq)
-        .arg(&head_dim)
-        .arg(&half)
-        .arg(&per_sequence)
-        .arg(&sign);
+    let name = format!("rope_{}", T::ROPE_SUFFIX);
+    let function = tables.device.function(&ROPE, &name)?;
+    let (args, config) = RopeArgs::new(shape, tables, positions, backward)?;
+    let mut launch = tables.device.stream().launch_builder(&function);
+    launch.arg(x);
+    args.push(&mut launch);
     // SAFETY: x holds rows · head_dim elements of T (checked above), the tables hold
     // len · half f32 each, every position id is below len (checked), and the kernel touches
     // only those indices.
-    unsafe { launch.launch(config) }.map_err(|e| llama_core::Error::cuda(T::KERNEL, e))?;
+    unsafe { launch.launch(config) }.map_err(|e| llama_core::Error::cuda(&name, e))?;
     Ok(())
+}
+
+/// The rotation of [`apply`] fused with the move between layouts, into `dst`: `to_heads`
+/// reads `src` token-major [batch, seq, heads, head_dim] (as a projection writes it) and writes
+/// head-major [batch, heads, seq, head_dim] (as attention reads it), else the reverse. One
+/// pass where a head split and a rotation in place took two.
+pub fn apply_moving<T: RopeElement>(
+    src: &CudaSlice<T>,
+    dst: &mut CudaSlice<T>,
+    shape: QkShape,
+    tables: &DeviceTables,
+    positions: &[u32],
+    backward: bool,
+    to_heads: bool,
+) -> Result<()> {
+    shape.check(src.len(), tables.half * 2, positions, tables.len)?;
+    shape.check(dst.len(), tables.half * 2, positions, tables.len)?;
+    if src.is_empty() {
+        return Ok(());
+    }
+    let name = format!("rope_moving_{}", T::ROPE_SUFFIX);
+    let function = tables.device.function(&ROPE, &name)?;
+    let (args, config) = RopeArgs::new(shape, tables, positions, backward)?;
+    let to_heads = i32::from(to_heads);
+    let mut launch = tables.device.stream().launch_builder(&function);
+    launch.arg(src).arg(dst);
+    args.push(&mut launch);
+    launch.arg(&to_heads);
+    // SAFETY: src and dst hold rows · head_dim elements of T each (checked above) and are
+    // distinct buffers (one borrowed mutably), the tables hold len · half f32 each, every
+    // position id is below len (checked), and the kernel touches only those indices.
+    unsafe { launch.launch(config) }.map_err(|e| llama_core::Error::cuda(&name, e))?;
+    Ok(())
+}
+
+/// The arguments both rope kernels take after their buffers.
+struct RopeArgs<'a> {
+    tables: &'a DeviceTables,
+    positions: CudaSlice<u32>,
+    rows: usize,
+    dims: [u32; 5],
+    sign: f32,
+}
+
+impl<'a> RopeArgs<'a> {
+    fn new(
+        shape: QkShape,
+        tables: &'a DeviceTables,
+        positions: &[u32],
+        backward: bool,
+    ) -> Result<(RopeArgs<'a>, LaunchConfig)> {
+        let rows = shape.batch * shape.heads * shape.seq;
+        let to_u32 = |v: usize, what: &str| {
+            u32::try_from(v).map_err(|_| RopeError::Shape {
+                op: "cuda apply",
+                reason: format!("{what} {v} exceeds u32"),
+            })
+        };
+        let dims = [
+            to_u32(shape.heads, "heads")?,
+            to_u32(shape.seq, "seq")?,
+            to_u32(shape.head_dim, "head_dim")?,
+            to_u32(tables.half, "half")?,
+            u32::from(positions.len() != shape.seq),
+        ];
+        let args = RopeArgs {
+            tables,
+            positions: tables.device.htod(positions)?,
+            rows,
+            dims,
+            sign: if backward { -1.0 } else { 1.0 },
+        };
+        Ok((args, launch_config(rows, tables.half)))
+    }
+
+    /// cos, sin, positions, rows, heads, seq, head_dim, half, per_sequence, sign.
+    fn push<'b>(&'b self, launch: &mut cudarc::driver::LaunchArgs<'b>) {
+        launch
+            .arg(&self.tables.cos)
+            .arg(&self.tables.sin)
+            .arg(&self.positions)
+            .arg(&self.rows);
+        for d in &self.dims {
+            launch.arg(d);
+        }
+        launch.arg(&self.sign);
+    }
 }
 
 /// Threads per block.

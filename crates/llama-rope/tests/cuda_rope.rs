@@ -28,7 +28,27 @@ fn fixture_configs() -> Vec<(String, RopeConfig, usize)> {
         .collect()
 }
 
-/// CPU and GPU results of one rotation, as bit patterns.
+/// x [batch, heads, seq, head_dim] moved to [batch, seq, heads, head_dim], or back (`back`).
+fn swap_layout<T: Copy>(x: &[T], shape: QkShape, back: bool) -> Vec<T> {
+    let (b, h, t, d) = (shape.batch, shape.heads, shape.seq, shape.head_dim);
+    let mut out = x.to_vec();
+    for (bi, hi, ti) in
+        (0..b).flat_map(|bi| (0..h).flat_map(move |hi| (0..t).map(move |ti| (bi, hi, ti))))
+    {
+        let head_major = ((bi * h + hi) * t + ti) * d;
+        let token_major = ((bi * t + ti) * h + hi) * d;
+        let (from, to) = if back {
+            (token_major, head_major)
+        } else {
+            (head_major, token_major)
+        };
+        out[to..to + d].copy_from_slice(&x[from..from + d]);
+    }
+    out
+}
+
+/// CPU and GPU results of one rotation (in place; the fused head split and merge, which must
+/// give the same bits in their layouts, are checked here too).
 fn both<T: RopeElement>(
     gpu: &std::sync::Arc<llama_core::cuda::CudaDevice>,
     x: &[T],
@@ -48,7 +68,38 @@ fn both<T: RopeElement>(
     let device_tables = DeviceTables::upload(gpu, &tables).unwrap();
     let mut on_gpu = gpu.htod(x).unwrap();
     cuda::apply(&mut on_gpu, shape, &device_tables, ids, backward).unwrap();
-    (cpu, gpu.dtoh(&on_gpu).unwrap())
+    let in_place = gpu.dtoh(&on_gpu).unwrap();
+    let bits = |v: &[T]| v.iter().map(|e| e.to_f32().to_bits()).collect::<Vec<_>>();
+    for to_heads in [true, false] {
+        let src = if to_heads {
+            swap_layout(x, shape, false)
+        } else {
+            x.to_vec()
+        };
+        let mut moved = gpu.zeros::<T>(x.len()).unwrap();
+        cuda::apply_moving(
+            &gpu.htod(&src).unwrap(),
+            &mut moved,
+            shape,
+            &device_tables,
+            ids,
+            backward,
+            to_heads,
+        )
+        .unwrap();
+        let moved = gpu.dtoh(&moved).unwrap();
+        let head_major = if to_heads {
+            moved
+        } else {
+            swap_layout(&moved, shape, true)
+        };
+        assert_eq!(
+            bits(&head_major),
+            bits(&in_place),
+            "moving, to_heads={to_heads}"
+        );
+    }
+    (cpu, in_place)
 }
 
 #[test]

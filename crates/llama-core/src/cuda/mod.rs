@@ -252,6 +252,15 @@ impl CudaDevice {
             .map_err(|e| Error::cuda("cuMemAlloc", e))
     }
 
+    /// A device buffer left as the pool hands it out, for an output that a kernel or product
+    /// then writes whole (the memset of [`Self::zeros`] costs a training step gigabytes of
+    /// writes). Reading it before that write gives unspecified numbers, never invalid values.
+    pub fn uninit<T: crate::Element>(&self, len: usize) -> Result<CudaSlice<T>> {
+        // SAFETY: T is Pod (Element requires it), so every bit pattern the memory may hold is
+        // a valid T; the allocation itself is an ordinary stream-ordered one.
+        unsafe { self.stream.alloc::<T>(len) }.map_err(|e| Error::cuda("cuMemAlloc", e))
+    }
+
     /// Copies a host slice to a new device buffer.
     pub fn htod<T: DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
         self.stream

@@ -1,9 +1,9 @@
 //! Quantised weights on CUDA (`kernels/quant.cu`): a device copy of a [`QuantMatrix`], its
 //! dequantisation (the same bits as the CPU's) and the fused matrix-vector product.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use llama_core::cuda::{CudaDevice, KernelSource};
-use llama_core::DType;
+use llama_core::{bf16, DType};
 
 use super::{alloc, grid_for, kernel_source, launched, to_u32};
 use crate::error::{check_len, Result};
@@ -69,6 +69,25 @@ impl CudaQuantMatrix {
     /// The values, row-major, into the first rows · cols of `out` (which may be longer: one
     /// buffer can serve matrices of several sizes).
     pub fn dequantize_into(&self, device: &CudaDevice, out: &mut CudaSlice<f32>) -> Result<()> {
+        self.dequantize_as(device, out, "dequantize")
+    }
+
+    /// [`Self::dequantize_into`] rounded to bf16 (the f32 values' nearest, ties to even): the
+    /// frozen operand of a QLoRA product, with no f32 copy in between.
+    pub fn dequantize_into_bf16(
+        &self,
+        device: &CudaDevice,
+        out: &mut CudaSlice<bf16>,
+    ) -> Result<()> {
+        self.dequantize_as(device, out, "dequantize_bf16")
+    }
+
+    fn dequantize_as<T: DeviceRepr>(
+        &self,
+        device: &CudaDevice,
+        out: &mut CudaSlice<T>,
+        kernel: &str,
+    ) -> Result<()> {
         let n = self.rows * self.cols as usize;
         if out.len() < n {
             check_len("cuda dequantize_into", "out", out.len(), n)?;
@@ -76,7 +95,7 @@ impl CudaQuantMatrix {
         if n == 0 {
             return Ok(());
         }
-        let name = format!("dequantize_{}", suffix(self.dtype));
+        let name = format!("{kernel}_{}", suffix(self.dtype));
         let f = device.function(&QUANT, &name)?;
         let mut launch = device.stream().launch_builder(&f);
         launch
