@@ -8,6 +8,21 @@
 // The _rn intrinsics keep NVRTC from fusing the products into FMAs, so the result equals the
 // CPU path (llama-rope/src/apply.rs) bit for bit.
 
+// One row's frequency pairs, this thread's share: from and to may be the same row (in place:
+// each pair is read before it is written, by the same thread).
+template <typename T>
+__device__ __forceinline__ void rotate_row(const T* from, T* to, const float* cos_row, const float* sin_row,
+                                           unsigned int half, float sign) {
+    for (unsigned int i = threadIdx.x; i < half; i += blockDim.x) {
+        float c = cos_row[i];
+        float s = __fmul_rn(sign, sin_row[i]);
+        float a = to_f32(from[i]);
+        float bb = to_f32(from[i + half]);
+        to[i] = from_f32<T>(__fsub_rn(__fmul_rn(a, c), __fmul_rn(bb, s)));
+        to[i + half] = from_f32<T>(__fadd_rn(__fmul_rn(bb, c), __fmul_rn(a, s)));
+    }
+}
+
 template <typename T>
 __device__ void rope_impl(T* x, const float* cos, const float* sin, const unsigned int* positions,
                           size_t rows, unsigned int heads, unsigned int seq, unsigned int head_dim,
@@ -17,17 +32,8 @@ __device__ void rope_impl(T* x, const float* cos, const float* sin, const unsign
         unsigned int t = (unsigned int)(row % seq);
         size_t b = row / ((size_t)seq * heads);
         unsigned int p = positions[per_sequence ? b * seq + t : t];
-        const float* cos_row = cos + (size_t)p * half;
-        const float* sin_row = sin + (size_t)p * half;
         T* r = x + row * head_dim;
-        for (unsigned int i = threadIdx.x; i < half; i += blockDim.x) {
-            float c = cos_row[i];
-            float s = __fmul_rn(sign, sin_row[i]);
-            float a = to_f32(r[i]);
-            float bb = to_f32(r[i + half]);
-            r[i] = from_f32<T>(__fsub_rn(__fmul_rn(a, c), __fmul_rn(bb, s)));
-            r[i + half] = from_f32<T>(__fadd_rn(__fmul_rn(bb, c), __fmul_rn(a, s)));
-        }
+        rotate_row(r, r, cos + (size_t)p * half, sin + (size_t)p * half, half, sign);
     }
 }
 
@@ -47,18 +53,9 @@ __device__ void rope_moving_impl(const T* src, T* dst, const float* cos, const f
         size_t b = row / ((size_t)seq * heads);
         size_t token_row = (b * seq + t) * heads + h;
         unsigned int p = positions[per_sequence ? b * seq + t : t];
-        const float* cos_row = cos + (size_t)p * half;
-        const float* sin_row = sin + (size_t)p * half;
         const T* from = src + (to_heads ? token_row : row) * head_dim;
         T* to = dst + (to_heads ? row : token_row) * head_dim;
-        for (unsigned int i = threadIdx.x; i < half; i += blockDim.x) {
-            float c = cos_row[i];
-            float s = __fmul_rn(sign, sin_row[i]);
-            float a = to_f32(from[i]);
-            float bb = to_f32(from[i + half]);
-            to[i] = from_f32<T>(__fsub_rn(__fmul_rn(a, c), __fmul_rn(bb, s)));
-            to[i + half] = from_f32<T>(__fadd_rn(__fmul_rn(bb, c), __fmul_rn(a, s)));
-        }
+        rotate_row(from, to, cos + (size_t)p * half, sin + (size_t)p * half, half, sign);
         for (unsigned int i = 2 * half + threadIdx.x; i < head_dim; i += blockDim.x) to[i] = from[i];
     }
 }
