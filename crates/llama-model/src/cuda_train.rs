@@ -509,6 +509,7 @@ impl CudaTrainer {
         let mut inputs = Vec::with_capacity(self.lora.len());
         for i in 0..self.lora.len() {
             let (out, _) = self.layer_forward(i, &h, b.batch, &positions, true)?;
+            // Unreachable: layer_forward returns Some whenever `output` is true, as here.
             let out = out.expect("a forward asked for its output returns it");
             inputs.push(std::mem::replace(&mut h, out));
         }
