@@ -60,11 +60,14 @@ __device__ __forceinline__ void gated_grads(int act, float g, float u, float d, 
     *du = d * fs.x;
 }
 
+// h_out (may be null) gets the forward's h, recomputed with its rounding: the in-place backward
+// writes it over dh, which each thread reads first.
 template <typename T>
 __device__ void gated_backward_impl(const T* gate, const T* up, const T* dh, T* dgate, T* dup,
-                                    size_t n, int act) {
+                                    T* h_out, size_t n, int act) {
     const unsigned N = Pack<T>::N;
-    bool vec = aligned16(gate) && aligned16(up) && aligned16(dh) && aligned16(dgate) && aligned16(dup);
+    bool vec = aligned16(gate) && aligned16(up) && aligned16(dh) && aligned16(dgate) && aligned16(dup) &&
+               aligned16(h_out);
     size_t packs = vec ? n / N : 0;
     GRID_STRIDE_LOOP(p, packs) {
         float g[N], u[N], d[N], dg[N], du[N];
@@ -73,13 +76,19 @@ __device__ void gated_backward_impl(const T* gate, const T* up, const T* dh, T* 
         load_pack(dh + p * N, d);
 #pragma unroll
         for (unsigned i = 0; i < N; ++i) gated_grads<T>(act, g[i], u[i], d[i], &dg[i], &du[i]);
+        if (h_out) {
+#pragma unroll
+            for (unsigned i = 0; i < N; ++i) d[i] = gated_value<T>(act, g[i], u[i]);
+            store_pack(h_out + p * N, d);
+        }
         store_pack(dgate + p * N, dg);
         store_pack(dup + p * N, du);
     }
     GRID_STRIDE_LOOP(j, n - packs * N) {
         size_t i = packs * N + j;
-        float dg, du;
-        gated_grads<T>(act, to_f32(gate[i]), to_f32(up[i]), to_f32(dh[i]), &dg, &du);
+        float g = to_f32(gate[i]), u = to_f32(up[i]), dg, du;
+        gated_grads<T>(act, g, u, to_f32(dh[i]), &dg, &du);
+        if (h_out) h_out[i] = from_f32<T>(gated_value<T>(act, g, u));
         dgate[i] = from_f32<T>(dg);
         dup[i] = from_f32<T>(du);
     }
@@ -139,12 +148,13 @@ __device__ __forceinline__ float hash_uniform(unsigned long long seed, size_t i)
     }                                                                                              \
     extern "C" __global__ void gated_backward_##name(const T* gate, const T* up, const T* dh,       \
                                                      T* dgate, T* dup, size_t n, int act) {        \
-        gated_backward_impl(gate, up, dh, dgate, dup, n, act);                                     \
+        gated_backward_impl(gate, up, dh, dgate, dup, (T*)0, n, act);                              \
     }                                                                                              \
-    /* The same with dgate over gate and dup over up (each element is read before it is written). */ \
-    extern "C" __global__ void gated_backward_in_place_##name(T* gate, T* up, const T* dh, size_t n, \
+    /* The same with dgate over gate, dup over up and the forward's h over dh (each element is   \
+       read before it is written). */                                                              \
+    extern "C" __global__ void gated_backward_in_place_##name(T* gate, T* up, T* dh, size_t n,     \
                                                               int act) {                           \
-        gated_backward_impl(gate, up, dh, gate, up, n, act);                                       \
+        gated_backward_impl(gate, up, dh, gate, up, dh, n, act);                                   \
     }                                                                                              \
     /* Uniform values in [-scale, scale) from a hash of (seed, i): random weights for benches. */ \
     extern "C" __global__ void fill_uniform_##name(T* x, size_t n, unsigned long long seed,        \

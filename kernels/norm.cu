@@ -137,22 +137,60 @@ __device__ void layer_norm_impl(const T* x, const T* w, const T* b, T* y, unsign
     });
 }
 
-// RMSNorm backward, dx part: dx = r·w·dy − x·r³·Σ(w·dy·x)/C; saves r per row.
+// RMSNorm backward, dx part: dx = r·w·dy − x·r³·Σ(w·dy·x)/C (+ res, a residual branch's
+// gradient, when not null); saves r per row when rstd_out is not null. One pass over the row
+// for both sums, one for dx.
 template <typename T>
-__device__ void rms_norm_backward_impl(const T* x, const T* w, const T* dy, T* dx, float* rstd_out,
-                                       unsigned dim, float eps) {
+__device__ void rms_norm_backward_impl(const T* x, const T* w, const T* dy, const T* res, T* dx,
+                                       float* rstd_out, unsigned dim, float eps) {
     size_t row = blockIdx.x;
     const T* xr = x + row * dim;
     const T* dyr = dy + row * dim;
+    const T* rr = res ? res + row * dim : nullptr;
     T* dxr = dx + row * dim;
-    float r = row_rms_scale(xr, dim, eps, rows_vectorisable<T>(dim, x, dy, dx));
-    float s = 0.0f;
-    for (unsigned i = threadIdx.x; i < dim; i += blockDim.x)
-        s += to_f32(w[i]) * to_f32(dyr[i]) * to_f32(xr[i]);
+    const unsigned N = Pack<T>::N;
+    bool vec = rows_vectorisable<T>(dim, x, dy, dx) && aligned16(w) && (!res || aligned16(res));
+    float ss = 0.0f, s = 0.0f;
+    if (vec) {
+        for (unsigned p = threadIdx.x; p < dim / N; p += blockDim.x) {
+            float xv[N], wv[N], gv[N];
+            load_pack(xr + p * N, xv);
+            load_pack(w + p * N, wv);
+            load_pack(dyr + p * N, gv);
+#pragma unroll
+            for (unsigned k = 0; k < N; ++k) {
+                ss += xv[k] * xv[k];
+                s += wv[k] * gv[k] * xv[k];
+            }
+        }
+    } else {
+        for (unsigned i = threadIdx.x; i < dim; i += blockDim.x) {
+            float xi = to_f32(xr[i]);
+            ss += xi * xi;
+            s += to_f32(w[i]) * to_f32(dyr[i]) * xi;
+        }
+    }
+    float r = 1.0f / sqrtf(block_sum(ss) / (float)dim + eps);
     float coef = r * r * r * block_sum(s) / (float)dim;
-    for (unsigned i = threadIdx.x; i < dim; i += blockDim.x)
-        dxr[i] = from_f32<T>(r * to_f32(w[i]) * to_f32(dyr[i]) - to_f32(xr[i]) * coef);
-    if (threadIdx.x == 0) rstd_out[row] = r;
+    if (vec) {
+        for (unsigned p = threadIdx.x; p < dim / N; p += blockDim.x) {
+            float xv[N], wv[N], gv[N], rv[N];
+            load_pack(xr + p * N, xv);
+            load_pack(w + p * N, wv);
+            load_pack(dyr + p * N, gv);
+            if (rr) load_pack(rr + p * N, rv);
+#pragma unroll
+            for (unsigned k = 0; k < N; ++k)
+                xv[k] = r * wv[k] * gv[k] - xv[k] * coef + (rr ? rv[k] : 0.0f);
+            store_pack(dxr + p * N, xv);
+        }
+    } else {
+        for (unsigned i = threadIdx.x; i < dim; i += blockDim.x) {
+            float v = r * to_f32(w[i]) * to_f32(dyr[i]) - to_f32(xr[i]) * coef;
+            dxr[i] = from_f32<T>(rr ? v + to_f32(rr[i]) : v);
+        }
+    }
+    if (rstd_out && threadIdx.x == 0) rstd_out[row] = r;
 }
 
 // LayerNorm backward, dx part: dx = rstd·(g − mean(g) − x̂·mean(g·x̂)), g = w·dy; saves μ, rstd.
@@ -225,9 +263,9 @@ extern "C" __global__ void norm_dw_finish(const float* part, float* out, unsigne
         layer_norm_impl(x, w, b, y, dim, eps);                                                   \
     }                                                                                            \
     extern "C" __global__ void rms_norm_backward_##name(const T* x, const T* w, const T* dy,      \
-                                                        T* dx, float* rstd, unsigned dim,        \
-                                                        float eps) {                             \
-        rms_norm_backward_impl(x, w, dy, dx, rstd, dim, eps);                                    \
+                                                        const T* res, T* dx, float* rstd,        \
+                                                        unsigned dim, float eps) {               \
+        rms_norm_backward_impl(x, w, dy, res, dx, rstd, dim, eps);                               \
     }                                                                                            \
     extern "C" __global__ void layer_norm_backward_##name(const T* x, const T* w, const T* dy,    \
                                                           T* dx, float* mean, float* rstd,       \

@@ -241,3 +241,34 @@ QUANT_KERNELS(q4_k, FMT_Q4_K)
 QUANT_KERNELS(q5_k, FMT_Q5_K)
 QUANT_KERNELS(q6_k, FMT_Q6_K)
 QUANT_KERNELS(nf4, FMT_NF4)
+
+// QLoRA's NF4 with double-quantised absmaxes (llama-ops quant/nf4.rs, Nf4DoubleQuant): codes
+// [blocks][32 bytes] (rows are whole 64-weight blocks, so the blocks run on across rows), and
+// block b's absmax = map[absmax_codes[b]] · scales[b / 256] + offset, rounded as the CPU's
+// Nf4DoubleQuant::absmax. One thread per 8 weights, as dequantize_impl's NF4 quarters; bf16
+// rounded from the f32 values the CPU decodes from the expanded blocks.
+extern "C" __global__ void dequantize_bf16_nf4_dq(const unsigned char* codes,
+                                                  const unsigned char* absmax_codes,
+                                                  const float* scales, const float* map,
+                                                  float offset, bf16_t* out, size_t quarters) {
+    const float* nf4 = nf4_table();
+    __shared__ float dynamic[256];
+    for (unsigned i = threadIdx.x; i < 256; i += blockDim.x) dynamic[i] = map[i];
+    __syncthreads();
+    GRID_STRIDE_LOOP(i, quarters) {
+        size_t block = i / 8;
+        unsigned within = (unsigned)(i % 8);
+        float absmax = __fadd_rn(__fmul_rn(dynamic[absmax_codes[block]], scales[block / 256]), offset);
+        unsigned word = ld32(codes + block * 32 + 4 * within);
+        float v[8];
+#pragma unroll
+        for (unsigned k = 0; k < 4; ++k) {
+            unsigned byte = (word >> (8 * k)) & 0xffu;
+            v[2 * k] = __fmul_rn(nf4[byte >> 4], absmax);
+            v[2 * k + 1] = __fmul_rn(nf4[byte & 0xfu], absmax);
+        }
+        bf16_t* dst = out + block * 64 + within * 8;
+        store4(dst, v);
+        store4(dst + 4, v + 4);
+    }
+}

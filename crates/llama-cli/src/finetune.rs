@@ -447,7 +447,7 @@ fn bench_train_cuda(
     })?;
     let tokens = (args.batch_size * args.seq_len) as f64;
     let peak_mib = match (baseline, device.pool_peak().map_err(err)?) {
-        (Some(before), Some(peak)) => Some(peak.saturating_sub(before) as f64 / (1 << 20) as f64),
+        (Some(before), Some(peak)) => Some(mib(peak.saturating_sub(before))),
         _ => None,
     };
     report_train(
@@ -456,9 +456,18 @@ fn bench_train_cuda(
         device.name(),
         tokens,
         best,
-        peak_mib,
-        "device_peak_mib",
+        &[
+            ("device_peak_mib", peak_mib),
+            (
+                "host_pinned_mib",
+                Some(mib(trainer.checkpoint_host_bytes())),
+            ),
+        ],
     )
+}
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1 << 20) as f64
 }
 
 /// Prints one bench result (a JSON object with --json).
@@ -468,8 +477,7 @@ fn report_train(
     device: &str,
     tokens: f64,
     best: f64,
-    peak_mib: Option<f64>,
-    peak_key: &str,
+    memory: &[(&str, Option<f64>)],
 ) -> Result<(), String> {
     let mut object = json!({
         "engine": "fastllama",
@@ -484,13 +492,23 @@ fn report_train(
         "step_s": best,
         "tokens_per_s": tokens / best,
     });
-    object[peak_key] = json!(peak_mib);
+    for (key, mib) in memory {
+        object[*key] = json!(mib);
+    }
     if args.json {
         println!("{object}");
     } else {
+        let memory: Vec<String> = memory
+            .iter()
+            .map(|(key, mib)| format!("{key} {:.0}", mib.unwrap_or(f64::NAN)))
+            .collect();
         println!(
-            "training {}×{} tokens on {device}, r={}: {:.1} tok/s ({best:.3} s/step), {peak_key} {:.0}",
-            args.batch_size, args.seq_len, args.lora_r, tokens / best, peak_mib.unwrap_or(f64::NAN)
+            "training {}×{} tokens on {device}, r={}: {:.1} tok/s ({best:.3} s/step), {}",
+            args.batch_size,
+            args.seq_len,
+            args.lora_r,
+            tokens / best,
+            memory.join(", ")
         );
     }
     Ok(())
@@ -525,14 +543,13 @@ pub fn bench_train_cmd(args: &BenchTrainArgs) -> Result<(), String> {
             .map_err(err)
     })?;
     let tokens = (args.batch_size * args.seq_len) as f64;
-    let peak_mib = crate::commands::peak_rss().map(|b| b as f64 / (1 << 20) as f64);
+    let peak_mib = crate::commands::peak_rss().map(|b| mib(b as usize));
     report_train(
         args,
         &loaded.path.display().to_string(),
         "cpu",
         tokens,
         best,
-        peak_mib,
-        "peak_rss_mib",
+        &[("peak_rss_mib", peak_mib)],
     )
 }

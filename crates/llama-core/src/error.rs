@@ -64,6 +64,10 @@ pub enum Error {
     #[error("no CUDA device: {0}")]
     CudaUnavailable(String),
 
+    /// A host stash was asked for a slot that nothing was put into.
+    #[error("host stash: slot {0} holds no buffer")]
+    EmptyStashSlot(usize),
+
     /// A CUDA driver call failed.
     #[error("CUDA error in {context}: {message}")]
     Cuda { context: String, message: String },

@@ -1,6 +1,6 @@
 //! CUDA kernels against the CPU path (suite `core`); each test skips, counted, without a GPU.
 
-use llama_core::cuda::KernelSource;
+use llama_core::cuda::{HostStash, KernelSource};
 use llama_core::{bf16, cache_dir, DType, Device, Error, Tensor};
 use llama_fixtures::{cuda_or_skip, TestRng};
 
@@ -155,4 +155,38 @@ fn a_kernel_that_does_not_compile_returns_the_log() {
         msg.contains("broken_for_test") && msg.contains("undefined_name"),
         "{msg}"
     );
+}
+
+/// A host stash gives back, bit for bit, what was put into each slot, while the device's
+/// stream frees each put buffer as soon as its transfer is dropped and the pool hands that
+/// memory straight out again to be overwritten; a slot put again with another length holds
+/// the new buffer; a slot never put into is an error.
+#[test]
+fn a_host_stash_gives_back_what_was_put() {
+    let Some(gpu) = cuda_or_skip!() else { return };
+    let mut stash = HostStash::<f32>::new(&gpu).unwrap();
+    let lens = [1, 257, 100_003, 3_000_001];
+    let mut values: Vec<Vec<f32>> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| TestRng::new(40 + i as u64).vec(n, 100.0))
+        .collect();
+    let scribble = |n: usize| gpu.zeros::<f32>(n).unwrap();
+    for (i, v) in values.iter().enumerate() {
+        drop(stash.put(i, gpu.htod(v).unwrap()).unwrap());
+        drop(scribble(v.len()));
+    }
+    values[1] = TestRng::new(50).vec(99_999, 1.0);
+    let transfer = stash.put(1, gpu.htod(&values[1]).unwrap()).unwrap();
+    assert_eq!(gpu.dtoh(transfer.buffer()).unwrap(), values[1]);
+    drop(transfer);
+    let held: usize = values.iter().map(|v| v.len() * 4).sum();
+    assert_eq!(stash.host_bytes(), held);
+    for (i, v) in values.iter().enumerate().rev() {
+        let back = stash.get(i).unwrap().wait().unwrap();
+        let _overwritten = scribble(v.len());
+        assert_eq!(&gpu.dtoh(&back).unwrap(), v, "slot {i}");
+    }
+    let empty = stash.get(lens.len() + 2).err();
+    assert!(matches!(empty, Some(Error::EmptyStashSlot(6))), "{empty:?}");
 }

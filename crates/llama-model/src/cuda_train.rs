@@ -1,8 +1,11 @@
 //! LoRA training on one CUDA device: bf16 base weights ([`CudaLlamaModel`]), f32 LoRA masters
 //! and AdamW state ([`CudaLoraPair`]), bf16 activations, cuBLAS products with f32 accumulation.
 //! The same step as the CPU's ([`crate::Trainer`]), with gradient checkpointing always on (as
-//! Unsloth trains): the forward keeps each layer's input, the backward recomputes the layer
-//! with its tape and runs the layer's backward (see layer.rs for the formulas). modules_to_save
+//! Unsloth trains): the forward keeps each layer's input, offloaded to pinned host memory by
+//! copies that run beside the work ([`HostStash`]); the backward brings each back while the
+//! layer above runs, recomputes the layer with its tape and runs the layer's backward (see
+//! layer.rs for the formulas). Residual adds ride on the products (cuBLAS adding onto a copy
+//! of the residual) and the norms' backward kernels. modules_to_save
 //! (embed_tokens, lm_head) train whole beside the adapter as [`CudaTrainable`]s: the lookup
 //! reads the trained embedding's bf16 copy and its gradient takes dh₀ row by row; the loss reads
 //! the trained lm_head and adds dlogitsᵀ·normed to its gradient chunk by chunk.
@@ -13,13 +16,13 @@ use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
 use llama_attn::CudaAttendSaved;
-use llama_core::cuda::CudaDevice;
+use llama_core::cuda::{CudaDevice, HostStash, Transfer};
 use llama_core::{bf16, DType};
-use llama_ops::cuda::CudaQuantMatrix;
+use llama_ops::cuda::CudaNf4DoubleQuant;
 use llama_ops::cuda::{
-    add_in_place, cross_entropy, cross_entropy_backward, gated_backward_in_place, gated_forward,
-    linear, linear_backward_input, linear_backward_input_into, linear_backward_weight, rms_norm,
-    rms_norm_backward,
+    cross_entropy, cross_entropy_backward, gated_backward_in_place, gated_forward, linear,
+    linear_backward_input, linear_backward_input_into, linear_backward_weight, linear_into,
+    rms_norm, rms_norm_backward_input,
 };
 use llama_ops::Weight;
 use llama_ops::{CrossEntropyOptions, QuantMatrix};
@@ -47,8 +50,9 @@ struct Tape {
     normed2: CudaSlice<bf16>,
     gate: CudaSlice<bf16>,
     up: CudaSlice<bf16>,
-    hact: CudaSlice<bf16>,
-    mlp_lora: [Option<CudaLoraSaved>; 3],
+    /// The gate and up projections' branches (the down projection's input h is not kept: its
+    /// backward recomputes it).
+    mlp_lora: [Option<CudaLoraSaved>; 2],
 }
 
 fn cuda_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> ModelError + '_ {
@@ -101,11 +105,24 @@ impl<'a> FrozenWeights<'a> {
         x: &CudaSlice<bf16>,
     ) -> Result<(CudaSlice<bf16>, Option<CudaLoraSaved>)> {
         let (out, in_features) = target.shape(&self.dims);
-        let d = self.d;
-        let mut y = d.uninit::<bf16>(x.len() / in_features * out)?;
-        linear(d, x, self.weight(target)?, in_features, &mut y)?;
-        let saved = pair.map(|p| p.forward_add(x, &mut y)).transpose()?;
+        let mut y = self.d.uninit::<bf16>(x.len() / in_features * out)?;
+        let saved = self.forward_into(target, pair, x, &mut y, false)?;
         Ok((y, saved))
+    }
+
+    /// y [N, out] (+ when `accumulate`)= x·Wᵀ + the pair's branch: a residual add done by the
+    /// product itself. Returns the pair's saved values.
+    fn forward_into(
+        &mut self,
+        target: Target,
+        pair: Option<&CudaLoraPair>,
+        x: &CudaSlice<bf16>,
+        y: &mut CudaSlice<bf16>,
+        accumulate: bool,
+    ) -> Result<Option<CudaLoraSaved>> {
+        let in_features = target.shape(&self.dims).1;
+        linear_into(self.d, x, self.weight(target)?, in_features, y, accumulate)?;
+        Ok(pair.map(|p| p.forward_add(x, y)).transpose()?)
     }
 
     /// dx [N, in] (+ when `accumulate`)= dy·W (+ the branch of `lora` = the pair, whose
@@ -145,18 +162,22 @@ pub struct CudaTrainer {
     step: u64,
     /// QLoRA: the frozen projections in NF4 (the model's bf16 copies freed).
     nf4: Option<Nf4Base>,
+    /// The layer inputs the forward keeps for the backward, in pinned host memory.
+    checkpoints: HostStash<bf16>,
 }
 
-/// The frozen projections of every layer in NF4, dequantised into a bf16 buffer of their
-/// shape just before each product.
+/// The frozen projections of every layer in NF4 with double-quantised absmaxes (as
+/// bitsandbytes keeps QLoRA's base), dequantised into a bf16 buffer of their size just before
+/// each product.
 struct Nf4Base {
-    layers: Vec<[CudaQuantMatrix; 7]>,
-    /// One bf16 buffer per projection shape.
-    copies: HashMap<(usize, usize), CudaSlice<bf16>>,
+    layers: Vec<[CudaNf4DoubleQuant; 7]>,
+    /// One bf16 buffer per element count (gate, up and down share one: [F, C] and [C, F]);
+    /// the stream's order keeps a product's read before the next dequantisation's write.
+    copies: HashMap<usize, CudaSlice<bf16>>,
 }
 
 /// The frozen weight of `target` in layer `i` as the products read it: the model's bf16
-/// matrix, or (QLoRA) its NF4 copy dequantised into the bf16 buffer of its shape.
+/// matrix, or (QLoRA) its NF4 copy dequantised into the bf16 buffer of its size.
 fn frozen<'a>(
     d: &CudaDevice,
     layer: &'a CudaLayer,
@@ -178,7 +199,7 @@ fn frozen<'a>(
     };
     let matrix = &base.layers[i][target as usize];
     let (rows, cols) = matrix.shape();
-    let copy = match base.copies.entry((rows, cols)) {
+    let copy = match base.copies.entry(rows * cols) {
         Entry::Occupied(e) => e.into_mut(),
         Entry::Vacant(e) => e.insert(d.uninit(rows * cols)?),
     };
@@ -186,16 +207,17 @@ fn frozen<'a>(
     Ok(copy)
 }
 
-/// A bf16 device matrix [rows, cols] quantised to NF4 (on the host) and uploaded.
+/// A bf16 device matrix [rows, cols] quantised to NF4 and its absmaxes double-quantised (on
+/// the host), then uploaded.
 fn to_nf4(
     d: &CudaDevice,
     w: &CudaSlice<bf16>,
     rows: usize,
     cols: usize,
-) -> Result<CudaQuantMatrix> {
+) -> Result<CudaNf4DoubleQuant> {
     let values: Vec<f32> = d.dtoh(w)?.iter().map(|v| v.to_f32()).collect();
     let bytes = llama_ops::quantize(DType::Nf4, &values, cols)?;
-    Ok(CudaQuantMatrix::upload(
+    Ok(CudaNf4DoubleQuant::upload(
         d,
         &QuantMatrix::new(DType::Nf4, rows, cols, &bytes)?,
     )?)
@@ -256,6 +278,7 @@ impl CudaTrainer {
             config,
             step: 0,
             nf4: None,
+            checkpoints: HostStash::new(&device)?,
         })
     }
 
@@ -273,9 +296,15 @@ impl CudaTrainer {
         self.model.device()
     }
 
+    /// Bytes of pinned host memory the offloaded layer inputs take (kept between steps).
+    pub fn checkpoint_host_bytes(&self) -> usize {
+        self.checkpoints.host_bytes()
+    }
+
     /// QLoRA: stores the frozen projections in NF4 on the device (quantised from their bf16
-    /// values) and frees the bf16 ones; each product then dequantises its matrix first. The
-    /// model can no longer run inference afterwards (its projections are gone).
+    /// values, the absmaxes double-quantised as bitsandbytes does: 0.52 bytes a weight) and
+    /// frees the bf16 ones; each product then dequantises its matrix first. The model can no
+    /// longer run inference afterwards (its projections are gone).
     pub fn quantize_base_nf4(&mut self) -> Result<()> {
         if self.nf4.is_some() {
             return Ok(());
@@ -505,13 +534,12 @@ impl CudaTrainer {
         let mut h = d.uninit::<bf16>(b.ids.len() * cfg.hidden_size)?;
         let embed = self.modules[0].as_ref().map(CudaTrainable::copy);
         self.model.embed_into(embed, &b.ids, &mut h)?;
-        // forward, keeping only each layer's input
-        let mut inputs = Vec::with_capacity(self.lora.len());
-        for i in 0..self.lora.len() {
-            let (out, _) = self.layer_forward(i, &h, b.batch, &positions, true)?;
-            // Unreachable: layer_forward returns Some whenever `output` is true, as here.
-            let out = out.expect("a forward asked for its output returns it");
-            inputs.push(std::mem::replace(&mut h, out));
+        // forward, keeping only each layer's input, offloaded to the host while the layer runs
+        let layers = self.lora.len();
+        for i in 0..layers {
+            let input = self.checkpoints.put(i, h)?;
+            let tape = self.layer_forward(i, input.buffer(), b.batch, &positions)?;
+            h = self.layer_output(i, &tape)?;
         }
         // head
         let mut normed = d.uninit::<bf16>(h.len())?;
@@ -519,21 +547,17 @@ impl CudaTrainer {
         let targets = shift_labels(&b.labels, seq);
         let (loss, d_normed) = self.head_backward(&normed, &targets, scale)?;
         let mut dh = d.uninit::<bf16>(h.len())?;
-        let mut dw = d.zeros::<f32>(cfg.hidden_size)?;
-        rms_norm_backward(
-            &d,
-            &h,
-            &self.model.norm,
-            &d_normed,
-            cfg.rms_norm_eps,
-            &mut dh,
-            &mut dw,
-        )?;
+        let eps = cfg.rms_norm_eps;
+        rms_norm_backward_input(&d, &h, &self.model.norm, &d_normed, None, eps, &mut dh)?;
         drop((normed, d_normed, h));
-        // backward, last layer first, each recomputed from its input
-        while let Some(input) = inputs.pop() {
-            let i = inputs.len();
-            let (_, tape) = self.layer_forward(i, &input, b.batch, &positions, false)?;
+        // backward, last layer first, each recomputed from its input; the input of the layer
+        // below comes back from the host while this one runs
+        let (mut i, mut next) = (layers, self.fetch_below(layers)?);
+        while let Some(fetch) = next.take() {
+            i -= 1;
+            next = self.fetch_below(i)?;
+            let input = fetch.wait()?;
+            let tape = self.layer_forward(i, &input, b.batch, &positions)?;
             dh = self.layer_backward(i, &input, tape, &dh)?;
         }
         // dh is now the gradient of the embeddings: a trained embed_tokens takes it row by row.
@@ -543,18 +567,23 @@ impl CudaTrainer {
         Ok(loss)
     }
 
-    /// Layer i over x [N, C]: everything its backward needs, and its output when `output`
-    /// (a forward recomputed for the backward skips it: the down projection's frozen product
-    /// and the residual add, whose result the backward never reads).
+    /// Starts bringing back the input of the layer below layer i (none below layer 0).
+    fn fetch_below(&mut self, i: usize) -> Result<Option<Transfer<bf16>>> {
+        let below = i.checked_sub(1);
+        Ok(below.map(|j| self.checkpoints.get(j)).transpose()?)
+    }
+
+    /// Layer i over x [N, C]: everything its backward needs. Its output is left to
+    /// [`Self::layer_output`] (a forward recomputed for the backward never reads it: the down
+    /// projection's frozen product and the residual add are skipped there).
     fn layer_forward(
         &mut self,
         i: usize,
         x: &CudaSlice<bf16>,
         batch: usize,
         positions: &[u32],
-        output: bool,
-    ) -> Result<(Option<CudaSlice<bf16>>, Tape)> {
-        let (eps, act) = (self.model.config.rms_norm_eps, self.model.config.hidden_act);
+    ) -> Result<Tape> {
+        let eps = self.model.config.rms_norm_eps;
         let dims = self.model.config.lora_dims();
         let d = self.model.device().clone();
         let layer: &mut CudaLayer = &mut self.model.layers[i];
@@ -573,29 +602,14 @@ impl CudaTrainer {
         let (merged, attend) = layer.self_attn.attend([&q, &k, &v], batch, positions)?;
         drop((q, k, v));
         let mut w = FrozenWeights::new(&d, layer, nf4.as_mut(), i, dims);
-        let (attn_out, o_lora) = w.forward(Target::OProj, pair(Target::OProj), &merged)?;
+        // mid = x + o(merged): the product adds onto a copy of x
         let mut mid = d.stream().clone_dtod(x).map_err(cuda_err("clone_dtod"))?;
-        add_in_place(&d, &mut mid, &attn_out)?;
-        drop(attn_out);
+        let o_lora = w.forward_into(Target::OProj, pair(Target::OProj), &merged, &mut mid, true)?;
         let mut normed2 = d.uninit::<bf16>(x.len())?;
         rms_norm(&d, &mid, &layer.post_attention_layernorm, eps, &mut normed2)?;
         let (gate, g_s) = w.forward(Target::GateProj, pair(Target::GateProj), &normed2)?;
         let (up, u_s) = w.forward(Target::UpProj, pair(Target::UpProj), &normed2)?;
-        let mut hact = d.uninit::<bf16>(gate.len())?;
-        gated_forward(&d, act, &gate, &up, &mut hact)?;
-        let (out, dn_s) = if output {
-            let (mlp_out, dn_s) = w.forward(Target::DownProj, pair(Target::DownProj), &hact)?;
-            let mut out = d
-                .stream()
-                .clone_dtod(&mid)
-                .map_err(cuda_err("clone_dtod"))?;
-            add_in_place(&d, &mut out, &mlp_out)?;
-            (Some(out), dn_s)
-        } else {
-            let saved = pair(Target::DownProj).map(|p| p.forward_saved(&hact));
-            (None, saved.transpose()?)
-        };
-        let tape = Tape {
+        Ok(Tape {
             normed1,
             qkv_lora,
             attend,
@@ -605,10 +619,27 @@ impl CudaTrainer {
             normed2,
             gate,
             up,
-            hact,
-            mlp_lora: [g_s, u_s, dn_s],
-        };
-        Ok((out, tape))
+            mlp_lora: [g_s, u_s],
+        })
+    }
+
+    /// Layer i's output from its tape: mid + down(h), h = act(gate) ⊙ up, the product adding
+    /// onto a copy of mid.
+    fn layer_output(&mut self, i: usize, tape: &Tape) -> Result<CudaSlice<bf16>> {
+        let dims = self.model.config.lora_dims();
+        let act = self.model.config.hidden_act;
+        let d = self.model.device().clone();
+        let mut h = d.uninit::<bf16>(tape.gate.len())?;
+        gated_forward(&d, act, &tape.gate, &tape.up, &mut h)?;
+        let mut out = d
+            .stream()
+            .clone_dtod(&tape.mid)
+            .map_err(cuda_err("clone_dtod"))?;
+        let layer = &self.model.layers[i];
+        let mut w = FrozenWeights::new(&d, layer, self.nf4.as_mut(), i, dims);
+        let pair = self.lora[i][Target::DownProj as usize].as_ref();
+        w.forward_into(Target::DownProj, pair, &h, &mut out, true)?;
+        Ok(out)
     }
 
     /// Backward of layer i for dout [N, C] (the gradient of its output), given its input x:
@@ -627,17 +658,27 @@ impl CudaTrainer {
         let layer: &mut CudaLayer = &mut self.model.layers[i];
         let nf4 = &mut self.nf4;
         let [pq, pk, pv, po, p_gate, p_up, p_down] = self.lora[i].each_mut().map(Option::as_mut);
-        let mut dw = d.zeros::<f32>(dims.hidden)?;
         let mut w = FrozenWeights::new(&d, layer, nf4.as_mut(), i, dims);
-        // out = mid + down(act(gate(n₂)) ⊙ up(n₂)), n₂ = rms_norm(mid)
-        let mut d_hact = d.uninit::<bf16>(tape.hact.len())?;
-        let down = (p_down, &tape.mlp_lora[2]);
-        w.backward(Target::DownProj, down, &tape.hact, dout, &mut d_hact, false)?;
-        drop(tape.hact);
-        // gate and up become d_gate and d_up
+        // out = mid + down(h), h = act(gate(n₂)) ⊙ up(n₂), n₂ = rms_norm(mid). As Unsloth's
+        // LoRA_MLP: dh first (the down branch's part of it needs no h), then one kernel turns
+        // gate, up and dh into d_gate, d_up and h, which the down branch's gradients read.
+        let mut d_h = d.uninit::<bf16>(tape.gate.len())?;
+        linear_backward_input(
+            &d,
+            dout,
+            w.weight(Target::DownProj)?,
+            dims.intermediate,
+            &mut d_h,
+        )?;
+        let g_down = p_down.as_ref().map(|p| p.backward_input(dout, &mut d_h));
+        let g_down = g_down.transpose()?;
         let (mut d_gate, mut d_up) = (tape.gate, tape.up);
-        gated_backward_in_place(&d, act, &mut d_gate, &mut d_up, &d_hact)?;
-        drop(d_hact);
+        gated_backward_in_place(&d, act, &mut d_gate, &mut d_up, &mut d_h)?;
+        let h = d_h;
+        if let (Some(pair), Some(g)) = (p_down, &g_down) {
+            pair.backward_recomputing(&h, g, dout)?;
+        }
+        drop((h, g_down));
         let mut d_normed = d.uninit::<bf16>(dout.len())?;
         let (gate, up) = ((p_gate, &tape.mlp_lora[0]), (p_up, &tape.mlp_lora[1]));
         w.backward(
@@ -657,10 +698,10 @@ impl CudaTrainer {
             true,
         )?;
         drop((d_gate, d_up));
+        // d_mid = the norm's input gradient + dout (the residual path), in one kernel
         let mut d_mid = d.uninit::<bf16>(dout.len())?;
         let ln2 = &layer.post_attention_layernorm;
-        rms_norm_backward(&d, &tape.mid, ln2, &d_normed, eps, &mut d_mid, &mut dw)?;
-        add_in_place(&d, &mut d_mid, dout)?;
+        rms_norm_backward_input(&d, &tape.mid, ln2, &d_normed, Some(dout), eps, &mut d_mid)?;
         // mid = x + o(attend(qkv(n₁))), n₁ = rms_norm(x)
         let mut d_merged = d.uninit::<bf16>(tape.merged.len())?;
         let o = (po, &tape.o_lora);
@@ -674,16 +715,8 @@ impl CudaTrainer {
         w.backward(Target::KProj, (pk, k), n1, &dk, &mut d_normed, true)?;
         w.backward(Target::VProj, (pv, v), n1, &dv, &mut d_normed, true)?;
         let mut dx = d.uninit::<bf16>(dout.len())?;
-        rms_norm_backward(
-            &d,
-            x,
-            &layer.input_layernorm,
-            &d_normed,
-            eps,
-            &mut dx,
-            &mut dw,
-        )?;
-        add_in_place(&d, &mut dx, &d_mid)?;
+        let ln1 = &layer.input_layernorm;
+        rms_norm_backward_input(&d, x, ln1, &d_normed, Some(&d_mid), eps, &mut dx)?;
         Ok(dx)
     }
 

@@ -12,6 +12,7 @@ use common::{adapter_matrices, check_matrices, constant_config, grad_matrices, C
 use llama_core::cuda::CudaDevice;
 use llama_fixtures::{assert_close, cuda_or_skip, fixture_names};
 use llama_model::{CudaLlamaModel, CudaTrainer, StepOptions};
+use llama_ops::quant::Nf4DoubleQuant;
 use llama_peft::{AdapterGrads, LoraConfig, OptimizerKind};
 
 /// A GPU trainer for the case's model and adapter: `optimizer` at a constant `lr`.
@@ -75,8 +76,9 @@ fn gpu_lora_training_matches_peft_in_bf16() {
     }
 }
 
-/// QLoRA on the GPU (NF4 projections dequantised before each product) against the CPU's
-/// QLoRA (the same NF4 codes from the same values, f32 arithmetic): the LoRA gradients agree
+/// QLoRA on the GPU (NF4 projections, absmaxes double-quantised, dequantised before each
+/// product) against the CPU's QLoRA (the same NF4 codes and absmaxes from the same values, f32
+/// arithmetic): the LoRA gradients agree
 /// within bf16 tolerance.
 #[test]
 fn gpu_qlora_gradients_match_the_cpu() {
@@ -99,6 +101,15 @@ fn gpu_qlora_gradients_match_the_cpu() {
     t.loss_and_grads(&c.batch, 1.0).unwrap();
     let gpu_grads = grad_matrices(&c.adapter, &t.grads().unwrap());
     c.model.convert_projections(llama_core::DType::Nf4).unwrap();
+    // ... and the GPU's double-quantised absmaxes (bitsandbytes' compress_statistics).
+    for layer in &mut c.model.layers {
+        for w in layer.projections_mut() {
+            let (rows, cols) = w.shape();
+            let q = w.as_quant().expect("an NF4 projection");
+            let blocks = Nf4DoubleQuant::compress(&q).unwrap().expand();
+            *w = llama_ops::Weight::quantized(llama_core::DType::Nf4, rows, cols, blocks).unwrap();
+        }
+    }
     let grads = cpu_grads(&mut c);
     for ((label, got), (_, want)) in gpu_grads.iter().zip(grad_matrices(&c.adapter, &grads)) {
         let name = format!("{} gpu qlora {label}", c.name);

@@ -190,6 +190,16 @@ fn norms_and_activations_match_the_cpu_in_f32_and_bf16() {
                 &[dim],
                 1e-4,
             );
+            // The input-only backward adds a residual's gradient in the same kernel.
+            let residual = rng.vec(rows * dim, 1.0);
+            let with_residual: Vec<f32> = cdx.iter().zip(&residual).map(|(a, b)| a + b).collect();
+            let rd = up(&gpu, &residual);
+            cuda::rms_norm_backward_input(&gpu, &xd, &wd, &dyd, Some(&rd), 1e-6, &mut dx).unwrap();
+            let label = format!("rms dx + residual {name}");
+            assert_close(&label, &down(&gpu, &dx), &with_residual, &[rows, dim], 1e-4);
+            cuda::rms_norm_backward_input(&gpu, &xd, &wd, &dyd, None, 1e-6, &mut dx).unwrap();
+            let label = format!("rms dx alone {name}");
+            assert_close(&label, &down(&gpu, &dx), &cdx, &[rows, dim], 1e-4);
             llama_ops::layer_norm_backward(&x, &w, &dy, 1e-5, &mut cdx, &mut cdw, &mut cdb)
                 .unwrap();
             cuda::layer_norm_backward(&gpu, &xd, &wd, &dyd, 1e-5, &mut dx, &mut dw, &mut db)
@@ -271,8 +281,13 @@ fn norms_and_activations_match_the_cpu_in_f32_and_bf16() {
                 &[n],
                 ACT_TOL,
             );
-            let (mut dg_in, mut du_in) = (up(&gpu, &g), up(&gpu, &u));
-            cuda::gated_backward_in_place(&gpu, act, &mut dg_in, &mut du_in, &dhd).unwrap();
+            let (mut dg_in, mut du_in, mut dh_in) = (up(&gpu, &g), up(&gpu, &u), up(&gpu, &dh));
+            cuda::gated_backward_in_place(&gpu, act, &mut dg_in, &mut du_in, &mut dh_in).unwrap();
+            assert_eq!(
+                down(&gpu, &dh_in),
+                down(&gpu, &h),
+                "{act:?} h recomputed in place {name}"
+            );
             assert_eq!(
                 down(&gpu, &dg_in),
                 down(&gpu, &dg),
@@ -295,6 +310,14 @@ fn norms_and_activations_match_the_cpu_in_f32_and_bf16() {
                 &cbf,
                 &[n],
                 4e-3,
+            );
+            let (mut gbd, mut ubd) = (up(&gpu, &gb), up(&gpu, &ub));
+            let mut dhb = up(&gpu, &to_bf16(&dh));
+            cuda::gated_backward_in_place(&gpu, act, &mut gbd, &mut ubd, &mut dhb).unwrap();
+            assert_eq!(
+                down_bf16(&gpu, &dhb),
+                down_bf16(&gpu, &hb),
+                "{act:?} bf16 h recomputed in place {name}"
             );
         }
     }
@@ -408,11 +431,11 @@ fn quantised_kernels_match_the_cpu() {
             let cols = blocks * dtype.block_len();
             let dense = rng.vec(rows * cols, 0.1);
             let bytes = llama_ops::quantize(dtype, &dense, cols).unwrap();
-            check_quant(
-                &gpu,
-                QuantMatrix::new(dtype, rows, cols, &bytes).unwrap(),
-                &mut rng,
-            );
+            let w = QuantMatrix::new(dtype, rows, cols, &bytes).unwrap();
+            if dtype == DType::Nf4 {
+                check_nf4_double_quant(&gpu, &w);
+            }
+            check_quant(&gpu, w, &mut rng);
         }
     }
     // K-quants: random bytes with small scales (no quantiser for them here).
@@ -429,6 +452,33 @@ fn quantised_kernels_match_the_cpu() {
     }
 }
 
+/// QLoRA's double-quantised NF4 on the device dequantises to the CPU's values of the
+/// expanded blocks, rounded to bf16, bit for bit (blocks run across rows and 256-block groups).
+fn check_nf4_double_quant(gpu: &Arc<CudaDevice>, w: &QuantMatrix) {
+    let (rows, cols) = w.shape();
+    let expanded = llama_ops::quant::Nf4DoubleQuant::compress(w)
+        .unwrap()
+        .expand();
+    let cpu = QuantMatrix::new(DType::Nf4, rows, cols, &expanded)
+        .unwrap()
+        .dequantize();
+    let wd = cuda::CudaNf4DoubleQuant::upload(gpu, w).unwrap();
+    let mut bf = gpu.zeros::<bf16>(rows * cols).unwrap();
+    wd.dequantize_into_bf16(gpu, &mut bf).unwrap();
+    let name = format!("NF4 double quant [{rows}, {cols}]");
+    assert_rounded_from(gpu, &name, &bf, &cpu);
+}
+
+/// The bf16 buffer holds the f32 values rounded, bit for bit.
+fn assert_rounded_from(gpu: &Arc<CudaDevice>, name: &str, bf: &CudaSlice<bf16>, f32s: &[f32]) {
+    let rounded = f32s.iter().map(|&v| bf16::from_f32(v).to_bits());
+    let got = gpu.dtoh(bf).unwrap();
+    assert!(
+        got.iter().map(|v| v.to_bits()).eq(rounded),
+        "{name}: bf16 dequantisation differs from the CPU's values rounded"
+    );
+}
+
 fn check_quant(gpu: &Arc<CudaDevice>, w: QuantMatrix, rng: &mut TestRng) {
     let (rows, cols) = w.shape();
     let name = format!("{} [{rows}, {cols}]", w.dtype());
@@ -442,12 +492,7 @@ fn check_quant(gpu: &Arc<CudaDevice>, w: QuantMatrix, rng: &mut TestRng) {
     assert!(same, "{name}: dequantised values differ from the CPU's");
     let mut bf = gpu.zeros::<bf16>(rows * cols).unwrap();
     wd.dequantize_into_bf16(gpu, &mut bf).unwrap();
-    let rounded = cpu.iter().map(|&v| bf16::from_f32(v).to_bits());
-    let got = gpu.dtoh(&bf).unwrap();
-    assert!(
-        got.iter().map(|v| v.to_bits()).eq(rounded),
-        "{name}: bf16 dequantisation differs from the CPU's values rounded"
-    );
+    assert_rounded_from(gpu, &name, &bf, &cpu);
     let x = rng.vec(cols, 1.0);
     let mut y = vec![0f32; rows];
     w.matvec(&x, &mut y).unwrap();

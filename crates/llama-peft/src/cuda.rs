@@ -291,6 +291,11 @@ pub struct CudaLoraSaved {
     xs: CudaSlice<bf16>,
 }
 
+/// What [`CudaLoraPair::backward_input`] hands on: g = s·(dy·B), [M, r] in bf16.
+pub struct CudaLoraDy {
+    g: CudaSlice<bf16>,
+}
+
 impl CudaLoraPair {
     pub fn upload(device: &Arc<CudaDevice>, pair: &LoraPair) -> Result<CudaLoraPair> {
         Ok(CudaLoraPair {
@@ -359,9 +364,8 @@ impl CudaLoraPair {
         Ok(saved)
     }
 
-    /// Only what [`Self::backward`] reads of the forward, xs = s·(x·Aᵀ), for a forward
-    /// recomputed for its backward that never reads its output.
-    pub fn forward_saved(&self, x: &CudaSlice<bf16>) -> Result<CudaLoraSaved> {
+    /// Only what [`Self::backward`] reads of the forward, xs = s·(x·Aᵀ).
+    fn forward_saved(&self, x: &CudaSlice<bf16>) -> Result<CudaLoraSaved> {
         let rows = x.len() / self.in_features.max(1);
         let m = self.rows(
             "CudaLoraPair::forward_saved",
@@ -383,16 +387,54 @@ impl CudaLoraPair {
         dy: &CudaSlice<bf16>,
         dx: &mut CudaSlice<bf16>,
     ) -> Result<()> {
-        let m = self.rows("CudaLoraPair::backward", x.len(), dy.len())?;
+        self.rows("CudaLoraPair::backward", x.len(), dy.len())?;
+        let g = self.backward_input(dy, dx)?;
+        self.weight_grads(x, &g, &saved.xs, dy)
+    }
+
+    /// The part of the backward that needs no input, for a forward whose input is not kept
+    /// (the MLP's h, recomputed later in the buffer of its gradient): dx [M, K] += s·(dy·B)·A.
+    /// Returns g = s·dy·B for [`Self::backward_recomputing`].
+    pub fn backward_input(
+        &self,
+        dy: &CudaSlice<bf16>,
+        dx: &mut CudaSlice<bf16>,
+    ) -> Result<CudaLoraDy> {
+        let m = self.rows("CudaLoraPair::backward_input", dx.len(), dy.len())?;
         let d = &*self.device;
         let (r, k) = (self.rank, self.in_features);
         // g = s·dy·B [M, r]: dy [M, N] times B [N, r] is dy·Wᵀ with W = Bᵀ; as a backward-input
         // product it is dy · B with B read as [N, r].
         let mut g = d.uninit::<bf16>(m * r)?;
         linear_backward_input_scaled(d, dy, &self.b.copy, r, &mut g, self.scaling)?;
-        linear_backward_weight(d, &g, x, k, &mut self.a.grad)?;
-        linear_backward_weight(d, dy, &saved.xs, r, &mut self.b.grad)?;
         linear_backward_input_into(d, &g, &self.a.copy, k, dx, true)?;
+        Ok(CudaLoraDy { g })
+    }
+
+    /// The rest of the backward once the input x is back: dA += gᵀ·x and dB += dyᵀ·xs with
+    /// xs = s·(x·Aᵀ) recomputed from x.
+    pub fn backward_recomputing(
+        &mut self,
+        x: &CudaSlice<bf16>,
+        g: &CudaLoraDy,
+        dy: &CudaSlice<bf16>,
+    ) -> Result<()> {
+        self.rows("CudaLoraPair::backward_recomputing", x.len(), dy.len())?;
+        let saved = self.forward_saved(x)?;
+        self.weight_grads(x, g, &saved.xs, dy)
+    }
+
+    /// dA += gᵀ·x, dB += dyᵀ·xs (f32).
+    fn weight_grads(
+        &mut self,
+        x: &CudaSlice<bf16>,
+        g: &CudaLoraDy,
+        xs: &CudaSlice<bf16>,
+        dy: &CudaSlice<bf16>,
+    ) -> Result<()> {
+        let d = &*self.device;
+        linear_backward_weight(d, &g.g, x, self.in_features, &mut self.a.grad)?;
+        linear_backward_weight(d, dy, xs, self.rank, &mut self.b.grad)?;
         Ok(())
     }
 }

@@ -77,7 +77,7 @@ pub fn apply<T: RopeElement>(
     }
     let name = format!("rope_{}", T::ROPE_SUFFIX);
     let function = tables.device.function(&ROPE, &name)?;
-    let (args, config) = RopeArgs::new(shape, tables, positions, backward)?;
+    let (args, config) = RopeArgs::new::<T>(shape, tables, positions, backward)?;
     let mut launch = tables.device.stream().launch_builder(&function);
     launch.arg(x);
     args.push(&mut launch);
@@ -108,7 +108,7 @@ pub fn apply_moving<T: RopeElement>(
     }
     let name = format!("rope_moving_{}", T::ROPE_SUFFIX);
     let function = tables.device.function(&ROPE, &name)?;
-    let (args, config) = RopeArgs::new(shape, tables, positions, backward)?;
+    let (args, config) = RopeArgs::new::<T>(shape, tables, positions, backward)?;
     let to_heads = i32::from(to_heads);
     let mut launch = tables.device.stream().launch_builder(&function);
     launch.arg(src).arg(dst);
@@ -131,7 +131,7 @@ struct RopeArgs<'a> {
 }
 
 impl<'a> RopeArgs<'a> {
-    fn new(
+    fn new<T: RopeElement>(
         shape: QkShape,
         tables: &'a DeviceTables,
         positions: &[u32],
@@ -158,7 +158,16 @@ impl<'a> RopeArgs<'a> {
             dims,
             sign: if backward { -1.0 } else { 1.0 },
         };
-        Ok((args, launch_config(rows, tables.half)))
+        // A thread per frequency pair, or per 16-byte pack of them where the kernel packs
+        // (rope_vec: whole packs in half and head_dim; CudaSlice buffers start aligned).
+        let pack = 16 / std::mem::size_of::<T>();
+        let packed = tables.half % pack == 0 && shape.head_dim % pack == 0;
+        let lanes = if packed {
+            tables.half / pack
+        } else {
+            tables.half
+        };
+        Ok((args, launch_config(rows, lanes)))
     }
 
     /// cos, sin, positions, rows, heads, seq, head_dim, half, per_sequence, sign.
@@ -180,10 +189,10 @@ const BLOCK_THREADS: usize = 256;
 /// Blocks at most (16.7M threads fill any current GPU); beyond that each block strides over rows.
 const MAX_BLOCKS: usize = 65_535;
 
-/// threadIdx.x over the frequency pairs (a power of two up to 128 that covers them),
-/// threadIdx.y over rows, one block per BLOCK_THREADS / x rows.
-fn launch_config(rows: usize, half: usize) -> LaunchConfig {
-    let x = half.next_power_of_two().clamp(1, 128);
+/// threadIdx.x over a row's `lanes` (a power of two up to 128 that covers them), threadIdx.y
+/// over rows, one block per BLOCK_THREADS / x rows.
+fn launch_config(rows: usize, lanes: usize) -> LaunchConfig {
+    let x = lanes.next_power_of_two().clamp(1, 128);
     let y = BLOCK_THREADS / x;
     LaunchConfig {
         grid_dim: (rows.div_ceil(y).clamp(1, MAX_BLOCKS) as u32, 1, 1),

@@ -1,5 +1,5 @@
 //! The CUDA rope kernel against the CPU path (suite `rope`), bit for bit, for every RoPE kind of
-//! the fixtures, in f32 and bf16, forward and backward. Skipped, counted, without a GPU.
+//! the fixtures (and a head size the kernels cannot pack), in f32 and bf16, forward and backward. Skipped, counted, without a GPU.
 
 use llama_core::bf16;
 use llama_fixtures::{cuda_or_skip, fixtures_dir, TestRng};
@@ -105,7 +105,13 @@ fn both<T: RopeElement>(
 #[test]
 fn kernel_matches_cpu_for_every_kind() {
     let Some(gpu) = cuda_or_skip!() else { return };
-    for (name, config, seq_len) in fixture_configs() {
+    // Beside the fixtures' head sizes (whole 16-byte packs), one whose halves are not: the
+    // kernels' element-by-element path.
+    let awkward = RopeConfig::new(10000.0, 12, 64).unwrap();
+    let configs = fixture_configs()
+        .into_iter()
+        .chain([("head_dim 12".to_string(), awkward, 64)]);
+    for (name, config, seq_len) in configs {
         let shape = QkShape {
             batch: 2,
             heads: 3,

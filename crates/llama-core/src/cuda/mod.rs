@@ -1,5 +1,6 @@
 //! The CUDA side of `llama-core`: probing for a driver, one context and stream per device,
-//! host/device copies, and the kernel cache.
+//! host/device copies (and [`HostStash`], buffers parked in pinned host memory), and the
+//! kernel cache.
 //!
 //! Everything goes through `cudarc` with dynamic loading, so the crate builds without a CUDA
 //! toolkit. `cudarc` panics on first use when `libcuda.so` is missing; [`device_count`] probes
@@ -9,6 +10,7 @@
 mod kernels;
 mod nvrtc;
 pub(crate) mod ops;
+mod stash;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -17,6 +19,7 @@ use cudarc::driver::sys::CUmemPool_attribute as PoolAttribute;
 use cudarc::driver::{CudaContext, CudaModule, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
 
 pub use kernels::KernelSource;
+pub use stash::{HostStash, Transfer};
 
 use crate::storage::{CpuStorage, CudaStorage};
 use crate::{Error, Result, DEVICE_ENV};
@@ -115,10 +118,11 @@ impl CudaDevice {
         let compute_capability = context
             .compute_capability()
             .map_err(|e| Error::cuda("cuDeviceGetAttribute", e))?;
-        // SAFETY: every allocation, copy, kernel and cuBLAS call of this device goes to its one
-        // stream (below), whose order alone orders each buffer's uses; cudarc's per-buffer
-        // events, which order uses across streams, would add driver calls to every allocation
-        // and launch (thousands per training step) and order nothing more.
+        // SAFETY: every allocation, kernel and cuBLAS call of this device goes to its one
+        // stream (below), whose order alone orders each buffer's uses; the one other stream,
+        // a HostStash's copies, orders itself against it with explicit events (stash.rs).
+        // cudarc's per-buffer events would add driver calls to every allocation and launch
+        // (thousands per training step) and order nothing more.
         unsafe { context.disable_event_tracking() };
         let stream = context
             .new_stream()

@@ -98,14 +98,16 @@ pub fn gated_backward<T: CudaElement>(
     launched(&name, unsafe { launch.launch(grid_for_packs::<T>(n)) })
 }
 
-/// [`gated_backward`] in place: gate becomes dgate and up becomes dup (the MLP's backward no
-/// longer needs them), which saves two [N, F] buffers at the peak of a training step.
+/// [`gated_backward`] in place: gate becomes dgate, up becomes dup (the MLP's backward no
+/// longer needs them) and dh becomes the forward's h, recomputed bit for bit (what the down
+/// projection's LoRA gradients read), so a training step keeps neither h nor separate
+/// gradient buffers: three [N, F] buffers at its peak instead of six.
 pub fn gated_backward_in_place<T: CudaElement>(
     device: &CudaDevice,
     act: GatedAct,
     gate: &mut CudaSlice<T>,
     up: &mut CudaSlice<T>,
-    dh: &CudaSlice<T>,
+    dh: &mut CudaSlice<T>,
 ) -> Result<()> {
     let n = gate.len();
     check_len("cuda gated_backward_in_place", "up", up.len(), n)?;

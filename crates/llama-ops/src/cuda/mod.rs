@@ -24,8 +24,11 @@ pub use matmul::{
     batched_matmul, linear, linear_backward_input, linear_backward_input_into,
     linear_backward_input_scaled, linear_backward_weight, linear_into, linear_scaled, Strided,
 };
-pub use norm::{gemma_rms_norm, layer_norm, layer_norm_backward, rms_norm, rms_norm_backward};
-pub use quant::CudaQuantMatrix;
+pub use norm::{
+    gemma_rms_norm, layer_norm, layer_norm_backward, rms_norm, rms_norm_backward,
+    rms_norm_backward_input,
+};
+pub use quant::{CudaNf4DoubleQuant, CudaQuantMatrix};
 
 /// An element type the ops kernels are instantiated for; `SUFFIX` names the instance.
 pub trait CudaElement: Element {

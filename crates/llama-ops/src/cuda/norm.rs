@@ -108,26 +108,77 @@ pub fn rms_norm_backward<T: CudaElement>(
     dw: &mut CudaSlice<f32>,
 ) -> Result<()> {
     let op = "cuda rms_norm_backward";
-    let rows = check(op, x.len(), weight.len(), dx.len())?;
-    check_len(op, "dy", dy.len(), x.len())?;
     check_len(op, "dw", dw.len(), weight.len())?;
-    let dim = to_u32("dim", weight.len())?;
+    let rows = rows_of(op, "x", x.len(), weight.len())?;
     let mut rstd = alloc::<f32>(device, rows.max(1))?;
-    if rows > 0 {
-        let (f, name) = typed_kernel::<T>(device, &NORM, "rms_norm_backward")?;
-        let mut launch = device.stream().launch_builder(&f);
-        launch
-            .arg(x)
-            .arg(weight)
-            .arg(dy)
-            .arg(dx)
-            .arg(&mut rstd)
-            .arg(&dim)
-            .arg(&eps);
-        // SAFETY: x, dy, dx hold rows · dim elements, weight dim, rstd rows (checked/allocated).
-        launched(&name, unsafe { launch.launch(grid_rows(rows)?) })?;
-    }
+    let backward = RmsBackward { x, weight, dy, eps };
+    backward.dx(device, op, None, dx, Some(&mut rstd))?;
+    let dim = to_u32("dim", weight.len())?;
     weight_grads::<T>(device, x, dy, None, &rstd, rows, dim, dw, None)
+}
+
+/// RMSNorm backward for the input alone (a frozen weight): dx [N, C] = the norm's input
+/// gradient, plus `residual` [N, C] when given (the gradient that reaches the norm's input
+/// through a residual branch), in one kernel.
+pub fn rms_norm_backward_input<T: CudaElement>(
+    device: &CudaDevice,
+    x: &CudaSlice<T>,
+    weight: &CudaSlice<T>,
+    dy: &CudaSlice<T>,
+    residual: Option<&CudaSlice<T>>,
+    eps: f32,
+    dx: &mut CudaSlice<T>,
+) -> Result<()> {
+    let op = "cuda rms_norm_backward_input";
+    let backward = RmsBackward { x, weight, dy, eps };
+    backward.dx(device, op, residual, dx, None)
+}
+
+/// The operands of an RMSNorm backward.
+struct RmsBackward<'a, T> {
+    x: &'a CudaSlice<T>,
+    weight: &'a CudaSlice<T>,
+    dy: &'a CudaSlice<T>,
+    eps: f32,
+}
+
+impl<T: CudaElement> RmsBackward<'_, T> {
+    /// dx (+ residual), and each row's r into `rstd` when given (rows values).
+    fn dx(
+        &self,
+        device: &CudaDevice,
+        op: &'static str,
+        residual: Option<&CudaSlice<T>>,
+        dx: &mut CudaSlice<T>,
+        rstd: Option<&mut CudaSlice<f32>>,
+    ) -> Result<()> {
+        let rows = check(op, self.x.len(), self.weight.len(), dx.len())?;
+        check_len(op, "dy", self.dy.len(), self.x.len())?;
+        if let Some(r) = residual {
+            check_len(op, "residual", r.len(), self.x.len())?;
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let dim = to_u32("dim", self.weight.len())?;
+        let (f, name) = typed_kernel::<T>(device, &NORM, "rms_norm_backward")?;
+        let null = 0u64;
+        let mut launch = device.stream().launch_builder(&f);
+        launch.arg(self.x).arg(self.weight).arg(self.dy);
+        match residual {
+            Some(r) => launch.arg(r),
+            None => launch.arg(&null),
+        };
+        launch.arg(dx);
+        match rstd {
+            Some(r) => launch.arg(r),
+            None => launch.arg(&null),
+        };
+        launch.arg(&dim).arg(&self.eps);
+        // SAFETY: x, dy, dx (and a residual) hold rows · dim elements, weight dim, a given
+        // rstd at least rows (checked by the callers); null pointers are checked in the kernel.
+        launched(&name, unsafe { launch.launch(grid_rows(rows)?) })
+    }
 }
 
 /// LayerNorm backward → dx [N, C], dw [C], db [C] (overwritten, f32).
