@@ -1,45 +1,90 @@
 // LoRA training on the GPU (llama-peft, cuda.rs): the f32 master weights' bf16 copies, the
 // gradient norm and clipping, the AdamW update with torch's arithmetic (decoupled weight decay,
-// bias correction; see llama-peft/src/optim.rs) and a trained embedding's gradient.
+// bias correction; see llama-peft/src/optim.rs), each over every trained matrix at once, and a
+// trained embedding's gradient.
 
 // dst = bf16(src): the copy of a master weight the products read.
 extern "C" __global__ void lora_to_bf16(const float* src, bf16_t* dst, size_t n) {
     GRID_STRIDE_LOOP(i, n) { dst[i] = from_f32<bf16_t>(src[i]); }
 }
 
-// x *= s in place (f32): gradient clipping.
-extern "C" __global__ void lora_scale_f32(float* x, size_t n, float s) {
-    GRID_STRIDE_LOOP(i, n) { x[i] *= s; }
+// The trained matrices as one table (llama-peft cuda.rs, TrainableTable): each entry the
+// device addresses of a matrix's f32 master, gradient and AdamW moments (null for SGD) and its
+// bf16 copy, its length, and the first of its chunks of TABLE_CHUNK values. A block takes a
+// chunk at a time, finds its matrix by binary search over the entries, and walks the chunk:
+// one launch over every matrix (PyTorch's multi-tensor apply) where one per matrix took
+// hundreds a step.
+struct Trainable {
+    float* master;
+    float* grad;
+    float* m;
+    float* v;
+    bf16_t* copy;
+    unsigned long long n;
+    unsigned long long first_chunk;
+};
+
+#define TABLE_CHUNK 4096
+
+template <typename F>
+__device__ __forceinline__ void for_each_value(const Trainable* table, unsigned count, size_t chunks, F f) {
+    for (size_t c = blockIdx.x; c < chunks; c += gridDim.x) {
+        unsigned lo = 0, hi = count;
+        while (hi - lo > 1) {
+            unsigned mid = (lo + hi) / 2;
+            if (table[mid].first_chunk <= c) lo = mid;
+            else hi = mid;
+        }
+        const Trainable t = table[lo];
+        size_t begin = (c - t.first_chunk) * TABLE_CHUNK;
+        size_t end = min((size_t)t.n, begin + TABLE_CHUNK);
+        for (size_t i = begin + threadIdx.x; i < end; i += blockDim.x) f(t, i);
+    }
 }
 
-// *out += Σ x² (one atomic add per block).
-extern "C" __global__ void lora_sumsq_f32(const float* x, size_t n, float* out) {
+extern "C" __global__ void lora_zero_grads(const Trainable* table, unsigned count, size_t chunks) {
+    for_each_value(table, count, chunks, [](const Trainable& t, size_t i) { t.grad[i] = 0.0f; });
+}
+
+// *out += Σ g² over every gradient (one atomic add per block).
+extern "C" __global__ void lora_grad_sumsq(const Trainable* table, unsigned count, size_t chunks, float* out) {
     float acc = 0.0f;
-    GRID_STRIDE_LOOP(i, n) { acc += x[i] * x[i]; }
+    for_each_value(table, count, chunks, [&](const Trainable& t, size_t i) { acc += t.grad[i] * t.grad[i]; });
     acc = block_sum(acc);
     if (threadIdx.x == 0) atomicAdd(out, acc);
 }
 
-// torch.optim.AdamW on n values: p ← p·(1 − lr·wd); m ← m + (1 − β₁)(g − m);
-// v ← β₂v + (1 − β₂)g²; p ← p − step_size · m / (√v / bias2_sqrt + eps),
-// step_size = lr / (1 − β₁ᵗ), bias2_sqrt = √(1 − β₂ᵗ).
-extern "C" __global__ void lora_adamw(float* p, const float* g, float* m, float* v, size_t n,
-                                      float lr, float b1, float b2, float eps, float wd,
-                                      float step_size, float bias2_sqrt) {
-    GRID_STRIDE_LOOP(i, n) {
-        float pi = p[i] * (1.0f - lr * wd);
-        float mi = m[i] + (g[i] - m[i]) * (1.0f - b1);
-        float vi = v[i] * b2 + (1.0f - b2) * g[i] * g[i];
-        pi -= step_size * mi / (sqrtf(vi) / bias2_sqrt + eps);
-        p[i] = pi;
-        m[i] = mi;
-        v[i] = vi;
-    }
+// g *= s (gradient clipping).
+extern "C" __global__ void lora_scale_grads(const Trainable* table, unsigned count, size_t chunks, float s) {
+    for_each_value(table, count, chunks, [&](const Trainable& t, size_t i) { t.grad[i] *= s; });
 }
 
-// Plain SGD: p ← p − lr·(g + wd·p).
-extern "C" __global__ void lora_sgd(float* p, const float* g, size_t n, float lr, float wd) {
-    GRID_STRIDE_LOOP(i, n) { p[i] -= lr * (g[i] + wd * p[i]); }
+// torch.optim.AdamW: p ← p·(1 − lr·wd); m ← m + (1 − β₁)(g − m); v ← β₂v + (1 − β₂)g²;
+// p ← p − step_size · m / (√v / bias2_sqrt + eps), step_size = lr / (1 − β₁ᵗ),
+// bias2_sqrt = √(1 − β₂ᵗ); then the bf16 copy of p.
+extern "C" __global__ void lora_adamw(const Trainable* table, unsigned count, size_t chunks, float lr,
+                                      float b1, float b2, float eps, float wd, float step_size,
+                                      float bias2_sqrt) {
+    for_each_value(table, count, chunks, [&](const Trainable& t, size_t i) {
+        float g = t.grad[i];
+        float pi = t.master[i] * (1.0f - lr * wd);
+        float mi = t.m[i] + (g - t.m[i]) * (1.0f - b1);
+        float vi = t.v[i] * b2 + (1.0f - b2) * g * g;
+        pi -= step_size * mi / (sqrtf(vi) / bias2_sqrt + eps);
+        t.master[i] = pi;
+        t.m[i] = mi;
+        t.v[i] = vi;
+        t.copy[i] = from_f32<bf16_t>(pi);
+    });
+}
+
+// Plain SGD: p ← p − lr·(g + wd·p); then the bf16 copy of p.
+extern "C" __global__ void lora_sgd(const Trainable* table, unsigned count, size_t chunks, float lr, float wd) {
+    for_each_value(table, count, chunks, [&](const Trainable& t, size_t i) {
+        float pi = t.master[i] - lr * (t.grad[i] + wd * t.master[i]);
+        t.master[i] = pi;
+        t.copy[i] = from_f32<bf16_t>(pi);
+    });
 }
 
 // The gradient of an embedding lookup (a trained embed_tokens): grad row ids[r] += dh row r,

@@ -26,7 +26,7 @@ use llama_ops::cuda::{
 };
 use llama_ops::Weight;
 use llama_ops::{CrossEntropyOptions, QuantMatrix};
-use llama_peft::cuda::{CudaLoraPair, CudaLoraSaved, CudaTrainable};
+use llama_peft::cuda::{CudaLoraPair, CudaLoraSaved, CudaTrainable, TrainableTable};
 use llama_peft::{
     AdapterGrads, LayerLora, LoraAdapter, LoraConfig, ModelDims, OptimizerKind, SavedModules,
     Target,
@@ -448,8 +448,7 @@ impl CudaTrainer {
     /// Sets every gradient to zero.
     pub fn zero_grads(&mut self) -> Result<()> {
         let d = self.device().clone();
-        self.trainables_mut()
-            .try_for_each(|t| t.zero_grad(&d).map_err(Into::into))
+        Ok(TrainableTable::new(&d, self.trainables_mut(), false)?.zero_grads()?)
     }
 
     /// One optimizer step over `micro_batches` (each weighted 1/count), as [`crate::Trainer::step`].
@@ -467,21 +466,24 @@ impl CudaTrainer {
             loss += self.loss_and_grads(b, scale)? * scale;
             tokens += b.ids.len();
         }
-        let grad_norm = self.grad_norm()?;
-        if let Some(max) = self.config.max_grad_norm {
+        let lr = self.config.schedule.lr_at(self.step as usize);
+        let (kind, step, max_norm) = (
+            self.config.optimizer,
+            self.step + 1,
+            self.config.max_grad_norm,
+        );
+        let adamw = matches!(kind, OptimizerKind::AdamW { .. });
+        let d = self.device().clone();
+        let table = TrainableTable::new(&d, self.trainables_mut(), adamw)?;
+        let grad_norm = table.grad_sumsq()?.sqrt();
+        if let Some(max) = max_norm {
             let factor = max / (grad_norm + 1e-6);
             if factor < 1.0 {
-                let d = self.device().clone();
-                self.trainables_mut()
-                    .try_for_each(|t| t.scale_grad(&d, factor))?;
+                table.scale_grads(factor)?;
             }
         }
-        let lr = self.config.schedule.lr_at(self.step as usize);
-        self.step += 1;
-        let (kind, step) = (self.config.optimizer, self.step);
-        let d = self.device().clone();
-        self.trainables_mut()
-            .try_for_each(|t| t.update(&d, kind, step, lr))?;
+        table.update(kind, step, lr)?;
+        self.step = step;
         Ok(StepReport {
             step: step as usize,
             loss,
@@ -489,15 +491,6 @@ impl CudaTrainer {
             grad_norm,
             tokens,
         })
-    }
-
-    fn grad_norm(&mut self) -> Result<f32> {
-        let d = self.device().clone();
-        let mut acc = d.zeros::<f32>(1)?;
-        for t in self.trainables() {
-            t.grad_sumsq(&d, &mut acc)?;
-        }
-        Ok(d.dtoh(&acc)?[0].sqrt())
     }
 
     /// The batch's loss (HF's shift, mean over scored tokens) and its LoRA gradients times

@@ -5,9 +5,10 @@
 //!   forward:  xs = s·(x·Aᵀ) [M, r];  y += xs·Bᵀ
 //!   backward: g = s·(dy·B) [M, r];  dA += gᵀ·x,  dB += dyᵀ·xs,  dx += g·A
 
+use std::marker::PhantomData;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchArgs, LaunchConfig, PushKernelArg};
 use llama_core::bf16;
 use llama_core::cuda::{CudaDevice, KernelSource};
 use llama_ops::cuda::{
@@ -113,39 +114,6 @@ impl CudaTrainable {
         Ok(device.dtoh(&self.grad)?)
     }
 
-    pub fn zero_grad(&mut self, device: &CudaDevice) -> Result<()> {
-        device
-            .stream()
-            .memset_zeros(&mut self.grad)
-            .map_err(|e| llama_core::Error::cuda("memset", e).into())
-    }
-
-    /// Σ of the squared gradient into `acc` (one f32 on the device).
-    pub fn grad_sumsq(&self, device: &CudaDevice, acc: &mut CudaSlice<f32>) -> Result<()> {
-        let f = device.function(&LORA, "lora_sumsq_f32")?;
-        let n = self.grad.len();
-        let mut launch = device.stream().launch_builder(&f);
-        launch.arg(&self.grad).arg(&n).arg(acc);
-        // SAFETY: grad holds n values, acc one.
-        launched(
-            "lora_sumsq_f32",
-            unsafe { launch.launch(grid(n)) }.map(|_| ()),
-        )
-    }
-
-    /// Multiplies the gradient by `factor` (clipping).
-    pub fn scale_grad(&mut self, device: &CudaDevice, factor: f32) -> Result<()> {
-        let f = device.function(&LORA, "lora_scale_f32")?;
-        let n = self.grad.len();
-        let mut launch = device.stream().launch_builder(&f);
-        launch.arg(&mut self.grad).arg(&n).arg(&factor);
-        // SAFETY: grad holds n values.
-        launched(
-            "lora_scale_f32",
-            unsafe { launch.launch(grid(n)) }.map(|_| ()),
-        )
-    }
-
     /// AdamW's moments (m, v) on the host; zeros before the first AdamW update.
     pub fn moments(&self, device: &CudaDevice) -> Result<(Vec<f32>, Vec<f32>)> {
         Ok(match &self.moments {
@@ -216,62 +184,150 @@ impl CudaTrainable {
             unsafe { launch.launch(grid(rows * cols)) }.map(|_| ()),
         )
     }
+}
 
-    /// One optimizer update (step counts from 1), then a fresh bf16 copy.
-    pub fn update(
-        &mut self,
-        device: &CudaDevice,
-        kind: OptimizerKind,
-        step: u64,
-        lr: f32,
-    ) -> Result<()> {
-        let n = self.master.len();
+/// Values per chunk of a [`TrainableTable`] launch (`TABLE_CHUNK` in kernels/lora.cu).
+const TABLE_CHUNK: usize = 4096;
+/// Blocks per table launch at most; each strides over the chunks.
+const TABLE_BLOCKS: usize = 4096;
+
+/// Trained matrices' device buffers as one table on the device: zeroing the gradients, their
+/// squared norm, clipping and the optimizer's update (with the bf16 copies' refresh) are one
+/// launch each over all of them, PyTorch's multi-tensor apply, where one per matrix took ~900
+/// launches a step at Llama-3.2-1B. The table holds the buffers' addresses, so it borrows the
+/// matrices for as long as it lives.
+pub struct TrainableTable<'a> {
+    device: &'a CudaDevice,
+    /// Per matrix: master, grad, m, v (0 without AdamW moments), copy, n, first chunk.
+    entries: CudaSlice<u64>,
+    count: u32,
+    chunks: usize,
+    adamw: bool,
+    _trainables: PhantomData<&'a mut CudaTrainable>,
+}
+
+/// A buffer's device address.
+fn address<T>(buffer: &CudaSlice<T>, device: &CudaDevice) -> u64 {
+    buffer.device_ptr(device.stream()).0
+}
+
+impl<'a> TrainableTable<'a> {
+    /// The table of `trainables` (empty ones left out); with `adamw`, AdamW moments are made
+    /// first where missing (zeros, as torch starts them).
+    pub fn new(
+        device: &'a CudaDevice,
+        trainables: impl Iterator<Item = &'a mut CudaTrainable>,
+        adamw: bool,
+    ) -> Result<TrainableTable<'a>> {
+        let (mut entries, mut chunks, mut count) = (Vec::new(), 0usize, 0u32);
+        for t in trainables.filter(|t| !t.is_empty()) {
+            let n = t.len();
+            if adamw && t.moments.is_none() {
+                t.moments = Some((device.zeros(n)?, device.zeros(n)?));
+            }
+            let (m, v) = t
+                .moments
+                .as_ref()
+                .map_or((0, 0), |(m, v)| (address(m, device), address(v, device)));
+            let (master, grad) = (address(&t.master, device), address(&t.grad, device));
+            let copy = address(&t.copy, device);
+            entries.extend([master, grad, m, v, copy, n as u64, chunks as u64]);
+            chunks += n.div_ceil(TABLE_CHUNK);
+            count += 1;
+        }
+        Ok(TrainableTable {
+            device,
+            entries: device.htod(&entries)?,
+            count,
+            chunks,
+            adamw,
+            _trainables: PhantomData,
+        })
+    }
+
+    /// Runs `kernel` over the table with `args` after the table's own.
+    fn launch(&self, kernel: &str, args: &[&dyn Arg]) -> Result<()> {
+        if self.chunks == 0 {
+            return Ok(());
+        }
+        let f = self.device.function(&LORA, kernel)?;
+        let mut launch = self.device.stream().launch_builder(&f);
+        launch.arg(&self.entries).arg(&self.count).arg(&self.chunks);
+        for a in args {
+            a.push(&mut launch);
+        }
+        let config = LaunchConfig {
+            grid_dim: (self.chunks.min(TABLE_BLOCKS) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: every entry holds the addresses of buffers the table borrows for its
+        // lifetime, each of n values (master, grad, copy; the moments when not 0, and the
+        // update kernel that reads them runs only on an AdamW table); the chunks cover each
+        // entry's n values and no more; the arguments after the table's are the kernel's.
+        launched(kernel, unsafe { launch.launch(config) }.map(|_| ()))
+    }
+
+    pub fn zero_grads(&self) -> Result<()> {
+        self.launch("lora_zero_grads", &[])
+    }
+
+    /// Σ g² over every gradient, on the host (waits for the device).
+    pub fn grad_sumsq(&self) -> Result<f32> {
+        let mut acc = self.device.zeros::<f32>(1)?;
+        self.launch("lora_grad_sumsq", &[&Out(&mut acc)])?;
+        Ok(self.device.dtoh(&acc)?[0])
+    }
+
+    /// Multiplies every gradient by `factor` (clipping).
+    pub fn scale_grads(&self, factor: f32) -> Result<()> {
+        self.launch("lora_scale_grads", &[&factor])
+    }
+
+    /// One optimizer update of every matrix (step counts from 1), each bf16 copy refreshed.
+    pub fn update(&self, kind: OptimizerKind, step: u64, lr: f32) -> Result<()> {
         match kind {
             OptimizerKind::AdamW {
                 betas: (b1, b2),
                 eps,
                 weight_decay,
             } => {
-                if self.moments.is_none() {
-                    self.moments = Some((device.zeros(n)?, device.zeros(n)?));
+                if !self.adamw {
+                    return shape_error(
+                        "TrainableTable::update",
+                        "an AdamW update on a table made without moments".to_string(),
+                    );
                 }
-                let (m, v) = self.moments.as_mut().expect("set above");
                 let t = step as i32;
                 let step_size = lr / (1.0 - b1.powi(t));
                 let bias2_sqrt = (1.0 - b2.powi(t)).sqrt();
-                let f = device.function(&LORA, "lora_adamw")?;
-                let mut launch = device.stream().launch_builder(&f);
-                launch
-                    .arg(&mut self.master)
-                    .arg(&self.grad)
-                    .arg(m)
-                    .arg(v)
-                    .arg(&n);
-                launch
-                    .arg(&lr)
-                    .arg(&b1)
-                    .arg(&b2)
-                    .arg(&eps)
-                    .arg(&weight_decay)
-                    .arg(&step_size)
-                    .arg(&bias2_sqrt);
-                // SAFETY: master, grad and both moments hold n values each.
-                launched("lora_adamw", unsafe { launch.launch(grid(n)) }.map(|_| ()))?;
+                let args: [&dyn Arg; 7] =
+                    [&lr, &b1, &b2, &eps, &weight_decay, &step_size, &bias2_sqrt];
+                self.launch("lora_adamw", &args)
             }
-            OptimizerKind::Sgd { weight_decay } => {
-                let f = device.function(&LORA, "lora_sgd")?;
-                let mut launch = device.stream().launch_builder(&f);
-                launch
-                    .arg(&mut self.master)
-                    .arg(&self.grad)
-                    .arg(&n)
-                    .arg(&lr)
-                    .arg(&weight_decay);
-                // SAFETY: master and grad hold n values each.
-                launched("lora_sgd", unsafe { launch.launch(grid(n)) }.map(|_| ()))?;
-            }
+            OptimizerKind::Sgd { weight_decay } => self.launch("lora_sgd", &[&lr, &weight_decay]),
         }
-        self.refresh(device)
+    }
+}
+
+/// A kernel argument after the table's: an f32 value or an f32 output buffer.
+trait Arg {
+    fn push<'b>(&'b self, launch: &mut LaunchArgs<'b>);
+}
+
+impl Arg for f32 {
+    fn push<'b>(&'b self, launch: &mut LaunchArgs<'b>) {
+        launch.arg(self);
+    }
+}
+
+/// An output buffer argument: held exclusively while the kernel writes it (cudarc passes a
+/// buffer's address the same way for either borrow).
+struct Out<'a>(&'a mut CudaSlice<f32>);
+
+impl Arg for Out<'_> {
+    fn push<'b>(&'b self, launch: &mut LaunchArgs<'b>) {
+        launch.arg(&*self.0);
     }
 }
 
