@@ -1,8 +1,8 @@
 //! LoRA training on the GPU (bf16 base, f32 LoRA) against peft's f32 numbers for every adapter
 //! under `$LLAMA_FIXTURES/peft`: the loss, every LoRA gradient, the losses of three AdamW steps
 //! and the matrices after one SGD step, within bf16 tolerance; QLoRA's gradients against the
-//! CPU's NF4 model; modules_to_save's gradients and step against the CPU's. Skipped, and
-//! counted, without a CUDA device.
+//! CPU's NF4 model; modules_to_save's gradients and step against the CPU's; the gradient norm
+//! and a clipped step against the CPU's gradients. Skipped, and counted, without a CUDA device.
 
 mod common;
 
@@ -114,6 +114,43 @@ fn gpu_qlora_gradients_match_the_cpu() {
     for ((label, got), (_, want)) in gpu_grads.iter().zip(grad_matrices(&c.adapter, &grads)) {
         let name = format!("{} gpu qlora {label}", c.name);
         assert_close(&name, got, &want, &[want.len()], 5e-2);
+    }
+}
+
+/// The GPU step's gradient norm is the CPU gradients' (within bf16 tolerance), and with
+/// max_grad_norm below it, one SGD step (lr 0.1) moves every matrix by −0.1 · (max / norm) · its
+/// gradient: the table kernels' norm, clipping and update over every matrix at once.
+#[test]
+fn gpu_grad_norm_and_clipping_match_the_cpu() {
+    let Some(gpu) = cuda_or_skip!() else { return };
+    let mut c = common::case(fixture_names("peft", "adapter_config.json").remove(0));
+    let max_norm = 1e-3;
+    let mut config = constant_config(SGD, 0.1, true);
+    config.max_grad_norm = Some(max_norm);
+    let model = CudaLlamaModel::upload(&gpu, &c.model).unwrap();
+    let mut t = CudaTrainer::new(model, &c.adapter, config).unwrap();
+    let report = t.step(std::slice::from_ref(&c.batch)).unwrap();
+    let cpu = cpu_grads(&mut c);
+    let grads = grad_matrices(&c.adapter, &cpu);
+    let squares = grads
+        .iter()
+        .flat_map(|(_, g)| g)
+        .map(|&g| (g as f64).powi(2));
+    let norm = squares.sum::<f64>().sqrt() as f32;
+    assert!(
+        norm > 10.0 * max_norm,
+        "the gradient norm {norm} would not be clipped"
+    );
+    let label = format!("{} gpu grad norm", c.name);
+    assert_close(&label, &[report.grad_norm], &[norm], &[1], 5e-2);
+    let factor = max_norm / (norm + 1e-6);
+    let after = adapter_matrices(&t.adapter().unwrap());
+    let before = adapter_matrices(&c.adapter);
+    for ((label, a), ((_, b), (_, g))) in after.iter().zip(before.iter().zip(&grads)) {
+        let moved: Vec<f32> = a.iter().zip(b).map(|(a, b)| a - b).collect();
+        let step: Vec<f32> = g.iter().map(|g| -0.1 * factor * g).collect();
+        let label = format!("{} gpu clipped step {label}", c.name);
+        assert_close(&label, &moved, &step, &[step.len()], 5e-2);
     }
 }
 

@@ -268,6 +268,7 @@ impl<'a> TrainableTable<'a> {
         launched(kernel, unsafe { launch.launch(config) }.map(|_| ()))
     }
 
+    /// Sets every gradient to zero.
     pub fn zero_grads(&self) -> Result<()> {
         self.launch("lora_zero_grads", &[])
     }
