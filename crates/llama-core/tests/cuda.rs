@@ -159,8 +159,9 @@ fn a_kernel_that_does_not_compile_returns_the_log() {
 
 /// A host stash gives back, bit for bit, what was put into each slot, while the device's
 /// stream frees each put buffer as soon as its transfer is dropped and the pool hands that
-/// memory straight out again to be overwritten; a slot put again with another length holds
-/// the new buffer; a slot never put into is an error.
+/// memory straight out again to be overwritten; a slot put again holds the new buffer, its
+/// pinned memory grown for a longer one and kept for a shorter one; a slot never put into is
+/// an error.
 #[test]
 fn a_host_stash_gives_back_what_was_put() {
     let Some(gpu) = cuda_or_skip!() else { return };
@@ -176,11 +177,14 @@ fn a_host_stash_gives_back_what_was_put() {
         drop(stash.put(i, gpu.htod(v).unwrap()).unwrap());
         drop(scribble(v.len()));
     }
+    // Slot 1 grows; slot 3 keeps its memory for a shorter buffer.
     values[1] = TestRng::new(50).vec(99_999, 1.0);
-    let transfer = stash.put(1, gpu.htod(&values[1]).unwrap()).unwrap();
-    assert_eq!(gpu.dtoh(transfer.buffer()).unwrap(), values[1]);
-    drop(transfer);
-    let held: usize = values.iter().map(|v| v.len() * 4).sum();
+    values[3] = TestRng::new(51).vec(1_000, 1.0);
+    for i in [1, 3] {
+        let transfer = stash.put(i, gpu.htod(&values[i]).unwrap()).unwrap();
+        assert_eq!(gpu.dtoh(transfer.buffer()).unwrap(), values[i]);
+    }
+    let held = (1 + 99_999 + 100_003 + 3_000_001) * 4;
     assert_eq!(stash.host_bytes(), held);
     for (i, v) in values.iter().enumerate().rev() {
         let back = stash.get(i).unwrap().wait().unwrap();

@@ -11,7 +11,8 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, PinnedHostSlice};
+use cudarc::driver::{result, CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::driver::{DriverError, PinnedHostSlice};
 
 use super::CudaDevice;
 use crate::{Element, Error, Result};
@@ -21,7 +22,15 @@ pub struct HostStash<T> {
     device: Arc<CudaDevice>,
     /// The stream the copies run on.
     copies: Arc<CudaStream>,
-    slots: Vec<Option<PinnedHostSlice<T>>>,
+    slots: Vec<Option<Slot<T>>>,
+}
+
+/// Pinned memory for the longest buffer put so far, the first `len` values in use: a slot
+/// grows only, so inputs whose length varies from step to step (batches padded to their
+/// longest row) do not reallocate pinned memory every step.
+struct Slot<T> {
+    host: PinnedHostSlice<T>,
+    len: usize,
 }
 
 /// A device buffer with a copy in flight: [`Transfer::wait`] hands the buffer back once the
@@ -34,7 +43,7 @@ pub struct Transfer<T> {
     device_stream: Arc<CudaStream>,
 }
 
-fn driver(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
+fn driver(what: &'static str) -> impl Fn(DriverError) -> Error {
     move |e| Error::cuda(what, e)
 }
 
@@ -54,52 +63,88 @@ impl<T: Element> HostStash<T> {
 
     /// Bytes of pinned host memory the slots hold.
     pub fn host_bytes(&self) -> usize {
-        self.slots.iter().flatten().map(|s| s.num_bytes()).sum()
+        self.slots
+            .iter()
+            .flatten()
+            .map(|s| s.host.num_bytes())
+            .sum()
     }
 
     /// Starts copying `buffer` (as the work queued so far leaves it) into slot `i`, replacing
     /// what the slot held. The transfer lends the buffer to readers while the copy runs.
     pub fn put(&mut self, i: usize, buffer: CudaSlice<T>) -> Result<Transfer<T>> {
+        let n = buffer.len();
         let copies = self.copies.clone();
-        copies
-            .join(self.device.stream())
-            .map_err(driver("cuStreamWaitEvent"))?;
-        copies
-            .memcpy_dtoh(&buffer, self.slot(i, buffer.len())?)
-            .map_err(driver("cuMemcpyDtoHAsync"))?;
+        self.after_device_work()?;
+        let slot = self.slot(i, n)?;
+        let host = slot
+            .host
+            .as_mut_slice()
+            .map_err(driver("cuEventSynchronize"))?;
+        {
+            let (src, _record) = buffer.device_ptr(&copies);
+            // SAFETY: the destination is n values of pinned memory this stash owns, which
+            // only copies on its one stream touch: later copies into or out of the slot queue
+            // after this one, and a slot's memory is freed only once that stream is idle
+            // (`slot`, `Drop`). The source is the buffer's n values, which the transfer keeps
+            // allocated until the device's stream is ordered after this copy.
+            unsafe { result::memcpy_dtoh_async(&mut host[..n], src, copies.cu_stream()) }
+                .map_err(driver("cuMemcpyDtoHAsync"))?;
+        }
         self.transfer(buffer)
     }
 
     /// Starts copying slot `i` back into a new device buffer.
-    pub fn get(&mut self, i: usize) -> Result<Transfer<T>> {
-        let host = match self.slots.get(i) {
-            Some(Some(host)) => host,
-            _ => return Err(Error::EmptyStashSlot(i)),
-        };
-        let mut buffer = self.device.uninit::<T>(host.len())?;
-        self.copies
-            .join(self.device.stream())
-            .map_err(driver("cuStreamWaitEvent"))?;
-        self.copies
-            .memcpy_htod(host, &mut buffer)
-            .map_err(driver("cuMemcpyHtoDAsync"))?;
+    pub fn get(&self, i: usize) -> Result<Transfer<T>> {
+        let slot = self.slots.get(i).and_then(Option::as_ref);
+        let slot = slot.ok_or(Error::EmptyStashSlot(i))?;
+        let n = slot.len;
+        let mut buffer = self.device.uninit::<T>(n)?;
+        let copies = &*self.copies;
+        self.after_device_work()?;
+        let host = slot.host.as_slice().map_err(driver("cuEventSynchronize"))?;
+        {
+            let (dst, _record) = buffer.device_ptr_mut(copies);
+            // SAFETY: the source is the slot's first n values, written by an earlier copy on
+            // this stream (so done before this one starts) and freed only once the stream is
+            // idle; the destination is the new buffer's n values, allocated on the device's
+            // stream before the event this stream waits on, and kept allocated by the
+            // transfer.
+            unsafe { result::memcpy_htod_async(dst, &host[..n], copies.cu_stream()) }
+                .map_err(driver("cuMemcpyHtoDAsync"))?;
+        }
         self.transfer(buffer)
     }
 
-    /// Slot i sized for `len` elements (allocated anew when its size differs; the old one
-    /// waits for its last copy as it is dropped).
-    fn slot(&mut self, i: usize, len: usize) -> Result<&mut PinnedHostSlice<T>> {
+    /// Orders the copy stream after the work queued on the device's stream so far.
+    fn after_device_work(&self) -> Result<()> {
+        self.copies
+            .join(self.device.stream())
+            .map_err(driver("cuStreamWaitEvent"))
+    }
+
+    /// Slot i holding `len` values: its pinned memory grown (allocated anew, once the copy
+    /// stream is idle) when shorter.
+    fn slot(&mut self, i: usize, len: usize) -> Result<&mut Slot<T>> {
         if self.slots.len() <= i {
             self.slots.resize_with(i + 1, || None);
         }
         let host = match self.slots[i].take() {
-            Some(host) if host.len() == len => host,
-            // SAFETY: T is Pod (Element), so whatever bytes the fresh allocation holds are
-            // valid values; every copy into it goes through cudarc's stream-ordered calls.
-            _ => unsafe { self.device.context.alloc_pinned_with_flags::<T>(len, 0) }
-                .map_err(driver("cuMemHostAlloc"))?,
+            Some(slot) if slot.host.len() >= len => slot.host,
+            old => {
+                if old.is_some() {
+                    self.copies
+                        .synchronize()
+                        .map_err(driver("cuStreamSynchronize"))?;
+                }
+                drop(old);
+                // SAFETY: T is Pod (Element), so whatever bytes the fresh allocation holds
+                // are valid values; only this stash's stream-ordered copies touch it.
+                unsafe { self.device.context.alloc_pinned_with_flags::<T>(len, 0) }
+                    .map_err(driver("cuMemHostAlloc"))?
+            }
         };
-        Ok(self.slots[i].insert(host))
+        Ok(self.slots[i].insert(Slot { host, len }))
     }
 
     /// The transfer of `buffer` whose copy is the last work on the copy stream.
@@ -113,6 +158,14 @@ impl<T: Element> HostStash<T> {
             done,
             device_stream: self.device.stream().clone(),
         })
+    }
+}
+
+impl<T> Drop for HostStash<T> {
+    fn drop(&mut self) {
+        // The slots' pinned memory is freed after this: no copy may still be using it.
+        let ctx = self.copies.context();
+        ctx.record_err(self.copies.synchronize());
     }
 }
 
