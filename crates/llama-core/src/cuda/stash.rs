@@ -37,9 +37,16 @@ struct Slot<T> {
 /// device's stream is ordered after the copy; dropping the transfer orders it the same way
 /// before the buffer is freed.
 pub struct Transfer<T> {
-    /// Always Some until `wait` takes it.
-    buffer: Option<CudaSlice<T>>,
-    done: CudaEvent,
+    /// Declared before the buffer, so dropped first: the device's stream waits for the copy
+    /// before the buffer is freed on it.
+    after_copy: AfterCopy,
+    buffer: CudaSlice<T>,
+}
+
+/// Orders the device's stream after a copy (once), at the latest when dropped.
+struct AfterCopy {
+    /// The copy's completion, until the device's stream has been made to wait for it.
+    done: Option<CudaEvent>,
     device_stream: Arc<CudaStream>,
 }
 
@@ -154,9 +161,11 @@ impl<T: Element> HostStash<T> {
             .record_event(None)
             .map_err(driver("cuEventRecord"))?;
         Ok(Transfer {
-            buffer: Some(buffer),
-            done,
-            device_stream: self.device.stream().clone(),
+            after_copy: AfterCopy {
+                done: Some(done),
+                device_stream: self.device.stream().clone(),
+            },
+            buffer,
         })
     }
 }
@@ -173,29 +182,37 @@ impl<T> Transfer<T> {
     /// The buffer, for work queued on the device's stream that only reads it while a put's
     /// copy runs (a get's buffer must be waited on before it is read).
     pub fn buffer(&self) -> &CudaSlice<T> {
-        self.buffer
-            .as_ref()
-            .expect("a transfer holds its buffer until waited on")
+        &self.buffer
     }
 
     /// The buffer, with the device's stream ordered after the copy.
-    pub fn wait(mut self) -> Result<CudaSlice<T>> {
-        self.device_stream
-            .wait(&self.done)
-            .map_err(driver("cuStreamWaitEvent"))?;
-        Ok(self
-            .buffer
-            .take()
-            .expect("a transfer holds its buffer until waited on"))
+    pub fn wait(self) -> Result<CudaSlice<T>> {
+        // The buffer is bound first, so on an error it is dropped after the ordering is
+        // tried again (locals drop in reverse order).
+        let Transfer {
+            buffer,
+            mut after_copy,
+        } = self;
+        after_copy.order().map_err(driver("cuStreamWaitEvent"))?;
+        Ok(buffer)
     }
 }
 
-impl<T> Drop for Transfer<T> {
-    fn drop(&mut self) {
-        if self.buffer.is_some() {
-            // The buffer is freed on the device's stream: after the copy that reads or writes it.
-            let ctx = self.device_stream.context();
-            ctx.record_err(self.device_stream.wait(&self.done));
+impl AfterCopy {
+    /// Makes the device's stream wait for the copy, unless it already does.
+    fn order(&mut self) -> std::result::Result<(), DriverError> {
+        if let Some(done) = &self.done {
+            self.device_stream.wait(done)?;
         }
+        self.done = None;
+        Ok(())
+    }
+}
+
+impl Drop for AfterCopy {
+    fn drop(&mut self) {
+        // Drop cannot return an error: the context keeps it for its next checked call.
+        let result = self.order();
+        self.device_stream.context().record_err(result);
     }
 }
