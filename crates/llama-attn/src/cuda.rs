@@ -343,7 +343,8 @@ pub fn tensor_core_backward<T: CudaElement>(s: &AttnShape) -> bool {
 /// The backward of causal self-attention (no padding) as FlashAttention-2 computes it on the
 /// tensor cores (`attn_dq_tc*` and `attn_dkv_tc*` in attention.cu): the probabilities are
 /// recomputed a tile at a time from L and never stored, so it needs no scratch beyond Δ. Same
-/// inputs and outputs as [`backward`]; shapes [`tensor_core_backward`] accepts only.
+/// inputs and outputs as [`backward`], each of dq, dk, dv written whole (their contents before
+/// are never read); shapes [`tensor_core_backward`] accepts only.
 #[allow(clippy::too_many_arguments)]
 pub fn backward_tc<T: CudaElement>(
     device: &CudaDevice,

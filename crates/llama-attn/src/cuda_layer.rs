@@ -286,13 +286,22 @@ impl<T: CudaElement + RopeElement> CudaLlamaAttention<T> {
             AttnShape::self_attention(batch, cfg.num_heads, cfg.num_kv_heads, seq, cfg.head_dim);
         let mut d_attn = d.uninit::<T>(d_merged.len())?;
         self.swap_axes(d_merged, &mut d_attn, (batch, seq, cfg.num_heads), true)?;
+        // The tensor-core kernels write every row of the gradients; the GEMM path adds into them.
+        let tensor_cores = tensor_core_backward::<T>(&shape);
+        let gradient = |len: usize| {
+            if tensor_cores {
+                d.uninit::<T>(len)
+            } else {
+                d.zeros::<T>(len)
+            }
+        };
         let (mut dq, mut dk, mut dv) = (
-            d.zeros::<T>(saved.q.len())?,
-            d.zeros::<T>(saved.k.len())?,
-            d.zeros::<T>(saved.v.len())?,
+            gradient(saved.q.len())?,
+            gradient(saved.k.len())?,
+            gradient(saved.v.len())?,
         );
         let [q, k, v] = [&saved.q, &saved.k, &saved.v];
-        if tensor_core_backward::<T>(&shape) {
+        if tensor_cores {
             let (o, lse) = (&saved.attn, &saved.lse);
             backward_tc(
                 d, q, k, v, o, lse, &d_attn, &shape, &mut dq, &mut dk, &mut dv,

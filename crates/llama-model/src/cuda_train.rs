@@ -111,7 +111,9 @@ impl<'a> FrozenWeights<'a> {
     }
 
     /// y [N, out] (+ when `accumulate`)= x·Wᵀ + the pair's branch: a residual add done by the
-    /// product itself. Returns the pair's saved values.
+    /// product itself. The branch goes first and the frozen product adds onto it (y is read
+    /// once, in the big product's epilogue, not again by a rank-r product). Returns the pair's
+    /// saved values.
     fn forward_into(
         &mut self,
         target: Target,
@@ -121,12 +123,15 @@ impl<'a> FrozenWeights<'a> {
         accumulate: bool,
     ) -> Result<Option<CudaLoraSaved>> {
         let in_features = target.shape(&self.dims).1;
+        let saved = pair.map(|p| p.forward_into(x, y, accumulate)).transpose()?;
+        let accumulate = accumulate || saved.is_some();
         linear_into(self.d, x, self.weight(target)?, in_features, y, accumulate)?;
-        Ok(pair.map(|p| p.forward_add(x, y)).transpose()?)
+        Ok(saved)
     }
 
     /// dx [N, in] (+ when `accumulate`)= dy·W (+ the branch of `lora` = the pair, whose
-    /// gradients accumulate, and what its forward saved) for the projection's input x.
+    /// gradients accumulate, and what its forward saved) for the projection's input x; the
+    /// branch first, as in [`Self::forward_into`].
     fn backward(
         &mut self,
         target: Target,
@@ -137,15 +142,28 @@ impl<'a> FrozenWeights<'a> {
         accumulate: bool,
     ) -> Result<()> {
         let in_features = target.shape(&self.dims).1;
-        let d = self.d;
-        let w = self.weight(target)?;
+        let mut accumulate = accumulate;
+        if let (Some(pair), Some(saved)) = lora {
+            pair.backward(x, saved, dy, dx, accumulate)?;
+            accumulate = true;
+        }
+        self.backward_input(target, dy, dx, in_features, accumulate)
+    }
+
+    /// dx (+ when `accumulate`)= dy·W, the frozen part of a projection's input gradient.
+    fn backward_input(
+        &mut self,
+        target: Target,
+        dy: &CudaSlice<bf16>,
+        dx: &mut CudaSlice<bf16>,
+        in_features: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        let (d, w) = (self.d, self.weight(target)?);
         if accumulate {
             linear_backward_input_into(d, dy, w, in_features, dx, true)?;
         } else {
             linear_backward_input(d, dy, w, in_features, dx)?;
-        }
-        if let (Some(pair), Some(saved)) = lora {
-            pair.backward(x, saved, dy, dx)?;
         }
         Ok(())
     }
@@ -656,15 +674,12 @@ impl CudaTrainer {
         // LoRA_MLP: dh first (the down branch's part of it needs no h), then one kernel turns
         // gate, up and dh into d_gate, d_up and h, which the down branch's gradients read.
         let mut d_h = d.uninit::<bf16>(tape.gate.len())?;
-        linear_backward_input(
-            &d,
-            dout,
-            w.weight(Target::DownProj)?,
-            dims.intermediate,
-            &mut d_h,
-        )?;
-        let g_down = p_down.as_ref().map(|p| p.backward_input(dout, &mut d_h));
+        let g_down = p_down
+            .as_ref()
+            .map(|p| p.backward_input(dout, &mut d_h, false));
         let g_down = g_down.transpose()?;
+        let (down, f) = (Target::DownProj, dims.intermediate);
+        w.backward_input(down, dout, &mut d_h, f, g_down.is_some())?;
         let (mut d_gate, mut d_up) = (tape.gate, tape.up);
         gated_backward_in_place(&d, act, &mut d_gate, &mut d_up, &mut d_h)?;
         let h = d_h;
@@ -735,7 +750,8 @@ impl CudaTrainer {
         let scored = targets.iter().filter(|&&t| t != opts.ignore_index).count();
         let mut d_normed = d.zeros::<bf16>(normed.len())?;
         let rows = ((1usize << 27) / v.max(1)).max(1);
-        let mut loss_sum = 0f64;
+        // The chunks' losses stay on the device until the last chunk is queued: one wait.
+        let mut losses = Vec::new();
         for (chunk, t) in targets.chunks(rows).enumerate() {
             if t.iter().all(|&t| t == opts.ignore_index) {
                 continue;
@@ -748,7 +764,6 @@ impl CudaTrainer {
             let mut logits = d.uninit::<bf16>(n * v)?;
             linear(d, &x, self.lm_head(), c, &mut logits)?;
             let ce = cross_entropy(d, &logits, t, &opts)?;
-            loss_sum += ce.loss as f64 * ce.n_valid as f64;
             cross_entropy_backward(
                 d,
                 &mut logits,
@@ -763,6 +778,11 @@ impl CudaTrainer {
             d.stream()
                 .memcpy_dtod(&x, &mut d_normed.slice_mut(first * c..(first + n) * c))
                 .map_err(cuda_err("memcpy_dtod"))?;
+            losses.push(ce);
+        }
+        let mut loss_sum = 0f64;
+        for ce in &losses {
+            loss_sum += ce.loss_sum(d)?;
         }
         let loss = if scored == 0 {
             0.0

@@ -112,7 +112,13 @@ fn bench(c: &mut Criterion) {
     let opts = CrossEntropyOptions::default();
     g.throughput(Throughput::Bytes((2 * ce_rows * VOCAB) as u64));
     g.bench_function("cross_entropy_forward_bf16_2048x128256", |b| {
-        b.iter(|| black_box(cuda::cross_entropy(&gpu, &logits, &labels, &opts).unwrap()))
+        b.iter(|| {
+            black_box(
+                cuda::cross_entropy(&gpu, &logits, &labels, &opts)
+                    .unwrap()
+                    .loss(&gpu),
+            )
+        })
     });
     let fwd = cuda::cross_entropy(&gpu, &logits, &labels, &opts).unwrap();
     g.throughput(Throughput::Bytes((2 * 2 * ce_rows * VOCAB) as u64));

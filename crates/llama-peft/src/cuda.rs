@@ -2,8 +2,8 @@
 //! for the products (cuBLAS, f32 accumulation), bf16 activations, f32 gradients. The same
 //! arithmetic as [`crate::LoraPair`], step for step (`kernels/lora.cu` for the rest):
 //!
-//!   forward:  xs = s·(x·Aᵀ) [M, r];  y += xs·Bᵀ
-//!   backward: g = s·(dy·B) [M, r];  dA += gᵀ·x,  dB += dyᵀ·xs,  dx += g·A
+//!   forward:  xs = s·(x·Aᵀ) [M, r];  y (+)= xs·Bᵀ
+//!   backward: g = s·(dy·B) [M, r];  dA += gᵀ·x,  dB += dyᵀ·xs,  dx (+)= g·A
 
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -343,7 +343,7 @@ pub struct CudaLoraPair {
     b: CudaTrainable,
 }
 
-/// What [`CudaLoraPair::forward_add`] keeps: xs = s·(x·Aᵀ), [M, r] in bf16.
+/// What [`CudaLoraPair::forward_into`] keeps: xs = s·(x·Aᵀ), [M, r] in bf16.
 pub struct CudaLoraSaved {
     xs: CudaSlice<bf16>,
 }
@@ -408,16 +408,19 @@ impl CudaLoraPair {
         Ok(x / k)
     }
 
-    /// y [M, N] += s·(x·Aᵀ)·Bᵀ for x [M, K].
-    pub fn forward_add(
+    /// y [M, N] (+ when `accumulate`)= s·(x·Aᵀ)·Bᵀ for x [M, K]. The trainer writes the branch
+    /// first and lets the frozen product add onto it (cuBLAS reads y once, in the big product's
+    /// epilogue), so the rank-r product only writes y.
+    pub fn forward_into(
         &self,
         x: &CudaSlice<bf16>,
         y: &mut CudaSlice<bf16>,
+        accumulate: bool,
     ) -> Result<CudaLoraSaved> {
-        self.rows("CudaLoraPair::forward_add", x.len(), y.len())?;
+        self.rows("CudaLoraPair::forward_into", x.len(), y.len())?;
         let saved = self.forward_saved(x)?;
         let d = &*self.device;
-        linear_into(d, &saved.xs, &self.b.copy, self.rank, y, true)?;
+        linear_into(d, &saved.xs, &self.b.copy, self.rank, y, accumulate)?;
         Ok(saved)
     }
 
@@ -435,27 +438,29 @@ impl CudaLoraPair {
         Ok(CudaLoraSaved { xs })
     }
 
-    /// Backward of [`Self::forward_add`] for dy [M, N]: dx [M, K] += s·(dy·B)·A; the
-    /// gradients of A and B accumulated (f32).
+    /// Backward of [`Self::forward_into`] for dy [M, N]: dx [M, K] (+ when `accumulate`)=
+    /// s·(dy·B)·A; the gradients of A and B accumulated (f32).
     pub fn backward(
         &mut self,
         x: &CudaSlice<bf16>,
         saved: &CudaLoraSaved,
         dy: &CudaSlice<bf16>,
         dx: &mut CudaSlice<bf16>,
+        accumulate: bool,
     ) -> Result<()> {
         self.rows("CudaLoraPair::backward", x.len(), dy.len())?;
-        let g = self.backward_input(dy, dx)?;
+        let g = self.backward_input(dy, dx, accumulate)?;
         self.weight_grads(x, &g, &saved.xs, dy)
     }
 
     /// The part of the backward that needs no input, for a forward whose input is not kept
-    /// (the MLP's h, recomputed later in the buffer of its gradient): dx [M, K] += s·(dy·B)·A.
-    /// Returns g = s·dy·B for [`Self::backward_recomputing`].
+    /// (the MLP's h, recomputed later in the buffer of its gradient): dx [M, K] (+ when
+    /// `accumulate`)= s·(dy·B)·A. Returns g = s·dy·B for [`Self::backward_recomputing`].
     pub fn backward_input(
         &self,
         dy: &CudaSlice<bf16>,
         dx: &mut CudaSlice<bf16>,
+        accumulate: bool,
     ) -> Result<CudaLoraDy> {
         let m = self.rows("CudaLoraPair::backward_input", dx.len(), dy.len())?;
         let d = &*self.device;
@@ -464,7 +469,7 @@ impl CudaLoraPair {
         // product it is dy · B with B read as [N, r].
         let mut g = d.uninit::<bf16>(m * r)?;
         linear_backward_input_scaled(d, dy, &self.b.copy, r, &mut g, self.scaling)?;
-        linear_backward_input_into(d, &g, &self.a.copy, k, dx, true)?;
+        linear_backward_input_into(d, &g, &self.a.copy, k, dx, accumulate)?;
         Ok(CudaLoraDy { g })
     }
 

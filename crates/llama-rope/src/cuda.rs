@@ -1,7 +1,7 @@
 //! The rotation on a CUDA device (`kernels/rope.cu`), over device copies of the cos/sin tables.
 //! Results equal the CPU path ([`crate::apply`]) bit for bit, in f32 and in bf16.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use llama_core::cuda::{CudaDevice, KernelSource};
@@ -26,7 +26,14 @@ pub struct DeviceTables {
     sin: CudaSlice<f32>,
     half: usize,
     len: usize,
+    /// The position ids of the last launch and their device copy: a training step rotates q
+    /// and k at the same positions four times a layer, step after step, and a copy from
+    /// pageable host memory may wait for the stream (CUDA's "API synchronization behavior").
+    positions: Mutex<Option<UploadedPositions>>,
 }
+
+/// Position ids and their device copy.
+type UploadedPositions = (Vec<u32>, Arc<CudaSlice<u32>>);
 
 impl DeviceTables {
     /// Uploads `tables` to `device`.
@@ -37,7 +44,25 @@ impl DeviceTables {
             sin: device.htod(tables.sin)?,
             half: tables.half,
             len: tables.len,
+            positions: Mutex::new(None),
         })
+    }
+
+    /// `positions` on the device: the copy of the last launch's when they are the same, else
+    /// a new upload (kept for the next launch).
+    fn positions_on_device(&self, positions: &[u32]) -> Result<Arc<CudaSlice<u32>>> {
+        let mut cached = self
+            .positions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some((ids, on_device)) = cached.as_ref() {
+            if ids.as_slice() == positions {
+                return Ok(on_device.clone());
+            }
+        }
+        let on_device = Arc::new(self.device.htod(positions)?);
+        *cached = Some((positions.to_vec(), on_device.clone()));
+        Ok(on_device)
     }
 
     /// Positions covered.
@@ -124,7 +149,7 @@ pub fn apply_moving<T: RopeElement>(
 /// The arguments both rope kernels take after their buffers.
 struct RopeArgs<'a> {
     tables: &'a DeviceTables,
-    positions: CudaSlice<u32>,
+    positions: Arc<CudaSlice<u32>>,
     rows: usize,
     dims: [u32; 5],
     sign: f32,
@@ -153,7 +178,7 @@ impl<'a> RopeArgs<'a> {
         ];
         let args = RopeArgs {
             tables,
-            positions: tables.device.htod(positions)?,
+            positions: tables.positions_on_device(positions)?,
             rows,
             dims,
             sign: if backward { -1.0 } else { 1.0 },
@@ -175,7 +200,7 @@ impl<'a> RopeArgs<'a> {
         launch
             .arg(&self.tables.cos)
             .arg(&self.tables.sin)
-            .arg(&self.positions)
+            .arg(&*self.positions)
             .arg(&self.rows);
         for d in &self.dims {
             launch.arg(d);

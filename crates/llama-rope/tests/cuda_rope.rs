@@ -1,5 +1,6 @@
 //! The CUDA rope kernel against the CPU path (suite `rope`), bit for bit, for every RoPE kind of
-//! the fixtures (and a head size the kernels cannot pack), in f32 and bf16, forward and backward. Skipped, counted, without a GPU.
+//! the fixtures (and a head size the kernels cannot pack), in f32 and bf16, forward and backward;
+//! the position ids the device tables keep between launches. Skipped, counted, without a GPU.
 
 use llama_core::bf16;
 use llama_fixtures::{cuda_or_skip, fixtures_dir, TestRng};
@@ -185,4 +186,37 @@ fn positions_past_the_device_tables_are_errors() {
     let mut x = gpu.htod(&[0.0f32; 16]).unwrap();
     let err = cuda::apply(&mut x, shape, &device_tables, &[3, 99_999], false).unwrap_err();
     assert!(err.to_string().contains("position 99999"), "{err}");
+}
+
+/// The device tables keep the last launch's position ids on the device: a launch at other
+/// positions must rotate by those, not by the kept ones (and the kept ones again after).
+#[test]
+fn new_positions_on_the_same_device_tables_are_used() {
+    let Some(gpu) = cuda_or_skip!() else { return };
+    let config = RopeConfig::new(10000.0, 8, 64).unwrap();
+    let mut rope = RotaryEmbedding::new(config);
+    let tables = rope.tables(64).unwrap();
+    let device_tables = DeviceTables::upload(&gpu, &tables).unwrap();
+    let shape = QkShape {
+        batch: 1,
+        heads: 2,
+        seq: 5,
+        head_dim: 8,
+    };
+    let x = TestRng::new(3).vec(shape.len(), 1.0);
+    let first: Vec<u32> = (0..5).collect();
+    let later: Vec<u32> = (40..45).collect();
+    for ids in [&first, &later, &first] {
+        let mut cpu = x.clone();
+        apply(&mut cpu, shape, &tables, ids).unwrap();
+        let mut on_gpu = gpu.htod(&x).unwrap();
+        cuda::apply(&mut on_gpu, shape, &device_tables, ids, false).unwrap();
+        let dev = gpu.dtoh(&on_gpu).unwrap();
+        assert!(
+            cpu.iter()
+                .zip(&dev)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "positions {ids:?}"
+        );
+    }
 }

@@ -1,7 +1,7 @@
 //! Cross entropy on CUDA (`kernels/cross_entropy.cu`): the counterpart of `crate::loss`.
 //! Blocks of (row, vocabulary chunk) each take their chunk's logsumexp; a second kernel merges
-//! the chunks of a row and forms its loss; the mean over counted rows is summed on the host in
-//! f64 from the per-row losses (one value per token).
+//! the chunks of a row and forms its loss, left on the device; [`CudaCrossEntropy::loss`] sums
+//! the per-row losses (one value per token) on the host in f64, the only wait for the device.
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use llama_core::cuda::{CudaDevice, KernelSource};
@@ -14,13 +14,33 @@ const CROSS_ENTROPY: KernelSource = kernel_source!("cross_entropy");
 
 /// The forward's results on the device, kept for the backward.
 pub struct CudaCrossEntropy {
-    /// Mean loss over counted rows (0 when none count).
-    pub loss: f32,
     /// Rows whose label is not the ignore index.
     pub n_valid: usize,
     /// logsumexp per row (0 for ignored rows).
     pub logsumexp: CudaSlice<f32>,
+    /// Each row's loss (0 for ignored rows).
+    row_loss: CudaSlice<f32>,
     labels: CudaSlice<i64>,
+}
+
+impl CudaCrossEntropy {
+    /// Σ of the rows' losses (f64, summed on the host; waits for the device).
+    pub fn loss_sum(&self, device: &CudaDevice) -> Result<f64> {
+        if self.n_valid == 0 {
+            return Ok(0.0);
+        }
+        Ok(device.dtoh(&self.row_loss)?.iter().map(|&l| l as f64).sum())
+    }
+
+    /// Mean loss over counted rows (0 when none count); waits for the device.
+    pub fn loss(&self, device: &CudaDevice) -> Result<f32> {
+        let sum = self.loss_sum(device)?;
+        Ok(if self.n_valid == 0 {
+            0.0
+        } else {
+            (sum / self.n_valid as f64) as f32
+        })
+    }
 }
 
 /// (scale, cap) as the kernels take them: scale 1 and cap 0 when off.
@@ -28,7 +48,8 @@ fn transform_args(opts: &CrossEntropyOptions) -> (f32, f32) {
     (opts.logit_scale.unwrap_or(1.0), opts.softcap.unwrap_or(0.0))
 }
 
-/// Cross entropy of logits [N, V] (on the device) against labels [N] (host; checked, uploaded).
+/// Cross entropy of logits [N, V] (on the device) against labels [N] (host; checked, uploaded),
+/// queued on the device's stream without waiting for it.
 pub fn cross_entropy<T: CudaElement>(
     device: &CudaDevice,
     logits: &CudaSlice<T>,
@@ -42,9 +63,9 @@ pub fn cross_entropy<T: CudaElement>(
     let mut lse = device.zeros::<f32>(rows.max(1))?;
     if rows == 0 || n_valid == 0 {
         return Ok(CudaCrossEntropy {
-            loss: 0.0,
             n_valid,
             logsumexp: lse,
+            row_loss: device.zeros::<f32>(rows.max(1))?,
             labels: labels_dev,
         });
     }
@@ -93,11 +114,10 @@ pub fn cross_entropy<T: CudaElement>(
         .arg(&cap);
     // SAFETY: as above; lse and row_loss hold rows values and are written for every row.
     launched(&name, unsafe { launch.launch(grid_for(rows)) })?;
-    let sum: f64 = device.dtoh(&row_loss)?.iter().map(|&l| l as f64).sum();
     Ok(CudaCrossEntropy {
-        loss: (sum / n_valid as f64) as f32,
         n_valid,
         logsumexp: lse,
+        row_loss,
         labels: labels_dev,
     })
 }
