@@ -418,11 +418,21 @@ __device__ __forceinline__ void store_c_rows(bf16_t* m, const float (*c)[4], con
 
 #define LOG2E 1.4426950408889634f
 
+// 2^x on the special-function unit alone (ex2.approx.ftz; exp2f adds a range fix-up for
+// results below 2^-126, which flush to zero here: no probability that small changes a sum of
+// them or its bf16 rounding). 2^-∞ = 0.
+__device__ __forceinline__ float exp2_sfu(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
 // One key tile of the online softmax for a lane's two rows: the scores sc [TC_KEYS/8][4] (raw
-// Q·Kᵀ) become p = exp2(s·scale·log₂e − m), the running max m and sum l move on and the output
-// accumulators o are rescaled. MASK: keys outside a row's [lo, hi) count as −∞ (the caller
-// skips it for tiles every row of the warp sees whole). Rows that have seen no key keep m = −∞
-// and l = 0 (exp2 against 0 gives their p = 0).
+// Q·Kᵀ) become p = exp2(s·scale·log₂e − m), the running max m (log2 units) and sum l move on
+// and the output accumulators o are rescaled. The max is taken over the raw scores (scale >
+// 0), so that each p is one fused multiply-add and an exp2. MASK: keys outside a row's [lo, hi)
+// count as −∞ (the caller skips it for tiles every row of the warp sees whole). Rows that have
+// seen no key keep m = −∞ and l = 0 (exp2 against 0 gives their p = 0).
 template <int D, bool MASK>
 __device__ __forceinline__ void softmax_tile(float (*sc)[4], float (*o)[4], float* m, float* l, unsigned kt,
                                              const unsigned* lo, const unsigned* hi, float scale_log2) {
@@ -435,20 +445,18 @@ __device__ __forceinline__ void softmax_tile(float (*sc)[4], float (*o)[4], floa
 #pragma unroll
             for (int c = 0; c < 2; ++c) {
                 unsigned j = kt + n * 8 + 2 * t + c;
-                float x = sc[n][2 * r + c] * scale_log2;
-                if (MASK && !(j >= lo[r] && j < hi[r])) x = -POS_INF;
-                sc[n][2 * r + c] = x;
-                mx = fmaxf(mx, x);
+                if (MASK && !(j >= lo[r] && j < hi[r])) sc[n][2 * r + c] = -POS_INF;
+                mx = fmaxf(mx, sc[n][2 * r + c]);
             }
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        float new_m = fmaxf(m[r], mx), base = new_m == -POS_INF ? 0.0f : new_m;
-        float rescale = exp2f(m[r] - base), sum = 0.0f;
+        float new_m = fmaxf(m[r], mx * scale_log2), base = new_m == -POS_INF ? 0.0f : new_m;
+        float rescale = exp2_sfu(m[r] - base), sum = 0.0f;
 #pragma unroll
         for (int n = 0; n < TC_KEYS / 8; ++n)
 #pragma unroll
             for (int c = 0; c < 2; ++c) {
-                float p = exp2f(sc[n][2 * r + c] - base);
+                float p = exp2_sfu(fmaf(sc[n][2 * r + c], scale_log2, -base));
                 sc[n][2 * r + c] = p;
                 sum += p;
             }
@@ -552,27 +560,36 @@ extern "C" __global__ void __launch_bounds__(256) attn_forward_tc128_bf16(
 // Each warp owns 16 rows (queries, or keys), as in the forward; P and dS are rounded to bf16
 // for the products that take them as operands, as FlashAttention-2 does.
 
-// One key tile's share of dQ for a warp's 16 rows: S = Q Kᵀ, dP = dO Vᵀ, P = exp2(S·scale·log₂e −
-// L·log₂e) on the keys j ≤ the row, dS = scale · P ∘ (dP − Δ), dQ += dS K.
-template <int D>
-__device__ __forceinline__ void dq_tile(float (*acc)[4], const unsigned (*qa)[4], const unsigned (*da)[4],
-                                        const Row<D>* ks, const Row<D>* vs, unsigned kt, const unsigned* rows,
-                                        const float* l2, const float* dl, float scale) {
-    unsigned t = threadIdx.x & 3u;
-    const float scale_log2 = scale * LOG2E;
-    float sc[TC_KEYS / 8][4], dp[TC_KEYS / 8][4];
-    mma_abt<D, TC_KEYS>(sc, qa, ks);
-    mma_abt<D, TC_KEYS>(dp, da, vs);
+// f(n, r, c) for each of a lane's entries [n][2r + c] of a [16, TC_KEYS] accumulator: row
+// grp + 8r, column 8n + 2t + c (the C fragment layout above).
+template <typename F>
+__device__ __forceinline__ void each_entry(F f) {
 #pragma unroll
     for (int n = 0; n < TC_KEYS / 8; ++n)
 #pragma unroll
         for (int r = 0; r < 2; ++r)
 #pragma unroll
-            for (int c = 0; c < 2; ++c) {
-                unsigned j = kt + n * 8 + 2 * t + c;
-                float x = sc[n][2 * r + c], p = j <= rows[r] ? exp2f(x * scale_log2 - l2[r]) : 0.0f;
-                sc[n][2 * r + c] = scale * p * (dp[n][2 * r + c] - dl[r]);
-            }
+            for (int c = 0; c < 2; ++c) f(n, r, c);
+}
+
+// One key tile's share of dQ for a warp's 16 rows: S = Q Kᵀ, dP = dO Vᵀ, P = exp2(S·scale·log₂e −
+// L·log₂e) on the keys j ≤ the row, dS = scale · P ∘ (dP − Δ) = P ∘ (scale·dP − sΔ) with the
+// rows' sΔ = scale·Δ, dQ += dS K. MASK: some key of the tile is after some row of the warp (the
+// caller skips it for tiles below the diagonal).
+template <int D, bool MASK>
+__device__ __forceinline__ void dq_tile(float (*acc)[4], const unsigned (*qa)[4], const unsigned (*da)[4],
+                                        const Row<D>* ks, const Row<D>* vs, unsigned kt, const unsigned* rows,
+                                        const float* l2, const float* sdl, float scale) {
+    unsigned t = threadIdx.x & 3u;
+    const float scale_log2 = scale * LOG2E;
+    float sc[TC_KEYS / 8][4], dp[TC_KEYS / 8][4];
+    mma_abt<D, TC_KEYS>(sc, qa, ks);
+    mma_abt<D, TC_KEYS>(dp, da, vs);
+    each_entry([&](int n, int r, int c) {
+        unsigned j = kt + n * 8 + 2 * t + c;
+        float x = sc[n][2 * r + c], p = !MASK || j <= rows[r] ? exp2_sfu(fmaf(x, scale_log2, -l2[r])) : 0.0f;
+        sc[n][2 * r + c] = p * fmaf(scale, dp[n][2 * r + c], -sdl[r]);
+    });
     unsigned dsa[TC_KEYS / 16][4];
     pack_a<TC_KEYS>(dsa, sc);
     mma_ab<TC_KEYS, D>(acc, dsa, ks);
@@ -597,11 +614,11 @@ __device__ void attn_dq_tc_impl(const bf16_t* q, const bf16_t* k, const bf16_t* 
     unsigned qa[D / 16][4], da[D / 16][4];
     load_a_rows<D>(qa, q + row_base * D, rows, T);
     load_a_rows<D>(da, dout + row_base * D, rows, T);
-    float l2[2], dl[2];
+    float l2[2], sdl[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         l2[r] = rows[r] < T ? lse[row_base + rows[r]] * LOG2E : 0.0f;
-        dl[r] = rows[r] < T ? delta[row_base + rows[r]] : 0.0f;
+        sdl[r] = rows[r] < T ? scale * delta[row_base + rows[r]] : 0.0f;
     }
     float acc[D / 8][4];
 #pragma unroll
@@ -614,11 +631,49 @@ __device__ void attn_dq_tc_impl(const bf16_t* q, const bf16_t* k, const bf16_t* 
     };
     double_buffered(key_tiles, stage, [&](unsigned it) {
         unsigned kt = it * TC_KEYS, buf = (it & 1) * TC_KEYS;
-        // Tiles whose every key is after these rows add nothing.
-        if (row0 < T && kt <= row0 + 15) dq_tile<D>(acc, qa, da, ks + buf, vs + buf, kt, rows, l2, dl, scale);
+        // Tiles whose every key is after these rows add nothing; those whose every key is
+        // before them need no mask.
+        if (row0 >= T || kt > row0 + 15) return;
+        if (kt + TC_KEYS <= row0 + 1)
+            dq_tile<D, false>(acc, qa, da, ks + buf, vs + buf, kt, rows, l2, sdl, scale);
+        else
+            dq_tile<D, true>(acc, qa, da, ks + buf, vs + buf, kt, rows, l2, sdl, scale);
     });
     const float one[2] = {1.0f, 1.0f};
     store_c_rows<D>(dq + row_base * D, acc, rows, one, T);
+}
+
+// One query tile's share of dK and dV for a warp's 16 keys: Sᵀ [16 keys, 64 queries] = K Qᵀ,
+// dPᵀ = V dOᵀ, Pᵀ = exp2(Sᵀ·scale·log₂e − L·log₂e) on the queries i ≥ the key, dSᵀ = scale ·
+// Pᵀ ∘ (dPᵀ − Δ), dV += Pᵀ dO, dK += dSᵀ Q (l2 = L·log₂e and sdl = scale·Δ of the tile's
+// queries).
+// MASK: some query of the tile is before some key of the warp, or past T.
+template <int D, bool DV, bool DK, bool MASK>
+__device__ __forceinline__ void dkv_tile(float (*dka)[4], float (*dva)[4], const unsigned (*ka)[4],
+                                         const unsigned (*va)[4], const Row<D>* qs, const Row<D>* gs,
+                                         unsigned i0, const unsigned* keys, const float* l2,
+                                         const float* sdl, unsigned T, float scale) {
+    unsigned t = threadIdx.x & 3u;
+    const float scale_log2 = scale * LOG2E;
+    float st[TC_KEYS / 8][4], dpt[TC_KEYS / 8][4];
+    mma_abt<D, TC_KEYS>(st, ka, qs);
+    if (DK) mma_abt<D, TC_KEYS>(dpt, va, gs);
+    each_entry([&](int n, int r, int c) {
+        unsigned col = n * 8 + 2 * t + c, i = i0 + col;
+        bool seen = !MASK || (i >= keys[r] && i < T);
+        float p = seen ? exp2_sfu(fmaf(st[n][2 * r + c], scale_log2, -l2[col])) : 0.0f;
+        st[n][2 * r + c] = p;
+        if (DK) dpt[n][2 * r + c] = p * fmaf(scale, dpt[n][2 * r + c], -sdl[col]);
+    });
+    unsigned fa[TC_KEYS / 16][4];
+    if (DV) {
+        pack_a<TC_KEYS>(fa, st);
+        mma_ab<TC_KEYS, D>(dva, fa, gs);
+    }
+    if (DK) {
+        pack_a<TC_KEYS>(fa, dpt);
+        mma_ab<TC_KEYS, D>(dka, fa, qs);
+    }
 }
 
 // The dK/dV pass; DV and DK choose which of the two it accumulates (at D = 128 one pass each,
@@ -628,18 +683,17 @@ __device__ void attn_dkv_tc_impl(const bf16_t* q, const bf16_t* k, const bf16_t*
                                  const float* lse, const float* delta, bf16_t* dk, bf16_t* dv, AttnDims s,
                                  float scale) {
     extern __shared__ __align__(16) unsigned char tc_smem[];
-    Row<D>* qs = (Row<D>*)tc_smem;  // two buffers of Q, then of dO, then L·log₂e and Δ
+    Row<D>* qs = (Row<D>*)tc_smem;  // two buffers of Q, then of dO, then L·log₂e and scale·Δ
     Row<D>* gs = qs + 2 * TC_KEYS;
     float* l2s = (float*)(gs + 2 * TC_KEYS);
-    float* dls = l2s + 2 * TC_KEYS;
-    unsigned warp = threadIdx.x / 32, lane = threadIdx.x & 31u, grp = lane >> 2, t = lane & 3u;
+    float* sdls = l2s + 2 * TC_KEYS;
+    unsigned warp = threadIdx.x / 32, grp = (threadIdx.x & 31u) >> 2;
     unsigned T = s.seq_q, pairs = s.batch * s.kv_heads;
     // The tiles with the most queries (the first) first.
     unsigned tile = blockIdx.x / pairs, bg = blockIdx.x % pairs;
     unsigned b = bg / s.kv_heads, g = bg % s.kv_heads, group = s.heads / s.kv_heads;
     unsigned first_key = tile * TC_ROWS, key0 = first_key + warp * 16;
     size_t kv_base = (size_t)bg * s.kv_stride;
-    const float scale_log2 = scale * LOG2E;
     unsigned keys[2] = {key0 + grp, key0 + grp + 8};
     unsigned ka[D / 16][4], va[D / 16][4];
     load_a_rows<D>(ka, k + kv_base * D, keys, T);
@@ -661,39 +715,19 @@ __device__ void attn_dkv_tc_impl(const bf16_t* q, const bf16_t* k, const bf16_t*
         for (unsigned r = threadIdx.x; r < TC_KEYS; r += blockDim.x) {
             bool in = i0 + r < T;
             l2s[buf + r] = in ? lse[base + i0 + r] * LOG2E : POS_INF;
-            dls[buf + r] = in ? delta[base + i0 + r] : 0.0f;
+            sdls[buf + r] = in ? scale * delta[base + i0 + r] : 0.0f;
         }
     };
     double_buffered(query_tiles, stage, [&](unsigned it) {
         unsigned i0 = first_query(it), buf = (it & 1) * TC_KEYS;
-        // Tiles whose every query is before these keys add nothing.
-        if (key0 < T && i0 + TC_KEYS - 1 >= key0) {
-            // Sᵀ [16 keys, 64 queries] = K Qᵀ, dPᵀ = V dOᵀ
-            float st[TC_KEYS / 8][4], dpt[TC_KEYS / 8][4];
-            mma_abt<D, TC_KEYS>(st, ka, qs + buf);
-            if (DK) mma_abt<D, TC_KEYS>(dpt, va, gs + buf);
-#pragma unroll
-            for (int n = 0; n < TC_KEYS / 8; ++n)
-#pragma unroll
-                for (int r = 0; r < 2; ++r)
-#pragma unroll
-                    for (int c = 0; c < 2; ++c) {
-                        unsigned col = n * 8 + 2 * t + c, i = i0 + col;
-                        float x = st[n][2 * r + c];
-                        float p = (i >= keys[r] && i < T) ? exp2f(x * scale_log2 - l2s[buf + col]) : 0.0f;
-                        st[n][2 * r + c] = p;
-                        if (DK) dpt[n][2 * r + c] = scale * p * (dpt[n][2 * r + c] - dls[buf + col]);
-                    }
-            unsigned fa[TC_KEYS / 16][4];
-            if (DV) {
-                pack_a<TC_KEYS>(fa, st);
-                mma_ab<TC_KEYS, D>(dva, fa, gs + buf);
-            }
-            if (DK) {
-                pack_a<TC_KEYS>(fa, dpt);
-                mma_ab<TC_KEYS, D>(dka, fa, qs + buf);
-            }
-        }
+        // Tiles whose every query is before these keys add nothing; those whose every query
+        // is at or after them (and before T) need no mask.
+        if (key0 >= T || i0 + TC_KEYS - 1 < key0) return;
+        const float *l2 = l2s + buf, *sdl = sdls + buf;
+        if (i0 >= key0 + 15 && i0 + TC_KEYS <= T)
+            dkv_tile<D, DV, DK, false>(dka, dva, ka, va, qs + buf, gs + buf, i0, keys, l2, sdl, T, scale);
+        else
+            dkv_tile<D, DV, DK, true>(dka, dva, ka, va, qs + buf, gs + buf, i0, keys, l2, sdl, T, scale);
     });
     const float one[2] = {1.0f, 1.0f};
     if (DK) store_c_rows<D>(dk + kv_base * D, dka, keys, one, T);

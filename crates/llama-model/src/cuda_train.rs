@@ -35,6 +35,7 @@ use llama_peft::{
 use crate::cuda_model::{CudaLayer, CudaLlamaModel};
 use crate::error::{ModelError, Result};
 use crate::model::shift_labels;
+use crate::train::head_chunk_rows;
 use crate::trainer::{write_checkpoint, Batch, OptimizerState, StepReport, TrainConfig};
 
 type Pairs = [Option<CudaLoraPair>; 7];
@@ -141,13 +142,12 @@ impl<'a> FrozenWeights<'a> {
         dx: &mut CudaSlice<bf16>,
         accumulate: bool,
     ) -> Result<()> {
-        let in_features = target.shape(&self.dims).1;
         let mut accumulate = accumulate;
         if let (Some(pair), Some(saved)) = lora {
             pair.backward(x, saved, dy, dx, accumulate)?;
             accumulate = true;
         }
-        self.backward_input(target, dy, dx, in_features, accumulate)
+        self.backward_input(target, dy, dx, accumulate)
     }
 
     /// dx (+ when `accumulate`)= dy·W, the frozen part of a projection's input gradient.
@@ -156,16 +156,18 @@ impl<'a> FrozenWeights<'a> {
         target: Target,
         dy: &CudaSlice<bf16>,
         dx: &mut CudaSlice<bf16>,
-        in_features: usize,
         accumulate: bool,
     ) -> Result<()> {
+        let in_features = target.shape(&self.dims).1;
         let (d, w) = (self.d, self.weight(target)?);
-        if accumulate {
-            linear_backward_input_into(d, dy, w, in_features, dx, true)?;
-        } else {
-            linear_backward_input(d, dy, w, in_features, dx)?;
-        }
-        Ok(())
+        Ok(linear_backward_input_into(
+            d,
+            dy,
+            w,
+            in_features,
+            dx,
+            accumulate,
+        )?)
     }
 }
 
@@ -182,7 +184,14 @@ pub struct CudaTrainer {
     nf4: Option<Nf4Base>,
     /// The layer inputs the forward keeps for the backward, in pinned host memory.
     checkpoints: HostStash<bf16>,
+    /// The most logits one chunk of the head holds ([`Self::set_head_chunk_logits`]).
+    head_chunk_logits: usize,
 }
+
+/// The most logits a chunk of the GPU's head holds by default: 32 M (64 MiB in bf16), small
+/// enough that the last layer's tape, kept through the head, leaves the step's peak memory
+/// where the layers' backward puts it (Llama-3.2-1B and -3-8B shapes: 256-row chunks).
+const HEAD_CHUNK_LOGITS: usize = 1 << 25;
 
 /// The frozen projections of every layer in NF4 with double-quantised absmaxes (as
 /// bitsandbytes keeps QLoRA's base), dequantised into a bf16 buffer of their size just before
@@ -297,7 +306,18 @@ impl CudaTrainer {
             step: 0,
             nf4: None,
             checkpoints: HostStash::new(&device)?,
+            head_chunk_logits: HEAD_CHUNK_LOGITS,
         })
+    }
+
+    /// Sets the most logits one chunk of the head holds (memory against launches: the head's
+    /// [rows, V] logits exist a chunk at a time); 0 means the default.
+    pub fn set_head_chunk_logits(&mut self, logits: usize) {
+        self.head_chunk_logits = if logits == 0 {
+            HEAD_CHUNK_LOGITS
+        } else {
+            logits
+        };
     }
 
     /// The run's settings.
@@ -545,12 +565,17 @@ impl CudaTrainer {
         let mut h = d.uninit::<bf16>(b.ids.len() * cfg.hidden_size)?;
         let embed = self.modules[0].as_ref().map(CudaTrainable::copy);
         self.model.embed_into(embed, &b.ids, &mut h)?;
-        // forward, keeping only each layer's input, offloaded to the host while the layer runs
+        // forward, keeping only each layer's input, offloaded to the host while the layer runs,
+        // and the last layer's tape (its backward comes next: no recompute for it)
         let layers = self.lora.len();
+        let mut last_tape = None;
         for i in 0..layers {
             let input = self.checkpoints.put(i, h)?;
             let tape = self.layer_forward(i, input.buffer(), b.batch, &positions)?;
             h = self.layer_output(i, &tape)?;
+            if i + 1 == layers {
+                last_tape = Some(tape);
+            }
         }
         // head
         let mut normed = d.uninit::<bf16>(h.len())?;
@@ -568,7 +593,10 @@ impl CudaTrainer {
             i -= 1;
             next = self.fetch_below(i)?;
             let input = fetch.wait()?;
-            let tape = self.layer_forward(i, &input, b.batch, &positions)?;
+            let tape = match last_tape.take() {
+                Some(tape) => tape,
+                None => self.layer_forward(i, &input, b.batch, &positions)?,
+            };
             dh = self.layer_backward(i, &input, tape, &dh)?;
         }
         // dh is now the gradient of the embeddings: a trained embed_tokens takes it row by row.
@@ -678,8 +706,7 @@ impl CudaTrainer {
             .as_ref()
             .map(|p| p.backward_input(dout, &mut d_h, false));
         let g_down = g_down.transpose()?;
-        let (down, f) = (Target::DownProj, dims.intermediate);
-        w.backward_input(down, dout, &mut d_h, f, g_down.is_some())?;
+        w.backward_input(Target::DownProj, dout, &mut d_h, g_down.is_some())?;
         let (mut d_gate, mut d_up) = (tape.gate, tape.up);
         gated_backward_in_place(&d, act, &mut d_gate, &mut d_up, &mut d_h)?;
         let h = d_h;
@@ -749,7 +776,7 @@ impl CudaTrainer {
         let opts = CrossEntropyOptions::default();
         let scored = targets.iter().filter(|&&t| t != opts.ignore_index).count();
         let mut d_normed = d.zeros::<bf16>(normed.len())?;
-        let rows = ((1usize << 27) / v.max(1)).max(1);
+        let rows = head_chunk_rows(v, targets.len(), self.head_chunk_logits, 128);
         // The chunks' losses stay on the device until the last chunk is queued: one wait.
         let mut losses = Vec::new();
         for (chunk, t) in targets.chunks(rows).enumerate() {

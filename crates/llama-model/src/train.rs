@@ -31,12 +31,21 @@ pub struct StepOptions {
     pub dropout_seed: Option<u64>,
 }
 
-/// Logit rows per chunk of `n` rows: at most about 16 M values (64 MB) whatever the vocabulary,
-/// in chunks of equal size (the head's products run fastest on many rows at once: 256 rows of
-/// SmolLM2 at ~150 GFLOP/s, 85 at ~100 on two AVX2 cores).
-fn head_chunk_rows(vocab: usize, n: usize) -> usize {
-    let most = ((1 << 24) / vocab.max(1)).max(1);
-    n.div_ceil(n.div_ceil(most).max(1)).max(1)
+/// The most logits one chunk of the CPU's head holds: 16 M values (64 MB) whatever the
+/// vocabulary (the head's products run fastest on many rows at once: 256 rows of SmolLM2 at
+/// ~150 GFLOP/s, 85 at ~100 on two AVX2 cores).
+const CPU_HEAD_CHUNK_LOGITS: usize = 1 << 24;
+
+/// Logit rows per chunk of the head over `n` rows: at most `most_logits` values a chunk, in
+/// chunks of equal size, a whole multiple of `align` rows where the budget holds that many (a
+/// GPU product's row tiles).
+pub(crate) fn head_chunk_rows(vocab: usize, n: usize, most_logits: usize, align: usize) -> usize {
+    let mut most = (most_logits / vocab.max(1)).max(1);
+    if most >= align {
+        most -= most % align;
+    }
+    let chunks = n.div_ceil(most).max(1);
+    n.div_ceil(chunks).next_multiple_of(align).min(most).max(1)
 }
 
 impl LlamaModel {
@@ -164,7 +173,7 @@ impl LlamaModel {
         let scored = targets.iter().filter(|&&t| t != opts.ignore_index).count();
         let mut d_normed = vec![0f32; normed.len()];
         let mut loss_sum = 0f64;
-        let rows = head_chunk_rows(v, targets.len());
+        let rows = head_chunk_rows(v, targets.len(), CPU_HEAD_CHUNK_LOGITS, 1);
         let mut logits = vec![0f32; rows.min(targets.len()) * v];
         let (head, ce_kernel) = (
             self.patch_plan().lm_head.kernel(),
@@ -197,5 +206,39 @@ impl LlamaModel {
             (loss_sum / scored as f64) as f32
         };
         Ok((loss, d_normed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::head_chunk_rows;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The chunks cover the rows in as few chunks as the budget allows, each within it
+        /// (a single row may exceed it), in whole `align`s where the budget holds one.
+        #[test]
+        fn head_chunks_keep_to_the_budget(
+            vocab in 1usize..300_000,
+            n in 0usize..40_000,
+            most_logits in 1usize..(1 << 26),
+            align in prop::sample::select(vec![1usize, 64, 128]),
+        ) {
+            let rows = head_chunk_rows(vocab, n, most_logits, align);
+            let most_rows = (most_logits / vocab).max(1);
+            prop_assert!(rows >= 1 && rows <= most_rows);
+            if most_rows >= align {
+                prop_assert_eq!(rows % align, 0);
+                let fewest = n.div_ceil(most_rows - most_rows % align);
+                prop_assert_eq!(n.div_ceil(rows), fewest);
+            }
+        }
+    }
+
+    #[test]
+    fn llama_vocabulary_on_the_gpu_takes_256_rows_a_chunk() {
+        assert_eq!(head_chunk_rows(128_256, 8192, 1 << 25, 128), 256);
+        // unaligned: equal parts of at most 16 M logits (SmolLM2's 49,152 words: 341 rows)
+        assert_eq!(head_chunk_rows(49_152, 512, 1 << 24, 1), 256);
     }
 }

@@ -76,6 +76,36 @@ fn gpu_lora_training_matches_peft_in_bf16() {
     }
 }
 
+/// The head in chunks of a few rows (the last one short) gives the loss and gradients of the
+/// head in one chunk: each chunk's rows, targets and gradient rows line up.
+#[test]
+fn gpu_head_chunks_change_nothing() {
+    let Some(gpu) = cuda_or_skip!() else { return };
+    let c = common::case(fixture_names("peft", "adapter_config.json").remove(0));
+    let rows = c.batch.ids.len();
+    let vocab = c.model.config.vocab_size;
+    let mut whole = trainer(&gpu, &c, SGD, 0.1);
+    whole.set_head_chunk_logits(rows * vocab);
+    let loss = whole.loss_and_grads(&c.batch, 1.0).unwrap();
+    let mut chunked = trainer(&gpu, &c, SGD, 0.1);
+    // 3 rows a chunk: the rows rarely divide by 3, so the last chunk is short
+    chunked.set_head_chunk_logits(3 * vocab);
+    let chunked_loss = chunked.loss_and_grads(&c.batch, 1.0).unwrap();
+    let label = format!("{} gpu head chunks", c.name);
+    assert_close(
+        &format!("{label} loss"),
+        &[chunked_loss],
+        &[loss],
+        &[1],
+        1e-3,
+    );
+    let want = grad_matrices(&c.adapter, &whole.grads().unwrap());
+    let got = grad_matrices(&c.adapter, &chunked.grads().unwrap());
+    for ((name, got), (_, want)) in got.iter().zip(&want) {
+        assert_close(&format!("{label} {name}"), got, want, &[want.len()], 1e-2);
+    }
+}
+
 /// QLoRA on the GPU (NF4 projections, absmaxes double-quantised, dequantised before each
 /// product) against the CPU's QLoRA (the same NF4 codes and absmaxes from the same values, f32
 /// arithmetic): the LoRA gradients agree

@@ -61,7 +61,11 @@ impl DeviceTables {
             }
         }
         let on_device = Arc::new(self.device.htod(positions)?);
-        *cached = Some((positions.to_vec(), on_device.clone()));
+        // The kept Vec takes the new ids (decoding changes them every token).
+        let mut ids = cached.take().map(|(ids, _)| ids).unwrap_or_default();
+        ids.clear();
+        ids.extend_from_slice(positions);
+        *cached = Some((ids, on_device.clone()));
         Ok(on_device)
     }
 
