@@ -236,8 +236,9 @@ mod tests {
     }
 
     #[test]
-    fn llama_vocabulary_on_the_gpu_takes_256_rows_a_chunk() {
-        assert_eq!(head_chunk_rows(128_256, 8192, 1 << 25, 128), 256);
+    fn llama_vocabulary_on_the_gpu_takes_512_rows_a_chunk() {
+        assert_eq!(head_chunk_rows(128_256, 8192, 1 << 26, 128), 512);
+        assert_eq!(head_chunk_rows(128_256, 4096, 1 << 26, 128), 512);
         // unaligned: equal parts of at most 16 M logits (SmolLM2's 49,152 words: 341 rows)
         assert_eq!(head_chunk_rows(49_152, 512, 1 << 24, 1), 256);
     }
