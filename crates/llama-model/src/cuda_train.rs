@@ -782,8 +782,8 @@ impl CudaTrainer {
             if t.iter().all(|&t| t == opts.ignore_index) {
                 continue;
             }
-            let span = chunk * rows * c..(chunk * rows + t.len()) * c;
-            let n = t.len();
+            let (first, n) = (chunk * rows, t.len());
+            let span = first * c..(first + n) * c;
             let mut h_rows = d.uninit::<bf16>(n * c)?;
             d.stream()
                 .memcpy_dtod(&h.slice(span.clone()), &mut h_rows)
