@@ -5,11 +5,12 @@
 //! copies that run beside the work ([`HostStash`]), and the last layer's tape; the backward
 //! brings each input back while the layer above runs, recomputes the layer with its tape (all
 //! but the last) and runs the layer's backward (see layer.rs for the formulas). The head —
-//! final norm, lm_head and loss — runs a chunk of rows at a time, forward and backward. Residual adds ride on the products (cuBLAS adding onto a copy
-//! of the residual) and the norms' backward kernels. modules_to_save
-//! (embed_tokens, lm_head) train whole beside the adapter as [`CudaTrainable`]s: the lookup
-//! reads the trained embedding's bf16 copy and its gradient takes dh₀ row by row; the loss reads
-//! the trained lm_head and adds dlogitsᵀ·normed to its gradient chunk by chunk.
+//! final norm, lm_head and loss — runs a chunk of rows at a time, forward and backward.
+//! Residual adds ride on the products (cuBLAS adding onto a copy of the residual) and the
+//! norms' backward kernels. modules_to_save (embed_tokens, lm_head) train whole beside the
+//! adapter as [`CudaTrainable`]s: the lookup reads the trained embedding's bf16 copy and its
+//! gradient takes dh₀ row by row; the loss reads the trained lm_head and adds
+//! dlogitsᵀ·normed to its gradient chunk by chunk.
 //! Letters: N = B·T rows, C hidden, F intermediate, V vocabulary.
 
 use std::collections::hash_map::{Entry, HashMap};
