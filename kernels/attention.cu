@@ -160,13 +160,20 @@ __device__ void attn_merge_impl(const float* part_ml, const float* part_o, T* ou
     if (lane == 0) lse[row] = l > 0.0f ? m + logf(l) : -POS_INF;
 }
 
-// Dᵢ = dOᵢ · Oᵢ, a warp per row.
+// Dᵢ = dOᵢ · Oᵢ, a warp per row i = (b·H + h)·T + t of dO [B, H, T, D]; O in the same layout
+// or, when merged_heads = H > 0, in the merged one [B, T, H, D].
 template <typename T>
-__device__ void attn_delta_impl(const T* out, const T* dout, float* delta, size_t rows, unsigned d) {
+__device__ void attn_delta_impl(const T* out, const T* dout, float* delta, size_t rows, unsigned d,
+                                unsigned merged_heads, unsigned seq) {
     size_t row = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     if (row >= rows) return;
+    size_t out_row = row;
+    if (merged_heads > 0) {
+        size_t bh = row / seq, t = row % seq;
+        out_row = ((bh / merged_heads) * seq + t) * merged_heads + bh % merged_heads;
+    }
     float o[ATT_PER_LANE], g[ATT_PER_LANE];
-    load_row(out + row * d, d, o);
+    load_row(out + out_row * d, d, o);
     load_row(dout + row * d, d, g);
     float dot = lane_dot(o, g);
     if ((threadIdx.x & 31u) == 0) delta[row] = dot;
@@ -852,8 +859,8 @@ __device__ void attn_dscores_impl(T* p, const float* dp, const float* delta, Til
         attn_merge_impl(part_ml, part_o, out, lse, rows, splits, d);                                    \
     }                                                                                                   \
     extern "C" __global__ void attn_delta_##name(const T* out, const T* dout, float* delta, size_t rows, \
-                                                 unsigned d) {                                          \
-        attn_delta_impl(out, dout, delta, rows, d);                                                     \
+                                                 unsigned d, unsigned merged_heads, unsigned seq) {     \
+        attn_delta_impl(out, dout, delta, rows, d, merged_heads, seq);                                  \
     }                                                                                                   \
     extern "C" __global__ void attn_dq_##name(const T* q, const T* k, const T* v, const T* dout,         \
                                               const float* lse, const float* delta, const int* pad,      \

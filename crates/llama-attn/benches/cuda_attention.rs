@@ -65,7 +65,17 @@ fn bench(c: &mut Criterion) {
         g.bench_function(format!("backward/{seq}_flops"), |b| {
             b.iter(|| {
                 cuda::backward_tc(
-                    &gpu, &q, &k, &v, &out, &lse, &dout, &s, &mut dq, &mut dk, &mut dv,
+                    &gpu,
+                    &q,
+                    &k,
+                    &v,
+                    cuda::AttnOutput::Heads(&out),
+                    &lse,
+                    &dout,
+                    &s,
+                    &mut dq,
+                    &mut dk,
+                    &mut dv,
                 )
                 .unwrap();
                 gpu.synchronize().unwrap()

@@ -234,27 +234,51 @@ pub fn forward<T: CudaElement>(
     Ok(())
 }
 
-/// Δ = rowsum(dO ∘ O) for each of the `rows` query rows of D = `dim` values (at least one
-/// value is allocated).
+/// The attention output O as a backward reads it (only for Δᵢ = dOᵢ·Oᵢ): in heads
+/// [B, H, T, D], as [`forward`] writes it, or merged [B, T, H·D], as a layer passes it on to its
+/// output projection (which saves keeping both).
+#[derive(Clone, Copy)]
+pub enum AttnOutput<'a, T> {
+    Heads(&'a CudaSlice<T>),
+    Merged(&'a CudaSlice<T>),
+}
+
+impl<'a, T> AttnOutput<'a, T> {
+    fn values(self) -> &'a CudaSlice<T> {
+        match self {
+            AttnOutput::Heads(o) | AttnOutput::Merged(o) => o,
+        }
+    }
+}
+
+/// Δ = rowsum(dO ∘ O) for each query row of `s` (at least one value is allocated); dO in heads.
 fn row_deltas<T: CudaElement>(
     device: &CudaDevice,
-    out: &CudaSlice<T>,
+    out: AttnOutput<'_, T>,
     dout: &CudaSlice<T>,
-    rows: usize,
-    dim: u32,
+    s: &AttnShape,
 ) -> Result<CudaSlice<f32>> {
+    let rows = s.q_rows();
     let mut delta = device.zeros::<f32>(rows.max(1))?;
     if rows > 0 {
         let name = format!("attn_delta_{}", T::SUFFIX);
         let f = device.function(&ATTENTION, &name)?;
         let mut launch = device.stream().launch_builder(&f);
+        let merged_heads = match out {
+            AttnOutput::Heads(_) => 0u32,
+            AttnOutput::Merged(_) => s.heads as u32,
+        };
+        let (dim, seq) = (s.head_dim as u32, s.seq_q as u32);
         launch
-            .arg(out)
+            .arg(out.values())
             .arg(dout)
             .arg(&mut delta)
             .arg(&rows)
-            .arg(&dim);
-        // SAFETY: the callers checked that out and dout hold rows · D values; delta holds rows.
+            .arg(&dim)
+            .arg(&merged_heads)
+            .arg(&seq);
+        // SAFETY: the callers checked that out and dout hold rows · D values (rows = B·H·T, in
+        // either of out's layouts); delta holds rows.
         launched(&name, unsafe { launch.launch(warps(rows)) })?;
     }
     Ok(delta)
@@ -280,7 +304,7 @@ pub fn backward<T: CudaElement>(
     q: &CudaSlice<T>,
     k: &CudaSlice<T>,
     v: &CudaSlice<T>,
-    out: &CudaSlice<T>,
+    out: AttnOutput<'_, T>,
     lse: &CudaSlice<f32>,
     dout: &CudaSlice<T>,
     s: &AttnShape,
@@ -292,15 +316,15 @@ pub fn backward<T: CudaElement>(
     check_buffers(
         "cuda backward",
         s,
-        [q, k, v, out, dout, &*dq, &*dk, &*dv],
+        [q, k, v, out.values(), dout, &*dq, &*dk, &*dv],
         lse,
     )?;
     mask.check("cuda backward", s)?;
     let rows = s.q_rows();
     let d = dims(s, mask)?;
     let pad = upload_padding(device, mask)?;
-    let (null, scale, dim) = (0u64, 1.0 / (s.head_dim as f32).sqrt(), s.head_dim as u32);
-    let delta = row_deltas(device, out, dout, rows, dim)?;
+    let (null, scale) = (0u64, 1.0 / (s.head_dim as f32).sqrt());
+    let delta = row_deltas(device, out, dout, s)?;
     if rows > 0 {
         let name = format!("attn_dq_{}", T::SUFFIX);
         let f = device.function(&ATTENTION, &name)?;
@@ -351,7 +375,7 @@ pub fn backward_tc<T: CudaElement>(
     q: &CudaSlice<T>,
     k: &CudaSlice<T>,
     v: &CudaSlice<T>,
-    out: &CudaSlice<T>,
+    out: AttnOutput<'_, T>,
     lse: &CudaSlice<f32>,
     dout: &CudaSlice<T>,
     s: &AttnShape,
@@ -362,7 +386,7 @@ pub fn backward_tc<T: CudaElement>(
     check_buffers(
         "cuda backward_tc",
         s,
-        [q, k, v, out, dout, &*dq, &*dk, &*dv],
+        [q, k, v, out.values(), dout, &*dq, &*dk, &*dv],
         lse,
     )?;
     if !tensor_core_backward::<T>(s) {
@@ -383,8 +407,8 @@ pub fn backward_tc<T: CudaElement>(
         padding: None,
     };
     let dims = dims(s, &mask)?;
-    let (scale, dim) = (1.0 / (s.head_dim as f32).sqrt(), s.head_dim as u32);
-    let delta = row_deltas(device, out, dout, rows, dim)?;
+    let scale = 1.0 / (s.head_dim as f32).sqrt();
+    let delta = row_deltas(device, out, dout, s)?;
     let tiles = s.seq_q.div_ceil(TC_ROWS);
     let blocks = |pairs: usize, shared_mem_bytes: u32| LaunchConfig {
         grid_dim: (u32::try_from(pairs * tiles).unwrap_or(u32::MAX), 1, 1),
@@ -489,7 +513,7 @@ pub fn backward_gemm<T: CudaElement>(
     q: &CudaSlice<T>,
     k: &CudaSlice<T>,
     v: &CudaSlice<T>,
-    out: &CudaSlice<T>,
+    out: AttnOutput<'_, T>,
     lse: &CudaSlice<f32>,
     dout: &CudaSlice<T>,
     s: &AttnShape,
@@ -502,7 +526,7 @@ pub fn backward_gemm<T: CudaElement>(
     check_buffers(
         "cuda backward_gemm",
         s,
-        [q, k, v, out, dout, &*dq, &*dk, &*dv],
+        [q, k, v, out.values(), dout, &*dq, &*dk, &*dv],
         lse,
     )?;
     let (t, d, group) = (s.seq_q, s.head_dim, s.group());
@@ -516,8 +540,8 @@ pub fn backward_gemm<T: CudaElement>(
     if rows == 0 {
         return Ok(());
     }
-    let (scale, dim) = (1.0 / (d as f32).sqrt(), d as u32);
-    let delta = row_deltas(device, out, dout, rows, dim)?;
+    let scale = 1.0 / (d as f32).sqrt();
+    let delta = row_deltas(device, out, dout, s)?;
     let zero = |x: &mut CudaSlice<T>| {
         device
             .stream()

@@ -12,10 +12,10 @@ use llama_rope::cuda::{apply, apply_moving, DeviceTables, RopeElement};
 use llama_rope::{QkShape, RopeConfig, RotaryEmbedding};
 
 use crate::cuda::{
-    backward_gemm, backward_tc, forward, tensor_core_backward, CudaKvCache, ATTENTION,
+    backward_gemm, backward_tc, forward, tensor_core_backward, AttnOutput, CudaKvCache, ATTENTION,
     GEMM_BACKWARD_SCORES,
 };
-use crate::error::Result;
+use crate::error::{shape_error, Result};
 use crate::layer::{AttentionConfig, LlamaAttention};
 use crate::shape::{AttnShape, Mask};
 
@@ -35,17 +35,24 @@ pub struct CudaLlamaAttention<T: CudaElement + RopeElement> {
     scratch: Option<Scratch<T>>,
 }
 
-/// What [`CudaLlamaAttention::attend`] keeps for the backward: rotated q, k, v in heads, the
-/// attention output and its logsumexp.
+/// What [`CudaLlamaAttention::attend`] keeps for the backward: rotated q, k, v in heads and
+/// the attention's log-sum-exp (its output is the merged heads the caller keeps).
 pub struct CudaAttendSaved<T: CudaElement> {
     q: CudaSlice<T>,
     k: CudaSlice<T>,
     v: CudaSlice<T>,
-    attn: CudaSlice<T>,
     lse: CudaSlice<f32>,
     positions: Vec<u32>,
     batch: usize,
     seq: usize,
+}
+
+impl<T: CudaElement> CudaAttendSaved<T> {
+    /// The attention's log-sum-exp per query row [B, H, T], for
+    /// [`CudaLlamaAttention::attend_kept`].
+    pub fn into_lse(self) -> CudaSlice<f32> {
+        self.lse
+    }
 }
 
 /// The intermediate buffers of one [`CudaLlamaAttention::forward_cached`] over `tokens` = B·T.
@@ -222,14 +229,84 @@ impl<T: CudaElement + RopeElement> CudaLlamaAttention<T> {
     /// the merged heads [B·T, H·D] and what [`Self::attend_backward`] needs.
     pub fn attend(
         &mut self,
-        [q_lin, k_lin, v_lin]: [&CudaSlice<T>; 3],
+        qkv_lin: [&CudaSlice<T>; 3],
         batch: usize,
         positions: &[u32],
     ) -> Result<(CudaSlice<T>, CudaAttendSaved<T>)> {
+        let (cfg, d) = (self.config, &self.device.clone());
+        let seq = self.seq(qkv_lin[0], batch);
+        let [q, k, v] = self.heads(qkv_lin, batch, positions)?;
+        let shape =
+            AttnShape::self_attention(batch, cfg.num_heads, cfg.num_kv_heads, seq, cfg.head_dim);
+        let mask = Mask {
+            causal: true,
+            padding: None,
+        };
+        let mut attn = d.uninit::<T>(q.len())?;
+        let mut lse = d.uninit::<f32>(shape.q_rows().max(1))?;
+        forward(d, &q, &k, &v, &shape, &mask, &mut attn, &mut lse)?;
+        let mut merged = d.uninit::<T>(q.len())?;
+        self.swap_axes(&attn, &mut merged, (batch, seq, cfg.num_heads), false)?;
+        let saved = CudaAttendSaved {
+            q,
+            k,
+            v,
+            lse,
+            positions: positions.to_vec(),
+            batch,
+            seq,
+        };
+        Ok((merged, saved))
+    }
+
+    /// What [`Self::attend_backward`] needs, without the attention: `lse` is what an earlier
+    /// [`Self::attend`] over the same q, k, v saved ([`CudaAttendSaved::into_lse`]), as when
+    /// gradient checkpointing recomputes a layer whose attention output was kept (the backward
+    /// then reads that output). Only the head splits and rotations run.
+    pub fn attend_kept(
+        &mut self,
+        qkv_lin: [&CudaSlice<T>; 3],
+        batch: usize,
+        positions: &[u32],
+        lse: CudaSlice<f32>,
+    ) -> Result<CudaAttendSaved<T>> {
         let cfg = self.config;
-        let d = &self.device.clone();
-        let seq = q_lin.len() / (batch * cfg.num_heads * cfg.head_dim).max(1);
-        // q and k: split into heads and rotated in one pass; v: split.
+        let seq = self.seq(qkv_lin[0], batch);
+        let rows = batch * cfg.num_heads * seq;
+        if lse.len() != rows.max(1) {
+            return shape_error(
+                "cuda attend_kept",
+                format!("{} log-sum-exps for {rows} query rows", lse.len()),
+            );
+        }
+        let [q, k, v] = self.heads(qkv_lin, batch, positions)?;
+        Ok(CudaAttendSaved {
+            q,
+            k,
+            v,
+            lse,
+            positions: positions.to_vec(),
+            batch,
+            seq,
+        })
+    }
+
+    /// T of the q projection's output [B·T, H·D].
+    fn seq(&self, q_lin: &CudaSlice<T>, batch: usize) -> usize {
+        let cfg = self.config;
+        q_lin.len() / (batch * cfg.num_heads * cfg.head_dim).max(1)
+    }
+
+    /// The projections' outputs [B·T, heads·D] split into heads [B, heads, T, D], q and k
+    /// rotated in the same pass.
+    fn heads(
+        &mut self,
+        [q_lin, k_lin, v_lin]: [&CudaSlice<T>; 3],
+        batch: usize,
+        positions: &[u32],
+    ) -> Result<[CudaSlice<T>; 3]> {
+        let (cfg, d) = (self.config, &self.device.clone());
+        let seq = self.seq(q_lin, batch);
         let mut v = d.uninit::<T>(v_lin.len())?;
         self.swap_axes(v_lin, &mut v, (batch, seq, cfg.num_kv_heads), true)?;
         let tables = self.tables(positions)?;
@@ -248,35 +325,15 @@ impl<T: CudaElement + RopeElement> CudaLlamaAttention<T> {
             rotated(q_lin, cfg.num_heads)?,
             rotated(k_lin, cfg.num_kv_heads)?,
         );
-        let shape =
-            AttnShape::self_attention(batch, cfg.num_heads, cfg.num_kv_heads, seq, cfg.head_dim);
-        let mask = Mask {
-            causal: true,
-            padding: None,
-        };
-        let mut attn = d.uninit::<T>(q.len())?;
-        let mut lse = d.uninit::<f32>(shape.q_rows().max(1))?;
-        forward(d, &q, &k, &v, &shape, &mask, &mut attn, &mut lse)?;
-        let mut merged = d.uninit::<T>(q.len())?;
-        self.swap_axes(&attn, &mut merged, (batch, seq, cfg.num_heads), false)?;
-        let saved = CudaAttendSaved {
-            q,
-            k,
-            v,
-            attn,
-            lse,
-            positions: positions.to_vec(),
-            batch,
-            seq,
-        };
-        Ok((merged, saved))
+        Ok([q, k, v])
     }
 
-    /// Backward of [`Self::attend`]: d_merged [B·T, H·D] → the gradients of the projections'
-    /// outputs dq, dk, dv [B·T, heads·D].
+    /// Backward of [`Self::attend`], given the merged heads it returned: d_merged [B·T, H·D]
+    /// → the gradients of the projections' outputs dq, dk, dv [B·T, heads·D].
     pub fn attend_backward(
         &mut self,
         saved: &CudaAttendSaved<T>,
+        merged: &CudaSlice<T>,
         d_merged: &CudaSlice<T>,
     ) -> Result<[CudaSlice<T>; 3]> {
         let cfg = self.config;
@@ -284,6 +341,7 @@ impl<T: CudaElement + RopeElement> CudaLlamaAttention<T> {
         let (batch, seq) = (saved.batch, saved.seq);
         let shape =
             AttnShape::self_attention(batch, cfg.num_heads, cfg.num_kv_heads, seq, cfg.head_dim);
+        let o = AttnOutput::Merged(merged);
         let mut d_attn = d.uninit::<T>(d_merged.len())?;
         self.swap_axes(d_merged, &mut d_attn, (batch, seq, cfg.num_heads), true)?;
         // The tensor-core kernels write every row of the gradients; the GEMM path adds into them.
@@ -302,7 +360,7 @@ impl<T: CudaElement + RopeElement> CudaLlamaAttention<T> {
         );
         let [q, k, v] = [&saved.q, &saved.k, &saved.v];
         if tensor_cores {
-            let (o, lse) = (&saved.attn, &saved.lse);
+            let lse = &saved.lse;
             backward_tc(
                 d, q, k, v, o, lse, &d_attn, &shape, &mut dq, &mut dk, &mut dv,
             )?;
@@ -312,7 +370,7 @@ impl<T: CudaElement + RopeElement> CudaLlamaAttention<T> {
                 q,
                 k,
                 v,
-                &saved.attn,
+                o,
                 &saved.lse,
                 &d_attn,
                 &shape,

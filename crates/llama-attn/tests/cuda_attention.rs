@@ -6,6 +6,7 @@
 mod common;
 
 use cudarc::driver::CudaSlice;
+use llama_attn::cuda::AttnOutput;
 use llama_attn::cuda::CudaKvCache;
 use llama_attn::{cuda, AttnShape, CudaLlamaAttention, KvCache, Mask};
 use llama_core::bf16;
@@ -109,8 +110,9 @@ fn forward_and_backward_match_the_cpu() {
             gpu.zeros::<f32>(s.kv_len()).unwrap(),
             gpu.zeros::<f32>(s.kv_len()).unwrap(),
         );
+        let o = AttnOutput::Heads(&od);
         cuda::backward(
-            &gpu, &qd, &kd, &vd, &od, &ld, &dod, &s, &mask, &mut dqd, &mut dkd, &mut dvd,
+            &gpu, &qd, &kd, &vd, o, &ld, &dod, &s, &mask, &mut dqd, &mut dkd, &mut dvd,
         )
         .unwrap();
         assert_close(
@@ -194,28 +196,59 @@ fn cpu_backward(shape: &AttnShape, rng: &mut TestRng) -> CpuBackward {
     }
 }
 
-/// `backward` (a device backward over uploaded inputs writing dQ, dK, dV) in bf16 against the
-/// CPU's gradients, within bf16's tolerance.
+/// `backward` (a device backward over uploaded q, k, v, dO in heads, O and L, writing dQ, dK,
+/// dV) in bf16 against the CPU's gradients, within bf16's tolerance, with O in heads
+/// [B, H, T, D] and merged [B, T, H, D].
 fn check_bf16_backward(
     gpu: &CudaDevice,
     name: &str,
     shape: &AttnShape,
     cpu: &CpuBackward,
-    backward: impl Fn(&[CudaSlice<bf16>; 5], &CudaSlice<f32>, &mut [CudaSlice<bf16>; 3]),
+    backward: impl Fn(
+        &[CudaSlice<bf16>; 4],
+        AttnOutput<'_, bf16>,
+        &CudaSlice<f32>,
+        &mut [CudaSlice<bf16>; 3],
+    ),
 ) {
     let b16 = |x: &[f32]| {
         gpu.htod(&x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>())
             .unwrap()
     };
-    let inputs = cpu.inputs.each_ref().map(|x| b16(x));
-    let mut grads =
-        [shape.q_len(), shape.kv_len(), shape.kv_len()].map(|n| gpu.zeros::<bf16>(n).unwrap());
-    backward(&inputs, &gpu.htod(&cpu.lse).unwrap(), &mut grads);
-    for ((what, got), want) in ["dq", "dk", "dv"].iter().zip(&grads).zip(&cpu.grads) {
-        let got: Vec<f32> = gpu.dtoh(got).unwrap().iter().map(|v| v.to_f32()).collect();
-        let name = format!("{name} bf16 {what} {shape:?}");
-        assert_close(&name, &got, want, &[want.len()], 3e-2);
+    let [q, k, v, out, dout] = &cpu.inputs;
+    let inputs = [q, k, v, dout].map(|x| b16(x));
+    let (o_heads, o_merged) = (b16(out), b16(&merge_heads(out, shape)));
+    for o in [AttnOutput::Heads(&o_heads), AttnOutput::Merged(&o_merged)] {
+        let layout = if matches!(o, AttnOutput::Heads(_)) {
+            "heads"
+        } else {
+            "merged"
+        };
+        let mut grads =
+            [shape.q_len(), shape.kv_len(), shape.kv_len()].map(|n| gpu.zeros::<bf16>(n).unwrap());
+        backward(&inputs, o, &gpu.htod(&cpu.lse).unwrap(), &mut grads);
+        for ((what, got), want) in ["dq", "dk", "dv"].iter().zip(&grads).zip(&cpu.grads) {
+            let got: Vec<f32> = gpu.dtoh(got).unwrap().iter().map(|v| v.to_f32()).collect();
+            let name = format!("{name} bf16 {what} (O in {layout}) {shape:?}");
+            assert_close(&name, &got, want, &[want.len()], 3e-2);
+        }
     }
+}
+
+/// O [B, H, T, D] → [B, T, H, D].
+fn merge_heads(out: &[f32], s: &AttnShape) -> Vec<f32> {
+    let (t, d) = (s.seq_q, s.head_dim);
+    let mut merged = vec![0f32; out.len()];
+    for b in 0..s.batch {
+        for h in 0..s.heads {
+            for i in 0..t {
+                let src = ((b * s.heads + h) * t + i) * d;
+                let dst = ((b * t + i) * s.heads + h) * d;
+                merged[dst..dst + d].copy_from_slice(&out[src..src + d]);
+            }
+        }
+    }
+    merged
 }
 
 /// The tensor-core GEMM backward of causal self-attention (the training path) against the
@@ -248,7 +281,7 @@ fn gemm_backward_matches_the_cpu() {
                 &up(q),
                 &up(k),
                 &up(v),
-                &up(out),
+                AttnOutput::Heads(&up(out)),
                 &ld,
                 &up(dout),
                 &shape,
@@ -272,7 +305,7 @@ fn gemm_backward_matches_the_cpu() {
                 &name,
                 &shape,
                 &cpu,
-                |[q, k, v, o, g], lse, [dq, dk, dv]| {
+                |[q, k, v, g], o, lse, [dq, dk, dv]| {
                     cuda::backward_gemm(&gpu, q, k, v, o, lse, g, &shape, dq, dk, dv, block)
                         .unwrap()
                 },
@@ -303,7 +336,7 @@ fn tensor_core_backward_matches_the_cpu() {
             "tc",
             &shape,
             &cpu,
-            |[q, k, v, o, g], lse, [dq, dk, dv]| {
+            |[q, k, v, g], o, lse, [dq, dk, dv]| {
                 cuda::backward_tc(&gpu, q, k, v, o, lse, g, &shape, dq, dk, dv).unwrap()
             },
         );
@@ -540,4 +573,54 @@ fn the_layer_on_the_gpu_prefills_and_decodes_like_the_cpu() {
             3e-2,
         );
     }
+}
+
+/// attend → backward, against attend_kept (the first forward's output and log-sum-exp standing
+/// in for the attention) → backward: the same gradients, bit for bit; a kept log-sum-exp of
+/// the wrong length is an error.
+fn kept_attention_gives_the_same_gradients<T>(gpu: &std::sync::Arc<CudaDevice>, head_dim: usize)
+where
+    T: llama_ops::cuda::CudaElement + llama_rope::cuda::RopeElement + PartialEq + std::fmt::Debug,
+{
+    let mut rng = TestRng::new(7);
+    let (heads, kv_heads, batch, seq) = (4, 2, 2, 150);
+    let cpu = common::random_layer(&mut rng, heads * head_dim, heads, kv_heads, 512);
+    let mut layer = CudaLlamaAttention::<T>::upload(gpu, &cpu).unwrap();
+    let upload = |len: usize, rng: &mut TestRng| -> CudaSlice<T> {
+        let values: Vec<T> = rng.vec(len, 1.0).into_iter().map(T::from_f32).collect();
+        gpu.htod(&values).unwrap()
+    };
+    let rows = batch * seq;
+    let q = upload(rows * heads * head_dim, &mut rng);
+    let k = upload(rows * kv_heads * head_dim, &mut rng);
+    let v = upload(rows * kv_heads * head_dim, &mut rng);
+    let d_merged = upload(rows * heads * head_dim, &mut rng);
+    let positions: Vec<u32> = (0..seq as u32).collect();
+    let (merged, saved) = layer.attend([&q, &k, &v], batch, &positions).unwrap();
+    let expected = layer.attend_backward(&saved, &merged, &d_merged).unwrap();
+    let lse = saved.into_lse();
+    let short = gpu.zeros::<f32>(lse.len() - 1).unwrap();
+    let err = layer.attend_kept([&q, &k, &v], batch, &positions, short);
+    assert!(err.is_err(), "a short log-sum-exp was taken");
+    let kept = layer
+        .attend_kept([&q, &k, &v], batch, &positions, lse)
+        .unwrap();
+    let got = layer.attend_backward(&kept, &merged, &d_merged).unwrap();
+    for (j, name) in ["dq", "dk", "dv"].into_iter().enumerate() {
+        let got = gpu.dtoh(&got[j]).unwrap();
+        assert!(
+            got == gpu.dtoh(&expected[j]).unwrap(),
+            "{} {name} differs",
+            T::SUFFIX
+        );
+    }
+}
+
+#[test]
+fn attention_recomputed_from_its_kept_output_gives_the_same_gradients() {
+    let Some(gpu) = cuda_or_skip!() else { return };
+    // bf16 at head_dim 64 and 128: the tensor-core backward; f32: the GEMM backward.
+    kept_attention_gives_the_same_gradients::<bf16>(&gpu, 64);
+    kept_attention_gives_the_same_gradients::<bf16>(&gpu, 128);
+    kept_attention_gives_the_same_gradients::<f32>(&gpu, 32);
 }

@@ -1,10 +1,12 @@
 //! LoRA training on one CUDA device: bf16 base weights ([`CudaLlamaModel`]), f32 LoRA masters
 //! and AdamW state ([`CudaLoraPair`]), bf16 activations, cuBLAS products with f32 accumulation.
 //! The same step as the CPU's ([`crate::Trainer`]), with gradient checkpointing always on (as
-//! Unsloth trains): the forward keeps each layer's input, offloaded to pinned host memory by
-//! copies that run beside the work ([`HostStash`]), and the last layer's tape; the backward
-//! brings each input back while the layer above runs, recomputes the layer with its tape (all
-//! but the last) and runs the layer's backward (see layer.rs for the formulas). The head —
+//! Unsloth trains): the forward keeps each layer's input and attention output (with its
+//! log-sum-exp), offloaded to pinned host memory by copies that run beside the work
+//! ([`HostStash`]), and the last layer's tape; the backward brings them back while the layer
+//! above runs, recomputes the layer's tape (all but the last) without its attention, which
+//! the kept output stands in for, and runs the layer's backward (see layer.rs for the
+//! formulas). The head —
 //! final norm, lm_head and loss — runs a chunk of rows at a time, forward and backward.
 //! Residual adds ride on the products (cuBLAS adding onto a copy of the residual) and the
 //! norms' backward kernels. modules_to_save (embed_tokens, lm_head) train whole beside the
@@ -42,12 +44,18 @@ use crate::trainer::{write_checkpoint, Batch, OptimizerState, StepReport, TrainC
 
 type Pairs = [Option<CudaLoraPair>; 7];
 
+/// A layer's input and (when it will be recomputed) attention output and log-sum-exp on their
+/// way back from the host.
+type Fetched = (Transfer<bf16>, Option<(Transfer<bf16>, Transfer<f32>)>);
+
 /// What one layer's recomputed forward keeps for its backward.
 struct Tape {
     normed1: CudaSlice<bf16>,
     qkv_lora: [Option<CudaLoraSaved>; 3],
     attend: CudaAttendSaved<bf16>,
-    merged: CudaSlice<bf16>,
+    /// The merged heads, o_proj's input: in the step's forward, lent while its copy to the
+    /// host runs.
+    merged: Transfer<bf16>,
     o_lora: Option<CudaLoraSaved>,
     mid: CudaSlice<bf16>,
     normed2: CudaSlice<bf16>,
@@ -186,6 +194,10 @@ pub struct CudaTrainer {
     nf4: Option<Nf4Base>,
     /// The layer inputs the forward keeps for the backward, in pinned host memory.
     checkpoints: HostStash<bf16>,
+    /// Each layer's attention output (the merged heads) and log-sum-exp [B, H, T], kept
+    /// beside its input so that the recompute skips the attention.
+    outputs: HostStash<bf16>,
+    lses: HostStash<f32>,
     /// The most logits one chunk of the head holds ([`Self::set_head_chunk_logits`]).
     head_chunk_logits: usize,
 }
@@ -309,6 +321,8 @@ impl CudaTrainer {
             step: 0,
             nf4: None,
             checkpoints: HostStash::new(&device)?,
+            outputs: HostStash::new(&device)?,
+            lses: HostStash::new(&device)?,
             head_chunk_logits: HEAD_CHUNK_LOGITS,
         })
     }
@@ -337,9 +351,11 @@ impl CudaTrainer {
         self.model.device()
     }
 
-    /// Bytes of pinned host memory the offloaded layer inputs take (kept between steps).
+    /// Bytes of pinned host memory the offloaded layer inputs and attention outputs take
+    /// (kept between steps).
     pub fn checkpoint_host_bytes(&self) -> usize {
-        self.checkpoints.host_bytes()
+        let attention = self.outputs.host_bytes() + self.lses.host_bytes();
+        self.checkpoints.host_bytes() + attention
     }
 
     /// QLoRA: stores the frozen projections in NF4 on the device (quantised from their bf16
@@ -568,18 +584,23 @@ impl CudaTrainer {
         let mut h = d.uninit::<bf16>(b.ids.len() * cfg.hidden_size)?;
         let embed = self.modules[0].as_ref().map(CudaTrainable::copy);
         self.model.embed_into(embed, &b.ids, &mut h)?;
-        // forward, keeping only each layer's input, offloaded to the host while the layer runs,
-        // and the last layer's tape (its backward comes next: no recompute for it)
+        // forward, keeping each layer's input and attention output, offloaded to the host
+        // while the layer runs, its attention's log-sum-exp, and the last layer's tape (its
+        // backward comes next: no recompute for it)
         let layers = self.lora.len();
-        let mut last_tape = None;
+        let (mut last_tape, mut lse_copy) = (None, None);
         for i in 0..layers {
             let input = self.checkpoints.put(i, h)?;
-            let tape = self.layer_forward(i, input.buffer(), b.batch, &positions)?;
+            let tape = self.layer_forward(i, input.buffer(), b.batch, &positions, None)?;
             h = self.layer_output(i, &tape)?;
             if i + 1 == layers {
                 last_tape = Some(tape);
+            } else {
+                // (the copy is waited for when the next layer's replaces it)
+                lse_copy = Some(self.lses.put(i, tape.attend.into_lse())?);
             }
         }
+        drop(lse_copy);
         // head
         let targets = shift_labels(&b.labels, seq);
         let (loss, mut dh) = self.head_backward(&h, &targets, scale)?;
@@ -587,13 +608,17 @@ impl CudaTrainer {
         // backward, last layer first, each recomputed from its input; the input of the layer
         // below comes back from the host while this one runs
         let (mut i, mut next) = (layers, self.fetch_below(layers)?);
-        while let Some(fetch) = next.take() {
+        while let Some((input, attention)) = next.take() {
             i -= 1;
             next = self.fetch_below(i)?;
-            let input = fetch.wait()?;
-            let tape = match last_tape.take() {
-                Some(tape) => tape,
-                None => self.layer_forward(i, &input, b.batch, &positions)?,
+            let input = input.wait()?;
+            let tape = match (last_tape.take(), attention) {
+                (Some(tape), _) => tape,
+                (None, attention) => {
+                    let (merged, lse) = attention.ok_or(llama_core::Error::EmptyStashSlot(i))?;
+                    let kept = Some((merged.ordered()?, lse.wait()?));
+                    self.layer_forward(i, &input, b.batch, &positions, kept)?
+                }
             };
             dh = self.layer_backward(i, &input, tape, &dh)?;
         }
@@ -604,21 +629,34 @@ impl CudaTrainer {
         Ok(loss)
     }
 
-    /// Starts bringing back the input of the layer below layer i (none below layer 0).
-    fn fetch_below(&mut self, i: usize) -> Result<Option<Transfer<bf16>>> {
-        let below = i.checked_sub(1);
-        Ok(below.map(|j| self.checkpoints.get(j)).transpose()?)
+    /// Starts bringing back the input of the layer below layer i (none below layer 0) and,
+    /// unless that is the last layer (whose tape is kept), its attention output and
+    /// log-sum-exp.
+    fn fetch_below(&mut self, i: usize) -> Result<Option<Fetched>> {
+        let Some(j) = i.checked_sub(1) else {
+            return Ok(None);
+        };
+        let input = self.checkpoints.get(j)?;
+        let attention = if i < self.lora.len() {
+            Some((self.outputs.get(j)?, self.lses.get(j)?))
+        } else {
+            None
+        };
+        Ok(Some((input, attention)))
     }
 
     /// Layer i over x [N, C]: everything its backward needs. Its output is left to
     /// [`Self::layer_output`] (a forward recomputed for the backward never reads it: the down
-    /// projection's frozen product and the residual add are skipped there).
+    /// projection's frozen product and the residual add are skipped there). The attention runs
+    /// and its output starts on its way to the host, or (`kept`: a recompute) the output and
+    /// log-sum-exp the step's forward kept stand in for it.
     fn layer_forward(
         &mut self,
         i: usize,
         x: &CudaSlice<bf16>,
         batch: usize,
         positions: &[u32],
+        kept: Option<(Transfer<bf16>, CudaSlice<f32>)>,
     ) -> Result<Tape> {
         let eps = self.model.config.rms_norm_eps;
         let dims = self.model.config.lora_dims();
@@ -636,12 +674,23 @@ impl CudaTrainer {
             let (v, v_s) = w.forward(Target::VProj, pair(Target::VProj), &normed1)?;
             ([q, k, v], [q_s, k_s, v_s])
         };
-        let (merged, attend) = layer.self_attn.attend([&q, &k, &v], batch, positions)?;
+        let attn = &mut layer.self_attn;
+        let (merged, attend) = match kept {
+            Some((merged, lse)) => (
+                merged,
+                attn.attend_kept([&q, &k, &v], batch, positions, lse)?,
+            ),
+            None => {
+                let (merged, saved) = attn.attend([&q, &k, &v], batch, positions)?;
+                (self.outputs.put(i, merged)?, saved)
+            }
+        };
         drop((q, k, v));
         let mut w = FrozenWeights::new(&d, layer, nf4.as_mut(), i, dims);
         // mid = x + o(merged): the product adds onto a copy of x
         let mut mid = d.stream().clone_dtod(x).map_err(cuda_err("clone_dtod"))?;
-        let o_lora = w.forward_into(Target::OProj, pair(Target::OProj), &merged, &mut mid, true)?;
+        let o_pair = pair(Target::OProj);
+        let o_lora = w.forward_into(Target::OProj, o_pair, merged.buffer(), &mut mid, true)?;
         let mut normed2 = d.uninit::<bf16>(x.len())?;
         rms_norm(&d, &mid, &layer.post_attention_layernorm, eps, &mut normed2)?;
         let (gate, g_s) = w.forward(Target::GateProj, pair(Target::GateProj), &normed2)?;
@@ -736,10 +785,20 @@ impl CudaTrainer {
         let ln2 = &layer.post_attention_layernorm;
         rms_norm_backward_input(&d, &tape.mid, ln2, &d_normed, Some(dout), eps, &mut d_mid)?;
         // mid = x + o(attend(qkv(n₁))), n₁ = rms_norm(x)
-        let mut d_merged = d.uninit::<bf16>(tape.merged.len())?;
+        let mut d_merged = d.uninit::<bf16>(tape.merged.buffer().len())?;
         let o = (po, &tape.o_lora);
-        w.backward(Target::OProj, o, &tape.merged, &d_mid, &mut d_merged, false)?;
-        let [dq, dk, dv] = layer.self_attn.attend_backward(&tape.attend, &d_merged)?;
+        w.backward(
+            Target::OProj,
+            o,
+            tape.merged.buffer(),
+            &d_mid,
+            &mut d_merged,
+            false,
+        )?;
+        let [dq, dk, dv] =
+            layer
+                .self_attn
+                .attend_backward(&tape.attend, tape.merged.buffer(), &d_merged)?;
         drop(d_merged);
         let mut w = FrozenWeights::new(&d, layer, nf4.as_mut(), i, dims);
         let n1 = &tape.normed1;

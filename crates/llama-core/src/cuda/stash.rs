@@ -185,6 +185,15 @@ impl<T> Transfer<T> {
         &self.buffer
     }
 
+    /// The transfer with the device's stream ordered after the copy: a get's buffer may be
+    /// read from then on, through [`Self::buffer`].
+    pub fn ordered(mut self) -> Result<Transfer<T>> {
+        self.after_copy
+            .order()
+            .map_err(driver("cuStreamWaitEvent"))?;
+        Ok(self)
+    }
+
     /// The buffer, with the device's stream ordered after the copy.
     pub fn wait(self) -> Result<CudaSlice<T>> {
         // The buffer is bound first, so on an error it is dropped after the ordering is
