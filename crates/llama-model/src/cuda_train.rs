@@ -44,8 +44,8 @@ use crate::trainer::{write_checkpoint, Batch, OptimizerState, StepReport, TrainC
 
 type Pairs = [Option<CudaLoraPair>; 7];
 
-/// A layer's input and (when it will be recomputed) attention output and log-sum-exp on their
-/// way back from the host.
+/// A layer's input and (when it will be recomputed: all but the last, which keeps its tape and
+/// input from the forward) attention output and log-sum-exp on their way back from the host.
 type Fetched = (Transfer<bf16>, Option<(Transfer<bf16>, Transfer<f32>)>);
 
 /// What one layer's recomputed forward keeps for its backward.
@@ -588,13 +588,14 @@ impl CudaTrainer {
         // while the layer runs, its attention's log-sum-exp, and the last layer's tape (its
         // backward comes next: no recompute for it)
         let layers = self.lora.len();
-        let (mut last_tape, mut lse_copy) = (None, None);
+        let (mut last_tape, mut last_input, mut lse_copy) = (None, None, None);
         for i in 0..layers {
             let input = self.checkpoints.put(i, h)?;
             let tape = self.layer_forward(i, input.buffer(), b.batch, &positions, None)?;
             h = self.layer_output(i, &tape)?;
             if i + 1 == layers {
-                last_tape = Some(tape);
+                // its input stays too: bringing it back would hold the backward's start
+                (last_tape, last_input) = (Some(tape), Some(input));
             } else {
                 // (the copy is waited for when the next layer's replaces it)
                 lse_copy = Some(self.lses.put(i, tape.attend.into_lse())?);
@@ -603,11 +604,11 @@ impl CudaTrainer {
         drop(lse_copy);
         // head
         let targets = shift_labels(&b.labels, seq);
-        let (loss, mut dh) = self.head_backward(&h, &targets, scale)?;
+        let (row_losses, mut dh) = self.head_backward(&h, &targets, scale)?;
         drop(h);
-        // backward, last layer first, each recomputed from its input; the input of the layer
-        // below comes back from the host while this one runs
-        let (mut i, mut next) = (layers, self.fetch_below(layers)?);
+        // backward, last layer first, each recomputed from its input and attention output;
+        // those of the layer below come back from the host while this one runs
+        let (mut i, mut next) = (layers, last_input.map(|input| (input, None)));
         while let Some((input, attention)) = next.take() {
             i -= 1;
             next = self.fetch_below(i)?;
@@ -626,23 +627,25 @@ impl CudaTrainer {
         if let Some(embed) = &mut self.modules[0] {
             embed.add_rows(&d, &b.ids, &dh, cfg.hidden_size)?;
         }
-        Ok(loss)
+        // The loss is read back once the whole step is queued: the one wait is at its end.
+        let ignored = CrossEntropyOptions::default().ignore_index;
+        let scored = targets.iter().filter(|&&t| t != ignored).count();
+        let loss_sum: f64 = d.dtoh(&row_losses)?.iter().map(|&l| f64::from(l)).sum();
+        Ok(if scored == 0 {
+            0.0
+        } else {
+            (loss_sum / scored as f64) as f32
+        })
     }
 
-    /// Starts bringing back the input of the layer below layer i (none below layer 0) and,
-    /// unless that is the last layer (whose tape is kept), its attention output and
-    /// log-sum-exp.
+    /// Starts bringing back the input of the layer below layer i (none below layer 0), its
+    /// attention output and log-sum-exp.
     fn fetch_below(&mut self, i: usize) -> Result<Option<Fetched>> {
         let Some(j) = i.checked_sub(1) else {
             return Ok(None);
         };
-        let input = self.checkpoints.get(j)?;
-        let attention = if i < self.lora.len() {
-            Some((self.outputs.get(j)?, self.lses.get(j)?))
-        } else {
-            None
-        };
-        Ok(Some((input, attention)))
+        let attention = (self.outputs.get(j)?, self.lses.get(j)?);
+        Ok(Some((self.checkpoints.get(j)?, Some(attention))))
     }
 
     /// Layer i over x [N, C]: everything its backward needs. Its output is left to
@@ -820,25 +823,25 @@ impl CudaTrainer {
     }
 
     /// The final norm, the lm_head and cross entropy of the last hidden states h [N, C]
-    /// against `targets` [N], and the gradient of h [N, C] times `scale`, a chunk of rows at a
-    /// time: neither the [N, V] logits nor the normed rows and their gradient exist beyond a
-    /// chunk (rows of chunks with no scored target get a zero gradient). A trained lm_head's
-    /// gradient (dW += dlogitsᵀ·normed) accumulates chunk by chunk.
+    /// against `targets` [N]: each row's loss [N] (0 where not scored; left on the device) and
+    /// the gradient of h [N, C] times `scale`, a chunk of rows at a time: neither the [N, V]
+    /// logits nor the normed rows and their gradient exist beyond a chunk (rows of chunks with
+    /// no scored target get a zero gradient). A trained lm_head's gradient
+    /// (dW += dlogitsᵀ·normed) accumulates chunk by chunk.
     fn head_backward(
         &mut self,
         h: &CudaSlice<bf16>,
         targets: &[i64],
         scale: f32,
-    ) -> Result<(f32, CudaSlice<bf16>)> {
+    ) -> Result<(CudaSlice<f32>, CudaSlice<bf16>)> {
         let d = &self.model.device().clone();
         let (c, v) = (self.model.config.hidden_size, self.model.config.vocab_size);
         let eps = self.model.config.rms_norm_eps;
         let opts = CrossEntropyOptions::default();
         let scored = targets.iter().filter(|&&t| t != opts.ignore_index).count();
         let mut dh = d.zeros::<bf16>(h.len())?;
+        let mut row_losses = d.zeros::<f32>(targets.len().max(1))?;
         let rows = head_chunk_rows(v, targets.len(), self.head_chunk_logits, 128);
-        // The chunks' losses stay on the device until the last chunk is queued: one wait.
-        let mut losses = Vec::new();
         for (chunk, t) in targets.chunks(rows).enumerate() {
             if t.iter().all(|&t| t == opts.ignore_index) {
                 continue;
@@ -872,17 +875,13 @@ impl CudaTrainer {
             d.stream()
                 .memcpy_dtod(&dh_rows, &mut dh.slice_mut(span))
                 .map_err(cuda_err("memcpy_dtod"))?;
-            losses.push(ce);
+            d.stream()
+                .memcpy_dtod(
+                    &ce.row_losses().slice(..n),
+                    &mut row_losses.slice_mut(first..first + n),
+                )
+                .map_err(cuda_err("memcpy_dtod"))?;
         }
-        let mut loss_sum = 0f64;
-        for ce in &losses {
-            loss_sum += ce.loss_sum(d)?;
-        }
-        let loss = if scored == 0 {
-            0.0
-        } else {
-            (loss_sum / scored as f64) as f32
-        };
-        Ok((loss, dh))
+        Ok((row_losses, dh))
     }
 }

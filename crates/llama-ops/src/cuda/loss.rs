@@ -32,6 +32,12 @@ impl CudaCrossEntropy {
         Ok(device.dtoh(&self.row_loss)?.iter().map(|&l| l as f64).sum())
     }
 
+    /// Each row's loss (0 for ignored rows) on the device, for a caller that gathers the rows
+    /// of several chunks and reads them back once.
+    pub fn row_losses(&self) -> &CudaSlice<f32> {
+        &self.row_loss
+    }
+
     /// Mean loss over counted rows (0 when none count); waits for the device.
     pub fn loss(&self, device: &CudaDevice) -> Result<f32> {
         let sum = self.loss_sum(device)?;
