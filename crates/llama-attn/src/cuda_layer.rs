@@ -235,7 +235,7 @@ impl<T: CudaElement + RopeElement> CudaLlamaAttention<T> {
     ) -> Result<(CudaSlice<T>, CudaAttendSaved<T>)> {
         let (cfg, d) = (self.config, &self.device.clone());
         let seq = self.seq(qkv_lin[0], batch);
-        let [q, k, v] = self.heads(qkv_lin, batch, positions)?;
+        let [q, k, v] = self.moved(qkv_lin, batch, positions, true)?;
         let shape =
             AttnShape::self_attention(batch, cfg.num_heads, cfg.num_kv_heads, seq, cfg.head_dim);
         let mask = Mask {
@@ -279,7 +279,7 @@ impl<T: CudaElement + RopeElement> CudaLlamaAttention<T> {
                 format!("{} log-sum-exps for {rows} query rows", lse.len()),
             );
         }
-        let [q, k, v] = self.heads(qkv_lin, batch, positions)?;
+        let [q, k, v] = self.moved(qkv_lin, batch, positions, true)?;
         Ok(CudaAttendSaved {
             q,
             k,
@@ -298,34 +298,33 @@ impl<T: CudaElement + RopeElement> CudaLlamaAttention<T> {
     }
 
     /// The projections' outputs [B·T, heads·D] split into heads [B, heads, T, D], q and k
-    /// rotated in the same pass.
-    fn heads(
+    /// rotated in the same pass; or (`to_heads` false: their gradients) back, q and k rotated
+    /// back.
+    fn moved(
         &mut self,
-        [q_lin, k_lin, v_lin]: [&CudaSlice<T>; 3],
+        [q, k, v]: [&CudaSlice<T>; 3],
         batch: usize,
         positions: &[u32],
+        to_heads: bool,
     ) -> Result<[CudaSlice<T>; 3]> {
         let (cfg, d) = (self.config, &self.device.clone());
-        let seq = self.seq(q_lin, batch);
-        let mut v = d.uninit::<T>(v_lin.len())?;
-        self.swap_axes(v_lin, &mut v, (batch, seq, cfg.num_kv_heads), true)?;
+        let seq = self.seq(q, batch);
+        let mut v_moved = d.uninit::<T>(v.len())?;
+        self.swap_axes(v, &mut v_moved, (batch, seq, cfg.num_kv_heads), to_heads)?;
         let tables = self.tables(positions)?;
-        let rotated = |lin: &CudaSlice<T>, heads: usize| -> Result<CudaSlice<T>> {
+        let rotated = |x: &CudaSlice<T>, heads: usize| -> Result<CudaSlice<T>> {
             let shape = QkShape {
                 batch,
                 heads,
                 seq,
                 head_dim: cfg.head_dim,
             };
-            let mut split = d.uninit::<T>(lin.len())?;
-            apply_moving(lin, &mut split, shape, tables, positions, false, true)?;
-            Ok(split)
+            let mut moved = d.uninit::<T>(x.len())?;
+            apply_moving(x, &mut moved, shape, tables, positions, !to_heads, to_heads)?;
+            Ok(moved)
         };
-        let (q, k) = (
-            rotated(q_lin, cfg.num_heads)?,
-            rotated(k_lin, cfg.num_kv_heads)?,
-        );
-        Ok([q, k, v])
+        let (q, k) = (rotated(q, cfg.num_heads)?, rotated(k, cfg.num_kv_heads)?);
+        Ok([q, k, v_moved])
     }
 
     /// Backward of [`Self::attend`], given the merged heads it returned: d_merged [B·T, H·D]
@@ -382,22 +381,7 @@ impl<T: CudaElement + RopeElement> CudaLlamaAttention<T> {
         }
         // q and k were rotated after the projection: their gradients are rotated back as they
         // are merged into the projections' layout; dv is merged.
-        let mut v = d.uninit::<T>(dv.len())?;
-        self.swap_axes(&dv, &mut v, (batch, seq, cfg.num_kv_heads), false)?;
-        let tables = self.tables(&saved.positions)?;
-        let merged = |g: &CudaSlice<T>, heads: usize| -> Result<CudaSlice<T>> {
-            let shape = QkShape {
-                batch,
-                heads,
-                seq,
-                head_dim: cfg.head_dim,
-            };
-            let mut flat = d.uninit::<T>(g.len())?;
-            apply_moving(g, &mut flat, shape, tables, &saved.positions, true, false)?;
-            Ok(flat)
-        };
-        let (q, k) = (merged(&dq, cfg.num_heads)?, merged(&dk, cfg.num_kv_heads)?);
-        Ok([q, k, v])
+        self.moved([&dq, &dk, &dv], batch, &saved.positions, false)
     }
 
     /// x [B, T, C] (on the device) are the next T positions of each sequence at `positions`

@@ -3,11 +3,11 @@
 //! The same step as the CPU's ([`crate::Trainer`]), with gradient checkpointing always on (as
 //! Unsloth trains): the forward keeps each layer's input and attention output (with its
 //! log-sum-exp), offloaded to pinned host memory by copies that run beside the work
-//! ([`HostStash`]), and the last layer's tape; the backward brings them back while the layer
-//! above runs, recomputes the layer's tape (all but the last) without its attention, which
-//! the kept output stands in for, and runs the layer's backward (see layer.rs for the
-//! formulas). The head —
-//! final norm, lm_head and loss — runs a chunk of rows at a time, forward and backward.
+//! ([`HostStash`]), and the last layer's tape and input; the backward brings them back while
+//! the layer above runs, recomputes the layer's tape (all but the last) without its
+//! attention, which the kept output stands in for, and runs the layer's backward (see
+//! layer.rs for the formulas). The head — final norm, lm_head and loss — runs a chunk of rows
+//! at a time, forward and backward; the loss is read back once, at the step's end.
 //! Residual adds ride on the products (cuBLAS adding onto a copy of the residual) and the
 //! norms' backward kernels. modules_to_save (embed_tokens, lm_head) train whole beside the
 //! adapter as [`CudaTrainable`]s: the lookup reads the trained embedding's bf16 copy and its
