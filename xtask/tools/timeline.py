@@ -19,6 +19,8 @@ for line in open(sys.argv[1], errors='replace'):
 acts.sort(); api.sort()
 ad = [a for a in acts if a[2] == 'K' and 'adamw' in a[4]]
 print('activities', len(acts), 'api calls', len(api), 'adamw', len(ad))
+if len(ad) < 3:
+    sys.exit('timeline: the trace holds %d optimizer steps (lora_adamw launches); run 3 or more' % len(ad))
 t0, t1 = ad[-3][1], ad[-1][1]
 streams = collections.Counter(a[3] for a in acts if a[2] == 'K' and t0 <= a[0] < t1)
 main = streams.most_common(1)[0][0]

@@ -585,8 +585,8 @@ impl CudaTrainer {
         let embed = self.modules[0].as_ref().map(CudaTrainable::copy);
         self.model.embed_into(embed, &b.ids, &mut h)?;
         // forward, keeping each layer's input and attention output, offloaded to the host
-        // while the layer runs, its attention's log-sum-exp, and the last layer's tape (its
-        // backward comes next: no recompute for it)
+        // while the layer runs, its attention's log-sum-exp, and the last layer's tape and
+        // input (its backward comes next: no recompute for it)
         let layers = self.lora.len();
         let (mut last_tape, mut last_input, mut lse_copy) = (None, None, None);
         for i in 0..layers {

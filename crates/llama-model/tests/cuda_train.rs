@@ -76,8 +76,8 @@ fn gpu_lora_training_matches_peft_in_bf16() {
     }
 }
 
-/// The head in chunks of a few rows (the last one short) gives the loss and gradients of the
-/// head in one chunk: each chunk's rows, targets and gradient rows line up.
+/// The head in chunks of a few rows gives the loss and gradients of the head in one chunk:
+/// each chunk's rows, targets and gradient rows line up.
 #[test]
 fn gpu_head_chunks_change_nothing() {
     let Some(gpu) = cuda_or_skip!() else { return };
@@ -88,7 +88,8 @@ fn gpu_head_chunks_change_nothing() {
     whole.set_head_chunk_logits(rows * vocab);
     let loss = whole.loss_and_grads(&c.batch, 1.0).unwrap();
     let mut chunked = trainer(&gpu, &c, SGD, 0.1);
-    // the fewest rows a chunk (2 or more) that do not divide the rows: the last chunk is short
+    // at most the fewest rows (2 or more) that do not divide the rows: several chunks, most
+    // often with a short last one (the fixture's 24 rows: 5, 5, 5, 5, 4)
     let per_chunk = (2..=rows).find(|k| rows % k != 0).unwrap_or(rows);
     chunked.set_head_chunk_logits(per_chunk * vocab);
     let chunked_loss = chunked.loss_and_grads(&c.batch, 1.0).unwrap();
