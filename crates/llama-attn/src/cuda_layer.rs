@@ -47,11 +47,25 @@ pub struct CudaAttendSaved<T: CudaElement> {
     seq: usize,
 }
 
+/// The device buffers of a [`CudaAttendSaved`], as gradient checkpointing parks them off the
+/// device between the forward and the backward: q, k, v rotated in heads ([B, H, T, D],
+/// [B, Hkv, T, D] × 2) and the log-sum-exp per query row [B, H, T].
+pub struct AttendBuffers<T: CudaElement> {
+    pub q: CudaSlice<T>,
+    pub k: CudaSlice<T>,
+    pub v: CudaSlice<T>,
+    pub lse: CudaSlice<f32>,
+}
+
 impl<T: CudaElement> CudaAttendSaved<T> {
-    /// The attention's log-sum-exp per query row [B, H, T], for
-    /// [`CudaLlamaAttention::attend_kept`].
-    pub fn into_lse(self) -> CudaSlice<f32> {
-        self.lse
+    /// Its buffers, for [`CudaLlamaAttention::attend_saved`] to take back.
+    pub fn into_buffers(self) -> AttendBuffers<T> {
+        AttendBuffers {
+            q: self.q,
+            k: self.k,
+            v: self.v,
+            lse: self.lse,
+        }
     }
 }
 
@@ -259,27 +273,37 @@ impl<T: CudaElement + RopeElement> CudaLlamaAttention<T> {
         Ok((merged, saved))
     }
 
-    /// What [`Self::attend_backward`] needs, without the attention: `lse` is what an earlier
-    /// [`Self::attend`] over the same q, k, v saved ([`CudaAttendSaved::into_lse`]), as when
-    /// gradient checkpointing recomputes a layer whose attention output was kept (the backward
-    /// then reads that output). Only the head splits and rotations run.
-    pub fn attend_kept(
-        &mut self,
-        qkv_lin: [&CudaSlice<T>; 3],
+    /// What an earlier [`Self::attend`] at `batch` and `positions` saved, from its buffers
+    /// ([`CudaAttendSaved::into_buffers`]), as gradient checkpointing brings them back for the
+    /// backward: nothing runs; buffers of the wrong lengths are an error.
+    pub fn attend_saved(
+        &self,
+        buffers: AttendBuffers<T>,
         batch: usize,
         positions: &[u32],
-        lse: CudaSlice<f32>,
     ) -> Result<CudaAttendSaved<T>> {
         let cfg = self.config;
-        let seq = self.seq(qkv_lin[0], batch);
-        let rows = batch * cfg.num_heads * seq;
-        if lse.len() != rows.max(1) {
+        let AttendBuffers { q, k, v, lse } = buffers;
+        let seq = self.seq(&q, batch);
+        let q_rows = batch * cfg.num_heads * seq;
+        let kv_len = batch * cfg.num_kv_heads * seq * cfg.head_dim;
+        let whole = q.len() == q_rows * cfg.head_dim && q_rows > 0;
+        if !whole || k.len() != kv_len || v.len() != kv_len || lse.len() != q_rows {
             return shape_error(
-                "cuda attend_kept",
-                format!("{} log-sum-exps for {rows} query rows", lse.len()),
+                "cuda attend_saved",
+                format!(
+                    "q, k, v and log-sum-exp of {}, {}, {} and {} values do not form {batch} \
+                     rows of {} query and {} key heads of size {}",
+                    q.len(),
+                    k.len(),
+                    v.len(),
+                    lse.len(),
+                    cfg.num_heads,
+                    cfg.num_kv_heads,
+                    cfg.head_dim
+                ),
             );
         }
-        let [q, k, v] = self.moved(qkv_lin, batch, positions, true)?;
         Ok(CudaAttendSaved {
             q,
             k,
@@ -291,7 +315,7 @@ impl<T: CudaElement + RopeElement> CudaLlamaAttention<T> {
         })
     }
 
-    /// T of the q projection's output [B·T, H·D].
+    /// T of q [B·T, H·D], as the projection leaves it or in heads.
     fn seq(&self, q_lin: &CudaSlice<T>, batch: usize) -> usize {
         let cfg = self.config;
         q_lin.len() / (batch * cfg.num_heads * cfg.head_dim).max(1)

@@ -22,7 +22,7 @@ mod layer;
 pub mod reference;
 mod shape;
 
-pub use cuda_layer::{CudaAttendSaved, CudaLlamaAttention};
+pub use cuda_layer::{AttendBuffers, CudaAttendSaved, CudaLlamaAttention};
 pub use error::{AttnError, Result};
 pub use flash::{backward, forward, K_TILE, Q_TILE};
 pub use kv_cache::{CacheLayout, KvCache};

@@ -575,9 +575,9 @@ fn the_layer_on_the_gpu_prefills_and_decodes_like_the_cpu() {
     }
 }
 
-/// attend → backward, against attend_kept (the first forward's output and log-sum-exp standing
-/// in for the attention) → backward: the same gradients, bit for bit; a kept log-sum-exp of
-/// the wrong length is an error.
+/// attend → backward, against attend_saved (the first forward's buffers taken back, as
+/// gradient checkpointing brings them back from the host) → backward: the same gradients, bit
+/// for bit; buffers of the wrong lengths are an error.
 fn kept_attention_gives_the_same_gradients<T>(gpu: &std::sync::Arc<CudaDevice>, head_dim: usize)
 where
     T: llama_ops::cuda::CudaElement + llama_rope::cuda::RopeElement + PartialEq + std::fmt::Debug,
@@ -598,12 +598,30 @@ where
     let positions: Vec<u32> = (0..seq as u32).collect();
     let (merged, saved) = layer.attend([&q, &k, &v], batch, &positions).unwrap();
     let expected = layer.attend_backward(&saved, &merged, &d_merged).unwrap();
-    let lse = saved.into_lse();
-    let short = gpu.zeros::<f32>(lse.len() - 1).unwrap();
-    let err = layer.attend_kept([&q, &k, &v], batch, &positions, short);
-    assert!(err.is_err(), "a short log-sum-exp was taken");
+    let buffers = saved.into_buffers();
+    let copy = |x: &CudaSlice<T>, drop_last: usize| {
+        let host = gpu.dtoh(x).unwrap();
+        gpu.htod(&host[..host.len() - drop_last]).unwrap()
+    };
+    let copies = |short: [usize; 4]| llama_attn::AttendBuffers {
+        q: copy(&buffers.q, short[0]),
+        k: copy(&buffers.k, short[1]),
+        v: copy(&buffers.v, short[2]),
+        lse: gpu
+            .htod(&gpu.dtoh(&buffers.lse).unwrap()[short[3]..])
+            .unwrap(),
+    };
+    for short in [
+        [0, 0, 0, 1],
+        [0, 1, 0, 0],
+        [0, 0, head_dim, 0],
+        [head_dim, 0, 0, 0],
+    ] {
+        let err = layer.attend_saved(copies(short), batch, &positions);
+        assert!(err.is_err(), "buffers short by {short:?} were taken");
+    }
     let kept = layer
-        .attend_kept([&q, &k, &v], batch, &positions, lse)
+        .attend_saved(copies([0; 4]), batch, &positions)
         .unwrap();
     let got = layer.attend_backward(&kept, &merged, &d_merged).unwrap();
     for (j, name) in ["dq", "dk", "dv"].into_iter().enumerate() {
@@ -617,7 +635,7 @@ where
 }
 
 #[test]
-fn attention_recomputed_from_its_kept_output_gives_the_same_gradients() {
+fn attention_backward_from_its_kept_buffers_gives_the_same_gradients() {
     let Some(gpu) = cuda_or_skip!() else { return };
     // bf16 at head_dim 64 and 128: the tensor-core backward; f32: the GEMM backward.
     kept_attention_gives_the_same_gradients::<bf16>(&gpu, 64);

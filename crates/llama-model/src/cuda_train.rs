@@ -1,12 +1,13 @@
 //! LoRA training on one CUDA device: bf16 base weights ([`CudaLlamaModel`]), f32 LoRA masters
 //! and AdamW state ([`CudaLoraPair`]), bf16 activations, cuBLAS products with f32 accumulation.
 //! The same step as the CPU's ([`crate::Trainer`]), with gradient checkpointing always on (as
-//! Unsloth trains): the forward keeps each layer's input and attention output (with its
-//! log-sum-exp), offloaded to pinned host memory by copies that run beside the work
-//! ([`HostStash`]), and the last layer's tape and input; the backward brings them back while
-//! the layer above runs, recomputes the layer's tape (all but the last) without its
-//! attention, which the kept output stands in for, and runs the layer's backward (see
-//! layer.rs for the formulas). The head — final norm, lm_head and loss — runs a chunk of rows
+//! Unsloth trains): the forward keeps each layer's input and its attention — output, inputs
+//! (q, k, v rotated in heads) and log-sum-exp —, offloaded to pinned host memory by copies
+//! that run beside the work ([`HostStash`]), and the last layer's tape and input; the
+//! backward brings them back while the layer above runs, recomputes the rest of the layer's
+//! tape (all but the last: the norms, the q/k/v branches' rank-r products, the o, gate and up
+//! projections; neither the q/k/v projections nor the attention run again) and runs the
+//! layer's backward (see layer.rs for the formulas). The head — final norm, lm_head and loss — runs a chunk of rows
 //! at a time, forward and backward; the loss is read back once, at the step's end.
 //! Residual adds ride on the products (cuBLAS adding onto a copy of the residual) and the
 //! norms' backward kernels. modules_to_save (embed_tokens, lm_head) train whole beside the
@@ -19,7 +20,7 @@ use std::collections::hash_map::{Entry, HashMap};
 use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
-use llama_attn::CudaAttendSaved;
+use llama_attn::{AttendBuffers, CudaAttendSaved};
 use llama_core::cuda::{CudaDevice, HostStash, Transfer};
 use llama_core::{bf16, DType};
 use llama_ops::cuda::CudaNf4DoubleQuant;
@@ -44,18 +45,51 @@ use crate::trainer::{write_checkpoint, Batch, OptimizerState, StepReport, TrainC
 
 type Pairs = [Option<CudaLoraPair>; 7];
 
-/// A layer's input and (when it will be recomputed: all but the last, which keeps its tape and
-/// input from the forward) attention output and log-sum-exp on their way back from the host.
-type Fetched = (Transfer<bf16>, Option<(Transfer<bf16>, Transfer<f32>)>);
+/// A layer's attention as the step's forward keeps it for the backward, on its way to or from
+/// the host: its output (the merged heads o_proj reads) and what its backward reads (q, k, v
+/// rotated in heads and the log-sum-exp), so that the recompute runs neither the attention nor
+/// the q, k and v projections.
+struct KeptAttention {
+    merged: Transfer<bf16>,
+    qkv: [Transfer<bf16>; 3],
+    lse: Transfer<f32>,
+}
 
-/// What one layer's recomputed forward keeps for its backward.
+impl KeptAttention {
+    /// The buffers, with the device's stream ordered after their copies.
+    fn wait(self) -> Result<(CudaSlice<bf16>, AttendBuffers<bf16>)> {
+        let [q, k, v] = self.qkv;
+        let buffers = AttendBuffers {
+            q: q.wait()?,
+            k: k.wait()?,
+            v: v.wait()?,
+            lse: self.lse.wait()?,
+        };
+        Ok((self.merged.wait()?, buffers))
+    }
+}
+
+/// A layer's input and (when it will be recomputed: all but the last, which keeps its tape and
+/// input from the forward) its kept attention, on their way back from the host.
+type Fetched = (Transfer<bf16>, Option<KeptAttention>);
+
+/// What one layer's forward (or its recompute) keeps for its backward.
 struct Tape {
+    attention: AttentionTape,
+    /// The merged heads, o_proj's input.
+    merged: CudaSlice<bf16>,
+    mlp: MlpTape,
+}
+
+/// The tape of the layer's first half, up to the attention's output.
+struct AttentionTape {
     normed1: CudaSlice<bf16>,
     qkv_lora: [Option<CudaLoraSaved>; 3],
     attend: CudaAttendSaved<bf16>,
-    /// The merged heads, o_proj's input: in the step's forward, lent while its copy to the
-    /// host runs.
-    merged: Transfer<bf16>,
+}
+
+/// The tape of the rest, from the o projection on.
+struct MlpTape {
     o_lora: Option<CudaLoraSaved>,
     mid: CudaSlice<bf16>,
     normed2: CudaSlice<bf16>,
@@ -194,9 +228,9 @@ pub struct CudaTrainer {
     nf4: Option<Nf4Base>,
     /// The layer inputs the forward keeps for the backward, in pinned host memory.
     checkpoints: HostStash<bf16>,
-    /// Each layer's attention output (the merged heads) and log-sum-exp [B, H, T], kept
-    /// beside its input so that the recompute skips the attention.
-    outputs: HostStash<bf16>,
+    /// Each layer's [`KeptAttention`] beside its input: the merged heads, q, k and v in slots
+    /// 4i to 4i + 3, the log-sum-exp [B, H, T] in slot i of `lses`.
+    attention: HostStash<bf16>,
     lses: HostStash<f32>,
     /// The most logits one chunk of the head holds ([`Self::set_head_chunk_logits`]).
     head_chunk_logits: usize,
@@ -321,7 +355,7 @@ impl CudaTrainer {
             step: 0,
             nf4: None,
             checkpoints: HostStash::new(&device)?,
-            outputs: HostStash::new(&device)?,
+            attention: HostStash::new(&device)?,
             lses: HostStash::new(&device)?,
             head_chunk_logits: HEAD_CHUNK_LOGITS,
         })
@@ -351,10 +385,10 @@ impl CudaTrainer {
         self.model.device()
     }
 
-    /// Bytes of pinned host memory the offloaded layer inputs and attention outputs take
-    /// (kept between steps).
+    /// Bytes of pinned host memory the offloaded layer inputs and attentions take (kept
+    /// between steps).
     pub fn checkpoint_host_bytes(&self) -> usize {
-        let attention = self.outputs.host_bytes() + self.lses.host_bytes();
+        let attention = self.attention.host_bytes() + self.lses.host_bytes();
         self.checkpoints.host_bytes() + attention
     }
 
@@ -584,41 +618,53 @@ impl CudaTrainer {
         let mut h = d.uninit::<bf16>(b.ids.len() * cfg.hidden_size)?;
         let embed = self.modules[0].as_ref().map(CudaTrainable::copy);
         self.model.embed_into(embed, &b.ids, &mut h)?;
-        // forward, keeping each layer's input and attention output, offloaded to the host
-        // while the layer runs, its attention's log-sum-exp, and the last layer's tape and
-        // input (its backward comes next: no recompute for it)
+        // forward, keeping each layer's input and attention, offloaded to the host while the
+        // layer runs, and the last layer's tape and input (its backward comes next: no
+        // recompute for it)
         let layers = self.lora.len();
-        let (mut last_tape, mut last_input, mut lse_copy) = (None, None, None);
+        let (mut last_tape, mut last_input) = (None, None);
+        // The layer below's copies, waited for (dropped) once this layer's work is queued.
+        let mut copying = None;
         for i in 0..layers {
             let input = self.checkpoints.put(i, h)?;
-            let tape = self.layer_forward(i, input.buffer(), b.batch, &positions, None)?;
-            h = self.layer_output(i, &tape)?;
+            let (attention, merged) =
+                self.attention_forward(i, input.buffer(), b.batch, &positions)?;
             if i + 1 == layers {
+                let mlp = self.mlp_forward(i, input.buffer(), &merged)?;
+                h = self.layer_output(i, &mlp)?;
                 // its input stays too: bringing it back would hold the backward's start
-                (last_tape, last_input) = (Some(tape), Some(input));
+                (last_tape, last_input) = (
+                    Some(Tape {
+                        attention,
+                        merged,
+                        mlp,
+                    }),
+                    Some(input),
+                );
             } else {
-                // (the copy is waited for when the next layer's replaces it)
-                lse_copy = Some(self.lses.put(i, tape.attend.into_lse())?);
+                let kept = self.keep_attention(i, attention.attend, merged)?;
+                let mlp = self.mlp_forward(i, input.buffer(), kept.merged.buffer())?;
+                h = self.layer_output(i, &mlp)?;
+                copying = Some((input, kept));
             }
         }
-        drop(lse_copy);
+        drop(copying);
         // head
         let targets = shift_labels(&b.labels, seq);
         let (row_losses, mut dh) = self.head_backward(&h, &targets, scale)?;
         drop(h);
-        // backward, last layer first, each recomputed from its input and attention output;
+        // backward, last layer first, each recomputed from its input and kept attention;
         // those of the layer below come back from the host while this one runs
         let (mut i, mut next) = (layers, last_input.map(|input| (input, None)));
-        while let Some((input, attention)) = next.take() {
+        while let Some((input, kept)) = next.take() {
             i -= 1;
             next = self.fetch_below(i)?;
             let input = input.wait()?;
-            let tape = match (last_tape.take(), attention) {
+            let tape = match (last_tape.take(), kept) {
                 (Some(tape), _) => tape,
-                (None, attention) => {
-                    let (merged, lse) = attention.ok_or(llama_core::Error::EmptyStashSlot(i))?;
-                    let kept = Some((merged.ordered()?, lse.wait()?));
-                    self.layer_forward(i, &input, b.batch, &positions, kept)?
+                (None, kept) => {
+                    let kept = kept.ok_or(llama_core::Error::EmptyStashSlot(i))?;
+                    self.recompute(i, &input, b.batch, &positions, kept)?
                 }
             };
             dh = self.layer_backward(i, &input, tape, &dh)?;
@@ -638,71 +684,139 @@ impl CudaTrainer {
         })
     }
 
-    /// Starts bringing back the input of the layer below layer i (none below layer 0), its
-    /// attention output and log-sum-exp.
+    /// Starts bringing back the input of the layer below layer i (none below layer 0) and its
+    /// kept attention.
     fn fetch_below(&mut self, i: usize) -> Result<Option<Fetched>> {
         let Some(j) = i.checked_sub(1) else {
             return Ok(None);
         };
-        let attention = (self.outputs.get(j)?, self.lses.get(j)?);
-        Ok(Some((self.checkpoints.get(j)?, Some(attention))))
+        let get = |slot: usize| self.attention.get(4 * j + slot);
+        let kept = KeptAttention {
+            merged: get(0)?,
+            qkv: [get(1)?, get(2)?, get(3)?],
+            lse: self.lses.get(j)?,
+        };
+        Ok(Some((self.checkpoints.get(j)?, Some(kept))))
     }
 
-    /// Layer i over x [N, C]: everything its backward needs. Its output is left to
-    /// [`Self::layer_output`] (a forward recomputed for the backward never reads it: the down
-    /// projection's frozen product and the residual add are skipped there). The attention runs
-    /// and its output starts on its way to the host, or (`kept`: a recompute) the output and
-    /// log-sum-exp the step's forward kept stand in for it.
-    fn layer_forward(
+    /// Starts layer i's attention output and saved buffers on their way to the host; the
+    /// output stays readable while its copy runs.
+    fn keep_attention(
+        &mut self,
+        i: usize,
+        attend: CudaAttendSaved<bf16>,
+        merged: CudaSlice<bf16>,
+    ) -> Result<KeptAttention> {
+        let AttendBuffers { q, k, v, lse } = attend.into_buffers();
+        let mut put = |slot: usize, buffer| self.attention.put(4 * i + slot, buffer);
+        let (merged, qkv) = (put(0, merged)?, [put(1, q)?, put(2, k)?, put(3, v)?]);
+        Ok(KeptAttention {
+            merged,
+            qkv,
+            lse: self.lses.put(i, lse)?,
+        })
+    }
+
+    /// Layer i's first half over x [N, C]: n₁ = rms_norm(x), q, k, v = its projections of n₁
+    /// and the attention over them → its tape and the merged heads.
+    fn attention_forward(
         &mut self,
         i: usize,
         x: &CudaSlice<bf16>,
         batch: usize,
         positions: &[u32],
-        kept: Option<(Transfer<bf16>, CudaSlice<f32>)>,
+    ) -> Result<(AttentionTape, CudaSlice<bf16>)> {
+        let dims = self.model.config.lora_dims();
+        let d = self.model.device().clone();
+        let normed1 = self.normed1(i, x)?;
+        let layer: &mut CudaLayer = &mut self.model.layers[i];
+        let pair = |t: Target| self.lora[i][t as usize].as_ref();
+        let mut w = FrozenWeights::new(&d, layer, self.nf4.as_mut(), i, dims);
+        let (q, q_s) = w.forward(Target::QProj, pair(Target::QProj), &normed1)?;
+        let (k, k_s) = w.forward(Target::KProj, pair(Target::KProj), &normed1)?;
+        let (v, v_s) = w.forward(Target::VProj, pair(Target::VProj), &normed1)?;
+        let (merged, attend) = layer.self_attn.attend([&q, &k, &v], batch, positions)?;
+        let tape = AttentionTape {
+            normed1,
+            qkv_lora: [q_s, k_s, v_s],
+            attend,
+        };
+        Ok((tape, merged))
+    }
+
+    /// n₁ = rms_norm(x), layer i's attention input.
+    fn normed1(&self, i: usize, x: &CudaSlice<bf16>) -> Result<CudaSlice<bf16>> {
+        let d = self.model.device();
+        let mut normed1 = d.uninit::<bf16>(x.len())?;
+        let (weight, eps) = (
+            &self.model.layers[i].input_layernorm,
+            self.model.config.rms_norm_eps,
+        );
+        rms_norm(d, x, weight, eps, &mut normed1)?;
+        Ok(normed1)
+    }
+
+    /// Layer i's tape again for its backward, from its input x and its kept attention: n₁ and
+    /// the q, k, v branches' xs = s·(n₁·Aᵀ) (what their gradients read), then the second half
+    /// as the forward ran it.
+    fn recompute(
+        &mut self,
+        i: usize,
+        x: &CudaSlice<bf16>,
+        batch: usize,
+        positions: &[u32],
+        kept: KeptAttention,
     ) -> Result<Tape> {
+        let (merged, buffers) = kept.wait()?;
+        let normed1 = self.normed1(i, x)?;
+        let saved = |t: Target| {
+            let pair = self.lora[i][t as usize].as_ref();
+            pair.map(|p| p.forward_saved(&normed1)).transpose()
+        };
+        let qkv_lora = [
+            saved(Target::QProj)?,
+            saved(Target::KProj)?,
+            saved(Target::VProj)?,
+        ];
+        let attend = self.model.layers[i]
+            .self_attn
+            .attend_saved(buffers, batch, positions)?;
+        let mlp = self.mlp_forward(i, x, &merged)?;
+        let attention = AttentionTape {
+            normed1,
+            qkv_lora,
+            attend,
+        };
+        Ok(Tape {
+            attention,
+            merged,
+            mlp,
+        })
+    }
+
+    /// Layer i's second half up to the down projection, over its input x [N, C] and the
+    /// merged heads: mid = x + o(merged), n₂ = rms_norm(mid), gate and up of n₂. The layer's
+    /// output is left to [`Self::layer_output`] (a recompute for the backward never reads it).
+    fn mlp_forward(
+        &mut self,
+        i: usize,
+        x: &CudaSlice<bf16>,
+        merged: &CudaSlice<bf16>,
+    ) -> Result<MlpTape> {
         let eps = self.model.config.rms_norm_eps;
         let dims = self.model.config.lora_dims();
         let d = self.model.device().clone();
-        let layer: &mut CudaLayer = &mut self.model.layers[i];
-        let pairs = &self.lora[i];
-        let pair = |t: Target| pairs[t as usize].as_ref();
-        let nf4 = &mut self.nf4;
-        let mut normed1 = d.uninit::<bf16>(x.len())?;
-        rms_norm(&d, x, &layer.input_layernorm, eps, &mut normed1)?;
-        let ([q, k, v], qkv_lora) = {
-            let mut w = FrozenWeights::new(&d, layer, nf4.as_mut(), i, dims);
-            let (q, q_s) = w.forward(Target::QProj, pair(Target::QProj), &normed1)?;
-            let (k, k_s) = w.forward(Target::KProj, pair(Target::KProj), &normed1)?;
-            let (v, v_s) = w.forward(Target::VProj, pair(Target::VProj), &normed1)?;
-            ([q, k, v], [q_s, k_s, v_s])
-        };
-        let attn = &mut layer.self_attn;
-        let (merged, attend) = match kept {
-            Some((merged, lse)) => (
-                merged,
-                attn.attend_kept([&q, &k, &v], batch, positions, lse)?,
-            ),
-            None => {
-                let (merged, saved) = attn.attend([&q, &k, &v], batch, positions)?;
-                (self.outputs.put(i, merged)?, saved)
-            }
-        };
-        drop((q, k, v));
-        let mut w = FrozenWeights::new(&d, layer, nf4.as_mut(), i, dims);
+        let layer: &CudaLayer = &self.model.layers[i];
+        let pair = |t: Target| self.lora[i][t as usize].as_ref();
+        let mut w = FrozenWeights::new(&d, layer, self.nf4.as_mut(), i, dims);
         // mid = x + o(merged): the product adds onto a copy of x
         let mut mid = d.stream().clone_dtod(x).map_err(cuda_err("clone_dtod"))?;
-        let o_pair = pair(Target::OProj);
-        let o_lora = w.forward_into(Target::OProj, o_pair, merged.buffer(), &mut mid, true)?;
+        let o_lora = w.forward_into(Target::OProj, pair(Target::OProj), merged, &mut mid, true)?;
         let mut normed2 = d.uninit::<bf16>(x.len())?;
         rms_norm(&d, &mid, &layer.post_attention_layernorm, eps, &mut normed2)?;
         let (gate, g_s) = w.forward(Target::GateProj, pair(Target::GateProj), &normed2)?;
         let (up, u_s) = w.forward(Target::UpProj, pair(Target::UpProj), &normed2)?;
-        Ok(Tape {
-            normed1,
-            qkv_lora,
-            attend,
-            merged,
+        Ok(MlpTape {
             o_lora,
             mid,
             normed2,
@@ -714,7 +828,7 @@ impl CudaTrainer {
 
     /// Layer i's output from its tape: mid + down(h), h = act(gate) ⊙ up, the product adding
     /// onto a copy of mid.
-    fn layer_output(&mut self, i: usize, tape: &Tape) -> Result<CudaSlice<bf16>> {
+    fn layer_output(&mut self, i: usize, tape: &MlpTape) -> Result<CudaSlice<bf16>> {
         let dims = self.model.config.lora_dims();
         let act = self.model.config.hidden_act;
         let d = self.model.device().clone();
@@ -747,6 +861,11 @@ impl CudaTrainer {
         let layer: &mut CudaLayer = &mut self.model.layers[i];
         let nf4 = &mut self.nf4;
         let [pq, pk, pv, po, p_gate, p_up, p_down] = self.lora[i].each_mut().map(Option::as_mut);
+        let Tape {
+            attention,
+            merged,
+            mlp: tape,
+        } = tape;
         let mut w = FrozenWeights::new(&d, layer, nf4.as_mut(), i, dims);
         // out = mid + down(h), h = act(gate(n₂)) ⊙ up(n₂), n₂ = rms_norm(mid). As Unsloth's
         // LoRA_MLP: dh first (the down branch's part of it needs no h), then one kernel turns
@@ -788,24 +907,17 @@ impl CudaTrainer {
         let ln2 = &layer.post_attention_layernorm;
         rms_norm_backward_input(&d, &tape.mid, ln2, &d_normed, Some(dout), eps, &mut d_mid)?;
         // mid = x + o(attend(qkv(n₁))), n₁ = rms_norm(x)
-        let mut d_merged = d.uninit::<bf16>(tape.merged.buffer().len())?;
+        let mut d_merged = d.uninit::<bf16>(merged.len())?;
         let o = (po, &tape.o_lora);
-        w.backward(
-            Target::OProj,
-            o,
-            tape.merged.buffer(),
-            &d_mid,
-            &mut d_merged,
-            false,
-        )?;
+        w.backward(Target::OProj, o, &merged, &d_mid, &mut d_merged, false)?;
         let [dq, dk, dv] =
             layer
                 .self_attn
-                .attend_backward(&tape.attend, tape.merged.buffer(), &d_merged)?;
+                .attend_backward(&attention.attend, &merged, &d_merged)?;
         drop(d_merged);
         let mut w = FrozenWeights::new(&d, layer, nf4.as_mut(), i, dims);
-        let n1 = &tape.normed1;
-        let [q, k, v] = [0, 1, 2].map(|j| &tape.qkv_lora[j]);
+        let n1 = &attention.normed1;
+        let [q, k, v] = [0, 1, 2].map(|j| &attention.qkv_lora[j]);
         w.backward(Target::QProj, (pq, q), n1, &dq, &mut d_normed, false)?;
         w.backward(Target::KProj, (pk, k), n1, &dk, &mut d_normed, true)?;
         w.backward(Target::VProj, (pv, v), n1, &dv, &mut d_normed, true)?;

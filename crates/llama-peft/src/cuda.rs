@@ -424,8 +424,9 @@ impl CudaLoraPair {
         Ok(saved)
     }
 
-    /// Only what [`Self::backward`] reads of the forward, xs = s·(x·Aᵀ).
-    fn forward_saved(&self, x: &CudaSlice<bf16>) -> Result<CudaLoraSaved> {
+    /// Only what [`Self::backward`] reads of the forward, xs = s·(x·Aᵀ): for a recomputed
+    /// forward whose output was kept.
+    pub fn forward_saved(&self, x: &CudaSlice<bf16>) -> Result<CudaLoraSaved> {
         let rows = x.len() / self.in_features.max(1);
         let m = self.rows(
             "CudaLoraPair::forward_saved",

@@ -180,18 +180,9 @@ impl<T> Drop for HostStash<T> {
 
 impl<T> Transfer<T> {
     /// The buffer, for work queued on the device's stream that only reads it while a put's
-    /// copy runs (a get's buffer must be waited on before it is read).
+    /// copy runs (a get's buffer must be waited for before it is read: [`Self::wait`]).
     pub fn buffer(&self) -> &CudaSlice<T> {
         &self.buffer
-    }
-
-    /// The transfer with the device's stream ordered after the copy: a get's buffer may be
-    /// read from then on, through [`Self::buffer`].
-    pub fn ordered(mut self) -> Result<Transfer<T>> {
-        self.after_copy
-            .order()
-            .map_err(driver("cuStreamWaitEvent"))?;
-        Ok(self)
     }
 
     /// The buffer, with the device's stream ordered after the copy.
