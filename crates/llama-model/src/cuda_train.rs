@@ -5,9 +5,9 @@
 //! (q, k, v rotated in heads) and log-sum-exp —, offloaded to pinned host memory by copies
 //! that run beside the work ([`HostStash`]), and the last layer's tape and input; the
 //! backward brings them back while the layer above runs, recomputes the rest of the layer's
-//! tape (all but the last: the norms, the q/k/v branches' rank-r products, the o, gate and up
-//! projections; neither the q/k/v projections nor the attention run again) and runs the
-//! layer's backward (see layer.rs for the formulas). The head — final norm, lm_head and loss — runs a chunk of rows
+//! tape (all but the last: the norms and the o, gate and up projections, their LoRA branches
+//! from the xs = s·(x·Aᵀ) each kept on the device; neither the q/k/v projections nor the
+//! attention run again) and runs the layer's backward (see layer.rs for the formulas). The head — final norm, lm_head and loss — runs a chunk of rows
 //! at a time, forward and backward; the loss is read back once, at the step's end.
 //! Residual adds ride on the products (cuBLAS adding onto a copy of the residual) and the
 //! norms' backward kernels. modules_to_save (embed_tokens, lm_head) train whole beside the
@@ -37,6 +37,7 @@ use llama_peft::{
     Target,
 };
 
+use crate::config::LlamaConfig;
 use crate::cuda_model::{CudaLayer, CudaLlamaModel};
 use crate::error::{ModelError, Result};
 use crate::model::shift_labels;
@@ -53,11 +54,22 @@ struct KeptAttention {
     merged: Transfer<bf16>,
     qkv: [Transfer<bf16>; 3],
     lse: Transfer<f32>,
+    /// The residual after the attention, mid = x + o(merged), where the forward keeps it too
+    /// ([`keeps_mid`]): the recompute then skips the o projection as well.
+    mid: Option<Transfer<bf16>>,
 }
+
+/// A [`KeptAttention`] back on the device: the merged heads, what the attention's backward
+/// reads, and mid when kept.
+type Kept = (
+    CudaSlice<bf16>,
+    AttendBuffers<bf16>,
+    Option<CudaSlice<bf16>>,
+);
 
 impl KeptAttention {
     /// The buffers, with the device's stream ordered after their copies.
-    fn wait(self) -> Result<(CudaSlice<bf16>, AttendBuffers<bf16>)> {
+    fn wait(self) -> Result<Kept> {
         let [q, k, v] = self.qkv;
         let buffers = AttendBuffers {
             q: q.wait()?,
@@ -65,13 +77,41 @@ impl KeptAttention {
             v: v.wait()?,
             lse: self.lse.wait()?,
         };
-        Ok((self.merged.wait()?, buffers))
+        let mid = self.mid.map(Transfer::wait).transpose()?;
+        Ok((self.merged.wait()?, buffers, mid))
     }
+}
+
+/// How many FLOPs of products a layer's forward must run per byte it keeps on the host for the
+/// copies to hide behind it. Host copies run at ~55 GB/s and the frozen products at 750–850
+/// TFLOP/s on H100s and H200s (~14k FLOPs a byte), less what the forward's other kernels add:
+/// at Llama-3.2-1B's shape the input, attention output, q, k, v and log-sum-exp (9.0k FLOPs a
+/// byte) just keep up (a CUPTI timeline on an H200: the last copy ends with the forward).
+const PRODUCT_FLOPS_PER_KEPT_BYTE: usize = 9_000;
+
+/// Whether the forward keeps each layer's mid on the host too, at `seq` positions a row: when
+/// its products cover the copies ([`PRODUCT_FLOPS_PER_KEPT_BYTE`]). Llama-3-8B's shape does
+/// (12.2k FLOPs a kept byte), Llama-3.2-1B's does not (7.0k).
+fn keeps_mid(cfg: &LlamaConfig, seq: usize) -> bool {
+    let (c, f) = (cfg.hidden_size, cfg.intermediate_size);
+    let q = cfg.num_attention_heads * cfg.head_dim;
+    let kv = cfg.num_key_value_heads * cfg.head_dim;
+    // a token's products (2 FLOPs a weight) and causal attention (Q·Kᵀ and P·V over seq/2
+    // keys on average)
+    let flops = 2 * c * (2 * q + 2 * kv + 3 * f) + 2 * seq * q;
+    // bf16 x, mid, merged, q, k, v and the f32 log-sum-exps
+    let bytes = 2 * (2 * c + 2 * q + 2 * kv) + 4 * cfg.num_attention_heads;
+    flops >= PRODUCT_FLOPS_PER_KEPT_BYTE * bytes
 }
 
 /// A layer's input and (when it will be recomputed: all but the last, which keeps its tape and
 /// input from the forward) its kept attention, on their way back from the host.
 type Fetched = (Transfer<bf16>, Option<KeptAttention>);
+
+/// Each projection's LoRA branch xs = s·(x·Aᵀ) [N, r] (by [`Target`]), kept from the step's
+/// forward to its backward (r/C of the layer input's size each): the recompute runs no rank-r
+/// product of an input.
+type LoraKept = [Option<CudaLoraSaved>; 7];
 
 /// What one layer's forward (or its recompute) keeps for its backward.
 struct Tape {
@@ -79,25 +119,21 @@ struct Tape {
     /// The merged heads, o_proj's input.
     merged: CudaSlice<bf16>,
     mlp: MlpTape,
+    lora: LoraKept,
 }
 
 /// The tape of the layer's first half, up to the attention's output.
 struct AttentionTape {
     normed1: CudaSlice<bf16>,
-    qkv_lora: [Option<CudaLoraSaved>; 3],
     attend: CudaAttendSaved<bf16>,
 }
 
 /// The tape of the rest, from the o projection on.
 struct MlpTape {
-    o_lora: Option<CudaLoraSaved>,
     mid: CudaSlice<bf16>,
     normed2: CudaSlice<bf16>,
     gate: CudaSlice<bf16>,
     up: CudaSlice<bf16>,
-    /// The gate and up projections' branches (the down projection's input h is not kept: its
-    /// backward recomputes it).
-    mlp_lora: [Option<CudaLoraSaved>; 2],
 }
 
 fn cuda_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> ModelError + '_ {
@@ -142,23 +178,24 @@ impl<'a> FrozenWeights<'a> {
         )
     }
 
-    /// y [N, out] = x·Wᵀ (+ the pair's branch), and the pair's saved values.
+    /// y [N, out] = x·Wᵀ (+ the pair's branch, as [`Self::forward_into`]).
     fn forward(
         &mut self,
         target: Target,
         pair: Option<&CudaLoraPair>,
         x: &CudaSlice<bf16>,
-    ) -> Result<(CudaSlice<bf16>, Option<CudaLoraSaved>)> {
+        kept: &mut Option<CudaLoraSaved>,
+    ) -> Result<CudaSlice<bf16>> {
         let (out, in_features) = target.shape(&self.dims);
         let mut y = self.d.uninit::<bf16>(x.len() / in_features * out)?;
-        let saved = self.forward_into(target, pair, x, &mut y, false)?;
-        Ok((y, saved))
+        self.forward_into(target, pair, x, &mut y, false, kept)?;
+        Ok(y)
     }
 
     /// y [N, out] (+ when `accumulate`)= x·Wᵀ + the pair's branch: a residual add done by the
     /// product itself. The branch goes first and the frozen product adds onto it (y is read
-    /// once, in the big product's epilogue, not again by a rank-r product). Returns the pair's
-    /// saved values.
+    /// once, in the big product's epilogue, not again by a rank-r product). The branch's xs
+    /// comes from `kept` when it holds one (a recompute), else is computed and kept there.
     fn forward_into(
         &mut self,
         target: Target,
@@ -166,12 +203,19 @@ impl<'a> FrozenWeights<'a> {
         x: &CudaSlice<bf16>,
         y: &mut CudaSlice<bf16>,
         accumulate: bool,
-    ) -> Result<Option<CudaLoraSaved>> {
+        kept: &mut Option<CudaLoraSaved>,
+    ) -> Result<()> {
         let in_features = target.shape(&self.dims).1;
-        let saved = pair.map(|p| p.forward_into(x, y, accumulate)).transpose()?;
-        let accumulate = accumulate || saved.is_some();
+        let branch = pair.is_some();
+        if let Some(p) = pair {
+            match kept {
+                Some(saved) => p.forward_kept(saved, y, accumulate)?,
+                None => *kept = Some(p.forward_into(x, y, accumulate)?),
+            }
+        }
+        let accumulate = accumulate || branch;
         linear_into(self.d, x, self.weight(target)?, in_features, y, accumulate)?;
-        Ok(saved)
+        Ok(())
     }
 
     /// dx [N, in] (+ when `accumulate`)= dy·W (+ the branch of `lora` = the pair, whose
@@ -229,11 +273,15 @@ pub struct CudaTrainer {
     /// The layer inputs the forward keeps for the backward, in pinned host memory.
     checkpoints: HostStash<bf16>,
     /// Each layer's [`KeptAttention`] beside its input: the merged heads, q, k and v in slots
-    /// 4i to 4i + 3, the log-sum-exp [B, H, T] in slot i of `lses`.
+    /// 4i to 4i + 3, the log-sum-exp [B, H, T] and mid in slot i of `lses` and `mids`.
     attention: HostStash<bf16>,
     lses: HostStash<f32>,
+    mids: HostStash<bf16>,
     /// The most logits one chunk of the head holds ([`Self::set_head_chunk_logits`]).
     head_chunk_logits: usize,
+    /// Whether each layer's mid goes to the host ([`Self::set_keep_mid`]); None: as the
+    /// shape decides ([`keeps_mid`]).
+    keep_mid: Option<bool>,
 }
 
 /// The most logits a chunk of the GPU's head holds by default: 64 M (128 MiB in bf16), small
@@ -357,7 +405,9 @@ impl CudaTrainer {
             checkpoints: HostStash::new(&device)?,
             attention: HostStash::new(&device)?,
             lses: HostStash::new(&device)?,
+            mids: HostStash::new(&device)?,
             head_chunk_logits: HEAD_CHUNK_LOGITS,
+            keep_mid: None,
         })
     }
 
@@ -369,6 +419,14 @@ impl CudaTrainer {
         } else {
             logits
         };
+    }
+
+    /// Whether the forward keeps each layer's residual after the attention on the host, so
+    /// that the recompute skips the o projection (copies against a product: the same numbers
+    /// either way); None (the default) decides by the model's shape: where its products cover
+    /// the copies' time.
+    pub fn set_keep_mid(&mut self, keep: Option<bool>) {
+        self.keep_mid = keep;
     }
 
     /// The run's settings.
@@ -388,7 +446,8 @@ impl CudaTrainer {
     /// Bytes of pinned host memory the offloaded layer inputs and attentions take (kept
     /// between steps).
     pub fn checkpoint_host_bytes(&self) -> usize {
-        let attention = self.attention.host_bytes() + self.lses.host_bytes();
+        let attention =
+            self.attention.host_bytes() + self.lses.host_bytes() + self.mids.host_bytes();
         self.checkpoints.host_bytes() + attention
     }
 
@@ -622,29 +681,36 @@ impl CudaTrainer {
         // layer runs, and the last layer's tape and input (its backward comes next: no
         // recompute for it)
         let layers = self.lora.len();
+        let keep_mid = self.keep_mid.unwrap_or_else(|| keeps_mid(&cfg, seq));
         let (mut last_tape, mut last_input) = (None, None);
+        let mut lora_kept: Vec<LoraKept> = Vec::with_capacity(layers);
         // The layer below's copies, waited for (dropped) once this layer's work is queued.
         let mut copying = None;
         for i in 0..layers {
             let input = self.checkpoints.put(i, h)?;
+            let mut lora = LoraKept::default();
             let (attention, merged) =
-                self.attention_forward(i, input.buffer(), b.batch, &positions)?;
+                self.attention_forward(i, input.buffer(), b.batch, &positions, &mut lora)?;
             if i + 1 == layers {
-                let mlp = self.mlp_forward(i, input.buffer(), &merged)?;
-                h = self.layer_output(i, &mlp)?;
+                let mlp = self.mlp_forward(i, input.buffer(), &merged, None, &mut lora)?;
+                h = self.layer_output(i, &mlp, &mut lora)?;
                 // its input stays too: bringing it back would hold the backward's start
-                (last_tape, last_input) = (
-                    Some(Tape {
-                        attention,
-                        merged,
-                        mlp,
-                    }),
-                    Some(input),
-                );
+                let tape = Tape {
+                    attention,
+                    merged,
+                    mlp,
+                    lora,
+                };
+                (last_tape, last_input) = (Some(tape), Some(input));
             } else {
-                let kept = self.keep_attention(i, attention.attend, merged)?;
-                let mlp = self.mlp_forward(i, input.buffer(), kept.merged.buffer())?;
-                h = self.layer_output(i, &mlp)?;
+                let mut kept = self.keep_attention(i, attention.attend, merged)?;
+                let merged = kept.merged.buffer();
+                let mlp = self.mlp_forward(i, input.buffer(), merged, None, &mut lora)?;
+                h = self.layer_output(i, &mlp, &mut lora)?;
+                if keep_mid {
+                    kept.mid = Some(self.mids.put(i, mlp.mid)?);
+                }
+                lora_kept.push(lora);
                 copying = Some((input, kept));
             }
         }
@@ -658,13 +724,14 @@ impl CudaTrainer {
         let (mut i, mut next) = (layers, last_input.map(|input| (input, None)));
         while let Some((input, kept)) = next.take() {
             i -= 1;
-            next = self.fetch_below(i)?;
+            next = self.fetch_below(i, keep_mid)?;
             let input = input.wait()?;
             let tape = match (last_tape.take(), kept) {
                 (Some(tape), _) => tape,
                 (None, kept) => {
                     let kept = kept.ok_or(llama_core::Error::EmptyStashSlot(i))?;
-                    self.recompute(i, &input, b.batch, &positions, kept)?
+                    let lora = std::mem::take(&mut lora_kept[i]);
+                    self.recompute(i, &input, b.batch, &positions, kept, lora)?
                 }
             };
             dh = self.layer_backward(i, &input, tape, &dh)?;
@@ -685,8 +752,8 @@ impl CudaTrainer {
     }
 
     /// Starts bringing back the input of the layer below layer i (none below layer 0) and its
-    /// kept attention.
-    fn fetch_below(&mut self, i: usize) -> Result<Option<Fetched>> {
+    /// kept attention (with mid when kept).
+    fn fetch_below(&mut self, i: usize, keep_mid: bool) -> Result<Option<Fetched>> {
         let Some(j) = i.checked_sub(1) else {
             return Ok(None);
         };
@@ -695,6 +762,7 @@ impl CudaTrainer {
             merged: get(0)?,
             qkv: [get(1)?, get(2)?, get(3)?],
             lse: self.lses.get(j)?,
+            mid: keep_mid.then(|| self.mids.get(j)).transpose()?,
         };
         Ok(Some((self.checkpoints.get(j)?, Some(kept))))
     }
@@ -714,17 +782,20 @@ impl CudaTrainer {
             merged,
             qkv,
             lse: self.lses.put(i, lse)?,
+            mid: None,
         })
     }
 
     /// Layer i's first half over x [N, C]: n₁ = rms_norm(x), q, k, v = its projections of n₁
-    /// and the attention over them → its tape and the merged heads.
+    /// (their branches' xs kept in `lora`) and the attention over them → its tape and the
+    /// merged heads.
     fn attention_forward(
         &mut self,
         i: usize,
         x: &CudaSlice<bf16>,
         batch: usize,
         positions: &[u32],
+        lora: &mut LoraKept,
     ) -> Result<(AttentionTape, CudaSlice<bf16>)> {
         let dims = self.model.config.lora_dims();
         let d = self.model.device().clone();
@@ -732,16 +803,10 @@ impl CudaTrainer {
         let layer: &mut CudaLayer = &mut self.model.layers[i];
         let pair = |t: Target| self.lora[i][t as usize].as_ref();
         let mut w = FrozenWeights::new(&d, layer, self.nf4.as_mut(), i, dims);
-        let (q, q_s) = w.forward(Target::QProj, pair(Target::QProj), &normed1)?;
-        let (k, k_s) = w.forward(Target::KProj, pair(Target::KProj), &normed1)?;
-        let (v, v_s) = w.forward(Target::VProj, pair(Target::VProj), &normed1)?;
-        let (merged, attend) = layer.self_attn.attend([&q, &k, &v], batch, positions)?;
-        let tape = AttentionTape {
-            normed1,
-            qkv_lora: [q_s, k_s, v_s],
-            attend,
-        };
-        Ok((tape, merged))
+        let [q, k, v] = [Target::QProj, Target::KProj, Target::VProj]
+            .map(|t| w.forward(t, pair(t), &normed1, &mut lora[t as usize]));
+        let (merged, attend) = layer.self_attn.attend([&q?, &k?, &v?], batch, positions)?;
+        Ok((AttentionTape { normed1, attend }, merged))
     }
 
     /// n₁ = rms_norm(x), layer i's attention input.
@@ -756,8 +821,8 @@ impl CudaTrainer {
         Ok(normed1)
     }
 
-    /// Layer i's tape again for its backward, from its input x and its kept attention: n₁ and
-    /// the q, k, v branches' xs = s·(n₁·Aᵀ) (what their gradients read), then the second half
+    /// Layer i's tape again for its backward, from its input x, its kept attention and its
+    /// branches' kept xs: n₁ (what the q, k, v branches' gradients read), then the second half
     /// as the forward ran it.
     fn recompute(
         &mut self,
@@ -766,42 +831,34 @@ impl CudaTrainer {
         batch: usize,
         positions: &[u32],
         kept: KeptAttention,
+        mut lora: LoraKept,
     ) -> Result<Tape> {
-        let (merged, buffers) = kept.wait()?;
+        let (merged, buffers, mid) = kept.wait()?;
         let normed1 = self.normed1(i, x)?;
-        let saved = |t: Target| {
-            let pair = self.lora[i][t as usize].as_ref();
-            pair.map(|p| p.forward_saved(&normed1)).transpose()
-        };
-        let qkv_lora = [
-            saved(Target::QProj)?,
-            saved(Target::KProj)?,
-            saved(Target::VProj)?,
-        ];
         let attend = self.model.layers[i]
             .self_attn
             .attend_saved(buffers, batch, positions)?;
-        let mlp = self.mlp_forward(i, x, &merged)?;
-        let attention = AttentionTape {
-            normed1,
-            qkv_lora,
-            attend,
-        };
+        let mlp = self.mlp_forward(i, x, &merged, mid, &mut lora)?;
         Ok(Tape {
-            attention,
+            attention: AttentionTape { normed1, attend },
             merged,
             mlp,
+            lora,
         })
     }
 
     /// Layer i's second half up to the down projection, over its input x [N, C] and the
-    /// merged heads: mid = x + o(merged), n₂ = rms_norm(mid), gate and up of n₂. The layer's
-    /// output is left to [`Self::layer_output`] (a recompute for the backward never reads it).
+    /// merged heads: mid = x + o(merged) (unless the forward kept it: `kept_mid`),
+    /// n₂ = rms_norm(mid), gate and up of n₂ (their branches' xs taken from `lora`, or kept
+    /// there). The layer's output is left to [`Self::layer_output`] (a recompute for the
+    /// backward never reads it).
     fn mlp_forward(
         &mut self,
         i: usize,
         x: &CudaSlice<bf16>,
         merged: &CudaSlice<bf16>,
+        kept_mid: Option<CudaSlice<bf16>>,
+        lora: &mut LoraKept,
     ) -> Result<MlpTape> {
         let eps = self.model.config.rms_norm_eps;
         let dims = self.model.config.lora_dims();
@@ -809,26 +866,36 @@ impl CudaTrainer {
         let layer: &CudaLayer = &self.model.layers[i];
         let pair = |t: Target| self.lora[i][t as usize].as_ref();
         let mut w = FrozenWeights::new(&d, layer, self.nf4.as_mut(), i, dims);
-        // mid = x + o(merged): the product adds onto a copy of x
-        let mut mid = d.stream().clone_dtod(x).map_err(cuda_err("clone_dtod"))?;
-        let o_lora = w.forward_into(Target::OProj, pair(Target::OProj), merged, &mut mid, true)?;
+        let mid = match kept_mid {
+            Some(mid) => mid,
+            None => {
+                // mid = x + o(merged): the product adds onto a copy of x
+                let mut mid = d.stream().clone_dtod(x).map_err(cuda_err("clone_dtod"))?;
+                let o = Target::OProj;
+                w.forward_into(o, pair(o), merged, &mut mid, true, &mut lora[o as usize])?;
+                mid
+            }
+        };
         let mut normed2 = d.uninit::<bf16>(x.len())?;
         rms_norm(&d, &mid, &layer.post_attention_layernorm, eps, &mut normed2)?;
-        let (gate, g_s) = w.forward(Target::GateProj, pair(Target::GateProj), &normed2)?;
-        let (up, u_s) = w.forward(Target::UpProj, pair(Target::UpProj), &normed2)?;
+        let [gate, up] = [Target::GateProj, Target::UpProj]
+            .map(|t| w.forward(t, pair(t), &normed2, &mut lora[t as usize]));
         Ok(MlpTape {
-            o_lora,
             mid,
             normed2,
-            gate,
-            up,
-            mlp_lora: [g_s, u_s],
+            gate: gate?,
+            up: up?,
         })
     }
 
     /// Layer i's output from its tape: mid + down(h), h = act(gate) ⊙ up, the product adding
-    /// onto a copy of mid.
-    fn layer_output(&mut self, i: usize, tape: &MlpTape) -> Result<CudaSlice<bf16>> {
+    /// onto a copy of mid (the down branch's xs kept in `lora`).
+    fn layer_output(
+        &mut self,
+        i: usize,
+        tape: &MlpTape,
+        lora: &mut LoraKept,
+    ) -> Result<CudaSlice<bf16>> {
         let dims = self.model.config.lora_dims();
         let act = self.model.config.hidden_act;
         let d = self.model.device().clone();
@@ -840,8 +907,9 @@ impl CudaTrainer {
             .map_err(cuda_err("clone_dtod"))?;
         let layer = &self.model.layers[i];
         let mut w = FrozenWeights::new(&d, layer, self.nf4.as_mut(), i, dims);
-        let pair = self.lora[i][Target::DownProj as usize].as_ref();
-        w.forward_into(Target::DownProj, pair, &h, &mut out, true)?;
+        let down = Target::DownProj;
+        let pair = self.lora[i][down as usize].as_ref();
+        w.forward_into(down, pair, &h, &mut out, true, &mut lora[down as usize])?;
         Ok(out)
     }
 
@@ -865,7 +933,9 @@ impl CudaTrainer {
             attention,
             merged,
             mlp: tape,
+            lora,
         } = tape;
+        let [q_s, k_s, v_s, o_s, gate_s, up_s, down_s] = &lora;
         let mut w = FrozenWeights::new(&d, layer, nf4.as_mut(), i, dims);
         // out = mid + down(h), h = act(gate(n₂)) ⊙ up(n₂), n₂ = rms_norm(mid). As Unsloth's
         // LoRA_MLP: dh first (the down branch's part of it needs no h), then one kernel turns
@@ -879,12 +949,12 @@ impl CudaTrainer {
         let (mut d_gate, mut d_up) = (tape.gate, tape.up);
         gated_backward_in_place(&d, act, &mut d_gate, &mut d_up, &mut d_h)?;
         let h = d_h;
-        if let (Some(pair), Some(g)) = (p_down, &g_down) {
-            pair.backward_recomputing(&h, g, dout)?;
+        if let (Some(pair), Some(g), Some(saved)) = (p_down, &g_down, down_s) {
+            pair.backward_weights(&h, saved, g, dout)?;
         }
         drop((h, g_down));
         let mut d_normed = d.uninit::<bf16>(dout.len())?;
-        let (gate, up) = ((p_gate, &tape.mlp_lora[0]), (p_up, &tape.mlp_lora[1]));
+        let (gate, up) = ((p_gate, gate_s), (p_up, up_s));
         w.backward(
             Target::GateProj,
             gate,
@@ -908,7 +978,7 @@ impl CudaTrainer {
         rms_norm_backward_input(&d, &tape.mid, ln2, &d_normed, Some(dout), eps, &mut d_mid)?;
         // mid = x + o(attend(qkv(n₁))), n₁ = rms_norm(x)
         let mut d_merged = d.uninit::<bf16>(merged.len())?;
-        let o = (po, &tape.o_lora);
+        let o = (po, o_s);
         w.backward(Target::OProj, o, &merged, &d_mid, &mut d_merged, false)?;
         let [dq, dk, dv] =
             layer
@@ -917,10 +987,9 @@ impl CudaTrainer {
         drop(d_merged);
         let mut w = FrozenWeights::new(&d, layer, nf4.as_mut(), i, dims);
         let n1 = &attention.normed1;
-        let [q, k, v] = [0, 1, 2].map(|j| &attention.qkv_lora[j]);
-        w.backward(Target::QProj, (pq, q), n1, &dq, &mut d_normed, false)?;
-        w.backward(Target::KProj, (pk, k), n1, &dk, &mut d_normed, true)?;
-        w.backward(Target::VProj, (pv, v), n1, &dv, &mut d_normed, true)?;
+        w.backward(Target::QProj, (pq, q_s), n1, &dq, &mut d_normed, false)?;
+        w.backward(Target::KProj, (pk, k_s), n1, &dk, &mut d_normed, true)?;
+        w.backward(Target::VProj, (pv, v_s), n1, &dv, &mut d_normed, true)?;
         let mut dx = d.uninit::<bf16>(dout.len())?;
         let ln1 = &layer.input_layernorm;
         rms_norm_backward_input(&d, x, ln1, &d_normed, Some(&d_mid), eps, &mut dx)?;
@@ -995,5 +1064,19 @@ impl CudaTrainer {
                 .map_err(cuda_err("memcpy_dtod"))?;
         }
         Ok((row_losses, dh))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::keeps_mid;
+    use crate::ModelShape;
+
+    #[test]
+    fn mid_is_kept_where_the_products_cover_its_copy() {
+        let config = |shape: ModelShape| shape.config().unwrap();
+        assert!(keeps_mid(&config(ModelShape::Llama3_8b), 2048));
+        assert!(!keeps_mid(&config(ModelShape::Llama32_1b), 2048));
+        assert!(!keeps_mid(&config(ModelShape::Smollm2_135m), 512));
     }
 }

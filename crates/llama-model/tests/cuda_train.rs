@@ -2,7 +2,8 @@
 //! under `$LLAMA_FIXTURES/peft`: the loss, every LoRA gradient, the losses of three AdamW steps
 //! and the matrices after one SGD step, within bf16 tolerance; QLoRA's gradients against the
 //! CPU's NF4 model; modules_to_save's gradients and step against the CPU's; the gradient norm
-//! and a clipped step against the CPU's gradients. Skipped, and counted, without a CUDA device.
+//! and a clipped step against the CPU's gradients; the kept mid against its recompute.
+//! Skipped, and counted, without a CUDA device.
 
 mod common;
 
@@ -105,6 +106,32 @@ fn gpu_head_chunks_change_nothing() {
     let got = grad_matrices(&c.adapter, &chunked.grads().unwrap());
     for ((name, got), (_, want)) in got.iter().zip(&want) {
         assert_close(&format!("{label} {name}"), got, want, &[want.len()], 1e-2);
+    }
+}
+
+/// The forward keeping each layer's residual after the attention on the host (the recompute
+/// then skips the o projection) gives the loss and gradients of recomputing it, bit for bit.
+#[test]
+fn gpu_kept_mid_changes_nothing() {
+    let Some(gpu) = cuda_or_skip!() else { return };
+    for c in common::cases() {
+        assert!(
+            c.model.config.num_hidden_layers > 1,
+            "{}: one layer is never recomputed",
+            c.name
+        );
+        let run = |keep: bool| {
+            let mut t = trainer(&gpu, &c, SGD, 0.1);
+            t.set_keep_mid(Some(keep));
+            let loss = t.loss_and_grads(&c.batch, 1.0).unwrap();
+            (loss, grad_matrices(&c.adapter, &t.grads().unwrap()))
+        };
+        let (loss, want) = run(false);
+        let (kept_loss, got) = run(true);
+        assert_eq!(kept_loss, loss, "{} loss", c.name);
+        for ((name, got), (_, want)) in got.iter().zip(&want) {
+            assert!(got == want, "{} {name} differs with mid kept", c.name);
+        }
     }
 }
 

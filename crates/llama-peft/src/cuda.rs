@@ -419,14 +419,36 @@ impl CudaLoraPair {
     ) -> Result<CudaLoraSaved> {
         self.rows("CudaLoraPair::forward_into", x.len(), y.len())?;
         let saved = self.forward_saved(x)?;
-        let d = &*self.device;
-        linear_into(d, &saved.xs, &self.b.copy, self.rank, y, accumulate)?;
+        self.forward_kept(&saved, y, accumulate)?;
         Ok(saved)
     }
 
-    /// Only what [`Self::backward`] reads of the forward, xs = s·(x·Aᵀ): for a recomputed
-    /// forward whose output was kept.
-    pub fn forward_saved(&self, x: &CudaSlice<bf16>) -> Result<CudaLoraSaved> {
+    /// y [M, N] (+ when `accumulate`)= xs·Bᵀ from the xs an earlier [`Self::forward_into`]
+    /// kept: a recomputed forward, whose input product need not run again.
+    pub fn forward_kept(
+        &self,
+        saved: &CudaLoraSaved,
+        y: &mut CudaSlice<bf16>,
+        accumulate: bool,
+    ) -> Result<()> {
+        let (r, n) = (self.rank, self.out_features);
+        let m = saved.xs.len() / r.max(1);
+        if saved.xs.len() != m * r || y.len() != m * n {
+            return shape_error(
+                "CudaLoraPair::forward_kept",
+                format!(
+                    "xs holds {} and y {} values for rank {r} and {n} outputs",
+                    saved.xs.len(),
+                    y.len()
+                ),
+            );
+        }
+        linear_into(&self.device, &saved.xs, &self.b.copy, r, y, accumulate)?;
+        Ok(())
+    }
+
+    /// Only what [`Self::backward`] reads of the forward, xs = s·(x·Aᵀ).
+    fn forward_saved(&self, x: &CudaSlice<bf16>) -> Result<CudaLoraSaved> {
         let rows = x.len() / self.in_features.max(1);
         let m = self.rows(
             "CudaLoraPair::forward_saved",
@@ -456,7 +478,7 @@ impl CudaLoraPair {
 
     /// The part of the backward that needs no input, for a forward whose input is not kept
     /// (the MLP's h, recomputed later in the buffer of its gradient): dx [M, K] (+ when
-    /// `accumulate`)= s·(dy·B)·A. Returns g = s·dy·B for [`Self::backward_recomputing`].
+    /// `accumulate`)= s·(dy·B)·A. Returns g = s·dy·B for [`Self::backward_weights`].
     pub fn backward_input(
         &self,
         dy: &CudaSlice<bf16>,
@@ -474,16 +496,16 @@ impl CudaLoraPair {
         Ok(CudaLoraDy { g })
     }
 
-    /// The rest of the backward once the input x is back: dA += gᵀ·x and dB += dyᵀ·xs with
-    /// xs = s·(x·Aᵀ) recomputed from x.
-    pub fn backward_recomputing(
+    /// The rest of the backward once the input x is back: dA += gᵀ·x and dB += dyᵀ·xs, with
+    /// the xs the forward kept.
+    pub fn backward_weights(
         &mut self,
         x: &CudaSlice<bf16>,
+        saved: &CudaLoraSaved,
         g: &CudaLoraDy,
         dy: &CudaSlice<bf16>,
     ) -> Result<()> {
-        self.rows("CudaLoraPair::backward_recomputing", x.len(), dy.len())?;
-        let saved = self.forward_saved(x)?;
+        self.rows("CudaLoraPair::backward_weights", x.len(), dy.len())?;
         self.weight_grads(x, g, &saved.xs, dy)
     }
 
