@@ -46,12 +46,14 @@ extern "C" __global__ void lora_zero_grads(const Trainable* table, unsigned coun
     for_each_value(table, count, chunks, [](const Trainable& t, size_t i) { t.grad[i] = 0.0f; });
 }
 
-// *out += Σ g² over every gradient (one atomic add per block).
-extern "C" __global__ void lora_grad_sumsq(const Trainable* table, unsigned count, size_t chunks, float* out) {
+// partial[block] = Σ g² over the block's chunks: the host adds the blocks' sums in order, so
+// the norm (and a clipped step) is the same from run to run, as atomic adds in the order the
+// blocks finish would not make it.
+extern "C" __global__ void lora_grad_sumsq(const Trainable* table, unsigned count, size_t chunks, float* partial) {
     float acc = 0.0f;
     for_each_value(table, count, chunks, [&](const Trainable& t, size_t i) { acc += t.grad[i] * t.grad[i]; });
     acc = block_sum(acc);
-    if (threadIdx.x == 0) atomicAdd(out, acc);
+    if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
 
 // g *= s (gradient clipping).

@@ -1,5 +1,6 @@
 //! LoRA training on one CUDA device: bf16 base weights ([`CudaLlamaModel`]), f32 LoRA masters
-//! and AdamW state ([`CudaLoraPair`]), bf16 activations, cuBLAS products with f32 accumulation.
+//! and AdamW state ([`CudaLoraGroup`]: the pairs that read one input together), bf16
+//! activations, cuBLAS products with f32 accumulation.
 //! The same step as the CPU's ([`crate::Trainer`]), with gradient checkpointing always on (as
 //! Unsloth trains): the forward keeps each layer's input and its attention — output, inputs
 //! (q, k, v rotated in heads) and log-sum-exp —, offloaded to pinned host memory by copies
@@ -31,7 +32,7 @@ use llama_ops::cuda::{
 };
 use llama_ops::Weight;
 use llama_ops::{CrossEntropyOptions, QuantMatrix};
-use llama_peft::cuda::{CudaLoraPair, CudaLoraSaved, CudaTrainable, TrainableTable};
+use llama_peft::cuda::{CudaLoraGroup, CudaLoraSaved, CudaTrainable, TrainableTable};
 use llama_peft::{
     AdapterGrads, LayerLora, LoraAdapter, LoraConfig, ModelDims, OptimizerKind, SavedModules,
     Target,
@@ -44,7 +45,23 @@ use crate::model::shift_labels;
 use crate::train::head_chunk_rows;
 use crate::trainer::{write_checkpoint, Batch, OptimizerState, StepReport, TrainConfig};
 
-type Pairs = [Option<CudaLoraPair>; 7];
+/// The projections that read each of a layer's inputs — n₁ (q, k, v), the merged heads (o),
+/// n₂ (gate, up) and h (down) —, in [`Target`] order: each input's LoRA pairs train as one
+/// [`CudaLoraGroup`] (one product over the input for all their branches).
+const INPUTS: [&[Target]; 4] = [
+    &[Target::QProj, Target::KProj, Target::VProj],
+    &[Target::OProj],
+    &[Target::GateProj, Target::UpProj],
+    &[Target::DownProj],
+];
+/// Indices into [`INPUTS`] (and a layer's groups).
+const NORMED1: usize = 0;
+const MERGED: usize = 1;
+const NORMED2: usize = 2;
+const HIDDEN: usize = 3;
+
+/// A layer's LoRA pairs, grouped by the input they read ([`INPUTS`]).
+type Groups = [Option<CudaLoraGroup>; 4];
 
 /// A layer's attention as the step's forward keeps it for the backward, on its way to or from
 /// the host: its output (the merged heads o_proj reads) and what its backward reads (q, k, v
@@ -104,14 +121,32 @@ fn keeps_mid(cfg: &LlamaConfig, seq: usize) -> bool {
     flops >= PRODUCT_FLOPS_PER_KEPT_BYTE * bytes
 }
 
+/// The gradients of `group`'s branches among `dys`, one for each projection of `targets`.
+fn branch_grads<'a>(
+    group: &CudaLoraGroup,
+    targets: &[Target],
+    dys: &[&'a CudaSlice<bf16>],
+) -> Vec<&'a CudaSlice<bf16>> {
+    let position = |t: &Target| targets.iter().position(|u| u == t);
+    group
+        .targets()
+        .iter()
+        .filter_map(|t| position(t).and_then(|i| dys.get(i).copied()))
+        .collect()
+}
+
 /// A layer's input and (when it will be recomputed: all but the last, which keeps its tape and
 /// input from the forward) its kept attention, on their way back from the host.
 type Fetched = (Transfer<bf16>, Option<KeptAttention>);
 
-/// Each projection's LoRA branch xs = s·(x·Aᵀ) [N, r] (by [`Target`]), kept from the step's
-/// forward to its backward (r/C of the layer input's size each): the recompute runs no rank-r
+/// Each LoRA group's xs = s·(x·Aᵀ) [N, g·r] (by input, [`INPUTS`]), kept from the step's
+/// forward to its backward (r/C of the input's size a branch): the recompute runs no rank-r
 /// product of an input.
-type LoraKept = [Option<CudaLoraSaved>; 7];
+type LoraKept = [Option<CudaLoraSaved>; 4];
+
+/// A projection's LoRA: its input's group (if any pair reads that input) and the group's xs
+/// (kept from the forward, or computed and kept now).
+type Lora<'a> = (Option<&'a CudaLoraGroup>, &'a mut Option<CudaLoraSaved>);
 
 /// What one layer's forward (or its recompute) keeps for its backward.
 struct Tape {
@@ -178,64 +213,70 @@ impl<'a> FrozenWeights<'a> {
         )
     }
 
-    /// y [N, out] = x·Wᵀ (+ the pair's branch, as [`Self::forward_into`]).
+    /// y [N, out] = x·Wᵀ (+ the branch, as [`Self::forward_into`]).
     fn forward(
         &mut self,
         target: Target,
-        pair: Option<&CudaLoraPair>,
+        lora: Lora,
         x: &CudaSlice<bf16>,
-        kept: &mut Option<CudaLoraSaved>,
     ) -> Result<CudaSlice<bf16>> {
         let (out, in_features) = target.shape(&self.dims);
         let mut y = self.d.uninit::<bf16>(x.len() / in_features * out)?;
-        self.forward_into(target, pair, x, &mut y, false, kept)?;
+        self.forward_into(target, lora, x, &mut y, false)?;
         Ok(y)
     }
 
-    /// y [N, out] (+ when `accumulate`)= x·Wᵀ + the pair's branch: a residual add done by the
-    /// product itself. The branch goes first and the frozen product adds onto it (y is read
-    /// once, in the big product's epilogue, not again by a rank-r product). The branch's xs
-    /// comes from `kept` when it holds one (a recompute), else is computed and kept there.
+    /// y [N, out] (+ when `accumulate`)= x·Wᵀ + the target's LoRA branch, if it has one: a
+    /// residual add done by the product itself. The branch goes first and the frozen product
+    /// adds onto it (y is read once, in the big product's epilogue, not again by a rank-r
+    /// product). The group's xs comes from the slot when it holds one (a recompute, or a
+    /// sibling branch's call), else is computed and kept there.
     fn forward_into(
         &mut self,
         target: Target,
-        pair: Option<&CudaLoraPair>,
+        (group, kept): Lora,
         x: &CudaSlice<bf16>,
         y: &mut CudaSlice<bf16>,
         accumulate: bool,
-        kept: &mut Option<CudaLoraSaved>,
     ) -> Result<()> {
         let in_features = target.shape(&self.dims).1;
-        let branch = pair.is_some();
-        if let Some(p) = pair {
-            match kept {
-                Some(saved) => p.forward_kept(saved, y, accumulate)?,
-                None => *kept = Some(p.forward_into(x, y, accumulate)?),
+        let branch = group.and_then(|g| g.branch(target).map(|j| (g, j)));
+        if let Some((group, j)) = branch {
+            if kept.is_none() {
+                *kept = Some(group.saved(x)?);
+            }
+            if let Some(saved) = kept {
+                group.forward_branch(j, saved, y, accumulate)?;
             }
         }
-        let accumulate = accumulate || branch;
+        let accumulate = accumulate || branch.is_some();
         linear_into(self.d, x, self.weight(target)?, in_features, y, accumulate)?;
         Ok(())
     }
 
-    /// dx [N, in] (+ when `accumulate`)= dy·W (+ the branch of `lora` = the pair, whose
-    /// gradients accumulate, and what its forward saved) for the projection's input x; the
-    /// branch first, as in [`Self::forward_into`].
+    /// dx [N, in] (+ when `accumulate`)= Σ dyₜ·Wₜ over the projections that read x (`dys` in
+    /// [`INPUTS`] order) + their group's share, whose gradients accumulate (with the xs its
+    /// forward kept); the group's product first, as in [`Self::forward_into`].
     fn backward(
         &mut self,
-        target: Target,
-        lora: (Option<&mut CudaLoraPair>, &Option<CudaLoraSaved>),
+        targets: &[Target],
+        (group, saved): (Option<&mut CudaLoraGroup>, &Option<CudaLoraSaved>),
         x: &CudaSlice<bf16>,
-        dy: &CudaSlice<bf16>,
+        dys: &[&CudaSlice<bf16>],
         dx: &mut CudaSlice<bf16>,
         accumulate: bool,
     ) -> Result<()> {
         let mut accumulate = accumulate;
-        if let (Some(pair), Some(saved)) = lora {
-            pair.backward(x, saved, dy, dx, accumulate)?;
+        if let (Some(group), Some(saved)) = (group, saved) {
+            let branch_dys = branch_grads(group, targets, dys);
+            group.backward(x, saved, &branch_dys, dx, accumulate)?;
             accumulate = true;
         }
-        self.backward_input(target, dy, dx, accumulate)
+        for (&target, dy) in targets.iter().zip(dys) {
+            self.backward_input(target, dy, dx, accumulate)?;
+            accumulate = true;
+        }
+        Ok(())
     }
 
     /// dx (+ when `accumulate`)= dy·W, the frozen part of a projection's input gradient.
@@ -262,7 +303,7 @@ impl<'a> FrozenWeights<'a> {
 /// A LoRA training run on the GPU.
 pub struct CudaTrainer {
     model: CudaLlamaModel,
-    lora: Vec<Pairs>,
+    lora: Vec<Groups>,
     /// modules_to_save trained whole: [embed_tokens, lm_head] ([V, C] each, f32 masters).
     modules: [Option<CudaTrainable>; 2],
     lora_config: LoraConfig,
@@ -376,13 +417,17 @@ impl CudaTrainer {
             .layers
             .iter()
             .map(|l| {
-                let mut pairs: Pairs = Default::default();
-                for t in Target::ALL {
-                    if let Some(p) = l.get(t) {
-                        pairs[t as usize] = Some(CudaLoraPair::upload(&device, p)?);
+                let mut groups: Groups = Default::default();
+                for (group, targets) in groups.iter_mut().zip(INPUTS) {
+                    let (targets, pairs): (Vec<Target>, Vec<_>) = targets
+                        .iter()
+                        .filter_map(|&t| l.get(t).map(|p| (t, p)))
+                        .unzip();
+                    if !pairs.is_empty() {
+                        *group = Some(CudaLoraGroup::upload(&device, &targets, &pairs)?);
                     }
                 }
-                Ok(pairs)
+                Ok(groups)
             })
             .collect::<Result<Vec<_>>>()?;
         let upload = |w: &Option<Weight>| -> Result<Option<CudaTrainable>> {
@@ -490,10 +535,12 @@ impl CudaTrainer {
         let layers = self
             .lora
             .iter()
-            .map(|pairs| {
+            .map(|groups| {
                 let mut layer = LayerLora::default();
-                for (slot, p) in layer.0.iter_mut().zip(pairs) {
-                    *slot = p.as_ref().map(CudaLoraPair::download).transpose()?;
+                for group in groups.iter().flatten() {
+                    for (&t, pair) in group.targets().iter().zip(group.download()?) {
+                        layer.0[t as usize] = Some(pair);
+                    }
                 }
                 Ok(layer)
             })
@@ -520,10 +567,14 @@ impl CudaTrainer {
     pub fn optimizer_state(&self) -> Result<OptimizerState> {
         let (mut exp_avg, mut exp_avg_sq) = (Vec::new(), Vec::new());
         if matches!(self.config.optimizer, OptimizerKind::AdamW { .. }) {
-            for t in self.trainables() {
-                let (m, v) = t.moments(self.device())?;
-                exp_avg.push(m);
-                exp_avg_sq.push(v);
+            let d = self.device();
+            let modules = self.modules.iter().flatten().map(|m| m.moments(d));
+            let groups = self.groups().map(CudaLoraGroup::moments);
+            for moments in groups.chain(modules.map(|m| m.map(|m| vec![m]))) {
+                for (m, v) in moments? {
+                    exp_avg.push(m);
+                    exp_avg_sq.push(v);
+                }
             }
         }
         Ok(OptimizerState {
@@ -543,16 +594,18 @@ impl CudaTrainer {
     /// this trainer was made with, loaded from the same checkpoint).
     pub fn load_state(&mut self, dir: &std::path::Path) -> Result<()> {
         let adamw = matches!(self.config.optimizer, OptimizerKind::AdamW { .. });
-        let sizes: Vec<usize> = self
-            .trainables()
-            .map(CudaTrainable::len)
-            .filter(|_| adamw)
-            .collect();
+        let pairs = self.groups().flat_map(CudaLoraGroup::matrix_sizes);
+        let modules = self.modules.iter().flatten().map(CudaTrainable::len);
+        let sizes: Vec<usize> = pairs.chain(modules).filter(|_| adamw).collect();
         let state = OptimizerState::load(dir, &sizes)?;
         let d = self.device().clone();
-        let moments = state.exp_avg.iter().zip(&state.exp_avg_sq);
-        for (t, (m, v)) in self.trainables_mut().zip(moments) {
-            t.set_moments(&d, m, v)?;
+        let mut moments = state.exp_avg.into_iter().zip(state.exp_avg_sq);
+        for group in self.lora.iter_mut().flat_map(|l| l.iter_mut().flatten()) {
+            let mine: Vec<_> = moments.by_ref().take(2 * group.branches()).collect();
+            group.set_moments(&mine)?;
+        }
+        for (module, (m, v)) in self.modules.iter_mut().flatten().zip(moments) {
+            module.set_moments(&d, &m, &v)?;
         }
         self.step = state.step;
         Ok(())
@@ -563,10 +616,12 @@ impl CudaTrainer {
         let layers = self
             .lora
             .iter()
-            .map(|pairs| {
+            .map(|groups| {
                 let mut out: [Option<llama_peft::LoraGrads>; 7] = Default::default();
-                for (slot, p) in out.iter_mut().zip(pairs) {
-                    *slot = p.as_ref().map(CudaLoraPair::grads).transpose()?;
+                for group in groups.iter().flatten() {
+                    for (&t, grads) in group.targets().iter().zip(group.grads()?) {
+                        out[t as usize] = Some(grads);
+                    }
                 }
                 Ok(out)
             })
@@ -579,19 +634,17 @@ impl CudaTrainer {
         })
     }
 
-    /// Every trained matrix in the checkpoint's order: A then B of each pair, layer by layer,
-    /// then the saved modules (embed_tokens, lm_head).
-    fn trainables(&self) -> impl Iterator<Item = &CudaTrainable> {
-        let pairs = self.lora.iter().flat_map(|l| l.iter().flatten());
-        pairs
-            .flat_map(CudaLoraPair::trainables)
-            .chain(self.modules.iter().flatten())
+    /// Every LoRA group, layer by layer, input by input: the checkpoint's order of the pairs.
+    fn groups(&self) -> impl Iterator<Item = &CudaLoraGroup> {
+        self.lora.iter().flat_map(|l| l.iter().flatten())
     }
 
+    /// Every trained matrix, for the optimizer: each group's A (stacked) and B's, then the
+    /// saved modules (embed_tokens, lm_head).
     fn trainables_mut(&mut self) -> impl Iterator<Item = &mut CudaTrainable> {
-        let pairs = self.lora.iter_mut().flat_map(|l| l.iter_mut().flatten());
-        pairs
-            .flat_map(CudaLoraPair::trainables_mut)
+        let groups = self.lora.iter_mut().flat_map(|l| l.iter_mut().flatten());
+        groups
+            .flat_map(CudaLoraGroup::trainables_mut)
             .chain(self.modules.iter_mut().flatten())
     }
 
@@ -801,10 +854,11 @@ impl CudaTrainer {
         let d = self.model.device().clone();
         let normed1 = self.normed1(i, x)?;
         let layer: &mut CudaLayer = &mut self.model.layers[i];
-        let pair = |t: Target| self.lora[i][t as usize].as_ref();
+        let group = self.lora[i][NORMED1].as_ref();
         let mut w = FrozenWeights::new(&d, layer, self.nf4.as_mut(), i, dims);
+        let kept = &mut lora[NORMED1];
         let [q, k, v] = [Target::QProj, Target::KProj, Target::VProj]
-            .map(|t| w.forward(t, pair(t), &normed1, &mut lora[t as usize]));
+            .map(|t| w.forward(t, (group, &mut *kept), &normed1));
         let (merged, attend) = layer.self_attn.attend([&q?, &k?, &v?], batch, positions)?;
         Ok((AttentionTape { normed1, attend }, merged))
     }
@@ -864,22 +918,23 @@ impl CudaTrainer {
         let dims = self.model.config.lora_dims();
         let d = self.model.device().clone();
         let layer: &CudaLayer = &self.model.layers[i];
-        let pair = |t: Target| self.lora[i][t as usize].as_ref();
+        let [o_group, mlp_group] = [MERGED, NORMED2].map(|j| self.lora[i][j].as_ref());
         let mut w = FrozenWeights::new(&d, layer, self.nf4.as_mut(), i, dims);
         let mid = match kept_mid {
             Some(mid) => mid,
             None => {
                 // mid = x + o(merged): the product adds onto a copy of x
                 let mut mid = d.stream().clone_dtod(x).map_err(cuda_err("clone_dtod"))?;
-                let o = Target::OProj;
-                w.forward_into(o, pair(o), merged, &mut mid, true, &mut lora[o as usize])?;
+                let o = (o_group, &mut lora[MERGED]);
+                w.forward_into(Target::OProj, o, merged, &mut mid, true)?;
                 mid
             }
         };
         let mut normed2 = d.uninit::<bf16>(x.len())?;
         rms_norm(&d, &mid, &layer.post_attention_layernorm, eps, &mut normed2)?;
+        let kept = &mut lora[NORMED2];
         let [gate, up] = [Target::GateProj, Target::UpProj]
-            .map(|t| w.forward(t, pair(t), &normed2, &mut lora[t as usize]));
+            .map(|t| w.forward(t, (mlp_group, &mut *kept), &normed2));
         Ok(MlpTape {
             mid,
             normed2,
@@ -907,9 +962,8 @@ impl CudaTrainer {
             .map_err(cuda_err("clone_dtod"))?;
         let layer = &self.model.layers[i];
         let mut w = FrozenWeights::new(&d, layer, self.nf4.as_mut(), i, dims);
-        let down = Target::DownProj;
-        let pair = self.lora[i][down as usize].as_ref();
-        w.forward_into(down, pair, &h, &mut out, true, &mut lora[down as usize])?;
+        let down = (self.lora[i][HIDDEN].as_ref(), &mut lora[HIDDEN]);
+        w.forward_into(Target::DownProj, down, &h, &mut out, true)?;
         Ok(out)
     }
 
@@ -928,48 +982,42 @@ impl CudaTrainer {
         let d = self.model.device().clone();
         let layer: &mut CudaLayer = &mut self.model.layers[i];
         let nf4 = &mut self.nf4;
-        let [pq, pk, pv, po, p_gate, p_up, p_down] = self.lora[i].each_mut().map(Option::as_mut);
+        let [qkv_group, o_group, mlp_group, down_group] =
+            self.lora[i].each_mut().map(Option::as_mut);
         let Tape {
             attention,
             merged,
             mlp: tape,
             lora,
         } = tape;
-        let [q_s, k_s, v_s, o_s, gate_s, up_s, down_s] = &lora;
+        let [qkv_s, o_s, mlp_s, down_s] = &lora;
         let mut w = FrozenWeights::new(&d, layer, nf4.as_mut(), i, dims);
         // out = mid + down(h), h = act(gate(n₂)) ⊙ up(n₂), n₂ = rms_norm(mid). As Unsloth's
         // LoRA_MLP: dh first (the down branch's part of it needs no h), then one kernel turns
         // gate, up and dh into d_gate, d_up and h, which the down branch's gradients read.
         let mut d_h = d.uninit::<bf16>(tape.gate.len())?;
-        let g_down = p_down
+        let g_down = down_group
             .as_ref()
-            .map(|p| p.backward_input(dout, &mut d_h, false));
+            .map(|g| g.backward_input(&[dout], &mut d_h, false));
         let g_down = g_down.transpose()?;
         w.backward_input(Target::DownProj, dout, &mut d_h, g_down.is_some())?;
         let (mut d_gate, mut d_up) = (tape.gate, tape.up);
         gated_backward_in_place(&d, act, &mut d_gate, &mut d_up, &mut d_h)?;
         let h = d_h;
-        if let (Some(pair), Some(g), Some(saved)) = (p_down, &g_down, down_s) {
-            pair.backward_weights(&h, saved, g, dout)?;
+        if let (Some(group), Some(g), Some(saved)) = (down_group, &g_down, down_s) {
+            group.backward_weights(&h, saved, g, &[dout])?;
         }
         drop((h, g_down));
         let mut d_normed = d.uninit::<bf16>(dout.len())?;
-        let (gate, up) = ((p_gate, gate_s), (p_up, up_s));
+        let mlp = (mlp_group, mlp_s);
+        let d_mlp = [&d_gate, &d_up];
         w.backward(
-            Target::GateProj,
-            gate,
+            INPUTS[NORMED2],
+            mlp,
             &tape.normed2,
-            &d_gate,
+            &d_mlp,
             &mut d_normed,
             false,
-        )?;
-        w.backward(
-            Target::UpProj,
-            up,
-            &tape.normed2,
-            &d_up,
-            &mut d_normed,
-            true,
         )?;
         drop((d_gate, d_up));
         // d_mid = the norm's input gradient + dout (the residual path), in one kernel
@@ -978,18 +1026,23 @@ impl CudaTrainer {
         rms_norm_backward_input(&d, &tape.mid, ln2, &d_normed, Some(dout), eps, &mut d_mid)?;
         // mid = x + o(attend(qkv(n₁))), n₁ = rms_norm(x)
         let mut d_merged = d.uninit::<bf16>(merged.len())?;
-        let o = (po, o_s);
-        w.backward(Target::OProj, o, &merged, &d_mid, &mut d_merged, false)?;
+        let o = (o_group, o_s);
+        w.backward(INPUTS[MERGED], o, &merged, &[&d_mid], &mut d_merged, false)?;
         let [dq, dk, dv] =
             layer
                 .self_attn
                 .attend_backward(&attention.attend, &merged, &d_merged)?;
         drop(d_merged);
         let mut w = FrozenWeights::new(&d, layer, nf4.as_mut(), i, dims);
-        let n1 = &attention.normed1;
-        w.backward(Target::QProj, (pq, q_s), n1, &dq, &mut d_normed, false)?;
-        w.backward(Target::KProj, (pk, k_s), n1, &dk, &mut d_normed, true)?;
-        w.backward(Target::VProj, (pv, v_s), n1, &dv, &mut d_normed, true)?;
+        let (n1, qkv) = (&attention.normed1, (qkv_group, qkv_s));
+        w.backward(
+            INPUTS[NORMED1],
+            qkv,
+            n1,
+            &[&dq, &dk, &dv],
+            &mut d_normed,
+            false,
+        )?;
         let mut dx = d.uninit::<bf16>(dout.len())?;
         let ln1 = &layer.input_layernorm;
         rms_norm_backward_input(&d, x, ln1, &d_normed, Some(&d_mid), eps, &mut dx)?;

@@ -2,8 +2,8 @@
 //! under `$LLAMA_FIXTURES/peft`: the loss, every LoRA gradient, the losses of three AdamW steps
 //! and the matrices after one SGD step, within bf16 tolerance; QLoRA's gradients against the
 //! CPU's NF4 model; modules_to_save's gradients and step against the CPU's; the gradient norm
-//! and a clipped step against the CPU's gradients; the kept mid against its recompute.
-//! Skipped, and counted, without a CUDA device.
+//! and a clipped step against the CPU's gradients; the kept mid against its recompute; a
+//! checkpoint's moments and resume. Skipped, and counted, without a CUDA device.
 
 mod common;
 
@@ -131,6 +131,61 @@ fn gpu_kept_mid_changes_nothing() {
         assert_eq!(kept_loss, loss, "{} loss", c.name);
         for ((name, got), (_, want)) in got.iter().zip(&want) {
             assert!(got == want, "{} {name} differs with mid kept", c.name);
+        }
+    }
+}
+
+/// A GPU checkpoint lists the AdamW moments in the CPU trainer's order (A then B of each pair,
+/// layer by layer: after one step without weight decay each m is (1 − β₁)·g, against the
+/// CPU's gradient g), and a trainer resumed from it continues as the uninterrupted one, bit
+/// for bit.
+#[test]
+fn gpu_checkpoints_resume_exactly() {
+    let Some(gpu) = cuda_or_skip!() else { return };
+    for mut c in common::cases() {
+        let adamw = OptimizerKind::AdamW {
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.0,
+        };
+        let batches = vec![c.batch.clone()];
+        let resumed_model = CudaLlamaModel::upload(&gpu, &c.model).unwrap();
+        let mut t = trainer(&gpu, &c, adamw, 1e-2);
+        t.step(&batches).unwrap();
+        let state = t.optimizer_state().unwrap();
+        let cpu = cpu_grads(&mut c);
+        let grads = grad_matrices(&c.adapter, &cpu);
+        assert_eq!(state.exp_avg.len(), grads.len(), "{} moments", c.name);
+        for ((name, g), m) in grads.iter().zip(&state.exp_avg) {
+            let want: Vec<f32> = g.iter().map(|g| 0.1 * g).collect();
+            let label = format!("{} gpu checkpoint exp_avg {name}", c.name);
+            assert_close(&label, m, &want, &[want.len()], 5e-2);
+        }
+        let dir = std::env::temp_dir().join(format!(
+            "fastllama-gpu-checkpoint-{}-{}",
+            c.name,
+            std::process::id()
+        ));
+        t.save_checkpoint(&dir).unwrap();
+        let dims = c.model.config.lora_dims();
+        let adapter = llama_peft::LoraAdapter::load(&dir, dims).unwrap();
+        let config = constant_config(adamw, 1e-2, true);
+        let mut resumed = CudaTrainer::new(resumed_model, &adapter, config).unwrap();
+        resumed.load_state(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).ok();
+        let want = t.step(&batches).unwrap().loss;
+        assert_eq!(
+            resumed.step(&batches).unwrap().loss,
+            want,
+            "{} loss",
+            c.name
+        );
+        let (got, want) = (resumed.adapter().unwrap(), t.adapter().unwrap());
+        let matrices = adapter_matrices(&got)
+            .into_iter()
+            .zip(adapter_matrices(&want));
+        for ((name, got), (_, want)) in matrices {
+            assert!(got == want, "{} {name} differs after resuming", c.name);
         }
     }
 }

@@ -428,6 +428,92 @@ fn linear_layers_match_the_cpu() {
     }
 }
 
+/// Products reading or writing columns of a wider buffer (a LoRA group's branches side by
+/// side) equal those of the columns copied out; the other columns are left as they were.
+#[test]
+fn column_views_match_dense_products() {
+    let Some(gpu) = cuda_or_skip!() else { return };
+    let mut rng = TestRng::new(19);
+    for (m, stride, first, width, n) in [(5, 48, 16, 16, 40), (33, 7, 0, 3, 9), (64, 96, 80, 16, 1)]
+    {
+        let name = format!("[{m}, {stride}] columns {first}+{width}, {n} outputs");
+        let cols = cuda::Cols {
+            first,
+            width,
+            stride,
+        };
+        let (wide, w, dy) = (
+            rng.vec(m * stride, 1.0),
+            rng.vec(n * width, 0.1),
+            rng.vec(m * n, 1.0),
+        );
+        let dense: Vec<f32> = wide
+            .chunks(stride)
+            .flat_map(|row| row[first..first + width].to_vec())
+            .collect();
+        let (wide_d, dense_d, wd, dyd) = (
+            up(&gpu, &wide),
+            up(&gpu, &dense),
+            up(&gpu, &w),
+            up(&gpu, &dy),
+        );
+        // y = x[:, cols]·Wᵀ
+        let (mut want, mut got) = (
+            gpu.zeros::<f32>(m * n).unwrap(),
+            gpu.zeros::<f32>(m * n).unwrap(),
+        );
+        cuda::linear(&gpu, &dense_d, &wd, width, &mut want).unwrap();
+        cuda::linear_cols_into(&gpu, (&wide_d, cols), &wd, &mut got, false).unwrap();
+        assert_close(
+            &format!("y {name}"),
+            &down(&gpu, &got),
+            &down(&gpu, &want),
+            &[m, n],
+            1e-6,
+        );
+        // dw += dyᵀ·x[:, cols]
+        let (mut want, mut got) = (
+            gpu.zeros::<f32>(n * width).unwrap(),
+            gpu.zeros::<f32>(n * width).unwrap(),
+        );
+        cuda::linear_backward_weight(&gpu, &dyd, &dense_d, width, &mut want).unwrap();
+        cuda::linear_backward_weight_cols(&gpu, &dyd, (&wide_d, cols), &mut got).unwrap();
+        assert_close(
+            &format!("dw {name}"),
+            &down(&gpu, &got),
+            &down(&gpu, &want),
+            &[n, width],
+            1e-6,
+        );
+        // dx[:, cols] = 0.5·dy·W, the other columns untouched
+        let mut dx = up(&gpu, &wide);
+        cuda::linear_backward_input_scaled(&gpu, &dyd, &wd, (&mut dx, cols), 0.5).unwrap();
+        let mut part = gpu.zeros::<f32>(m * width).unwrap();
+        cuda::linear_backward_input(&gpu, &dyd, &wd, width, &mut part).unwrap();
+        let part: Vec<f32> = down(&gpu, &part).iter().map(|v| 0.5 * v).collect();
+        let mut expected = wide.clone();
+        for (row, p) in expected.chunks_mut(stride).zip(part.chunks(width)) {
+            row[first..first + width].copy_from_slice(p);
+        }
+        assert_close(
+            &format!("dx {name}"),
+            &down(&gpu, &dx),
+            &expected,
+            &[m, stride],
+            1e-6,
+        );
+    }
+    let past = cuda::Cols {
+        first: 5,
+        width: 4,
+        stride: 8,
+    };
+    let x = gpu.zeros::<f32>(16).unwrap();
+    let (w, mut y) = (gpu.zeros::<f32>(4).unwrap(), gpu.zeros::<f32>(2).unwrap());
+    let err = cuda::linear_cols_into(&gpu, (&x, past), &w, &mut y, false);
+    assert!(err.is_err(), "columns past the row were read");
+}
+
 #[test]
 fn quantised_kernels_match_the_cpu() {
     let Some(gpu) = cuda_or_skip!() else { return };

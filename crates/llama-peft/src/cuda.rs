@@ -1,6 +1,7 @@
 //! LoRA on a CUDA device, as Unsloth trains it: f32 master weights and AdamW state, bf16 copies
 //! for the products (cuBLAS, f32 accumulation), bf16 activations, f32 gradients. The same
-//! arithmetic as [`crate::LoraPair`], step for step (`kernels/lora.cu` for the rest):
+//! arithmetic as [`crate::LoraPair`], step for step, for the pairs that read one input at once
+//! ([`CudaLoraGroup`]; `kernels/lora.cu` for the rest):
 //!
 //!   forward:  xs = s·(x·Aᵀ) [M, r];  y (+)= xs·Bᵀ
 //!   backward: g = s·(dy·B) [M, r];  dA += gᵀ·x,  dB += dyᵀ·xs,  dx (+)= g·A
@@ -12,13 +13,14 @@ use cudarc::driver::{CudaSlice, DevicePtr, LaunchArgs, LaunchConfig, PushKernelA
 use llama_core::bf16;
 use llama_core::cuda::{CudaDevice, KernelSource};
 use llama_ops::cuda::{
-    linear_backward_input_into, linear_backward_input_scaled, linear_backward_weight, linear_into,
-    linear_scaled,
+    linear_backward_input_into, linear_backward_input_scaled, linear_backward_weight,
+    linear_backward_weight_cols, linear_cols_into, linear_scaled, Cols,
 };
 
 use crate::error::{shape_error, Result};
 use crate::lora::{LoraGrads, LoraPair};
 use crate::optim::OptimizerKind;
+use crate::Target;
 
 static LORA: KernelSource = KernelSource {
     name: "lora",
@@ -245,6 +247,11 @@ impl<'a> TrainableTable<'a> {
         })
     }
 
+    /// Blocks a launch over the table runs: one per chunk, at most [`TABLE_BLOCKS`].
+    fn blocks(&self) -> usize {
+        self.chunks.min(TABLE_BLOCKS)
+    }
+
     /// Runs `kernel` over the table with `args` after the table's own.
     fn launch(&self, kernel: &str, args: &[&dyn Arg]) -> Result<()> {
         if self.chunks == 0 {
@@ -257,14 +264,15 @@ impl<'a> TrainableTable<'a> {
             a.push(&mut launch);
         }
         let config = LaunchConfig {
-            grid_dim: (self.chunks.min(TABLE_BLOCKS) as u32, 1, 1),
+            grid_dim: (self.blocks() as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: every entry holds the addresses of buffers the table borrows for its
         // lifetime, each of n values (master, grad, copy; the moments when not 0, and the
         // update kernel that reads them runs only on an AdamW table); the chunks cover each
-        // entry's n values and no more; the arguments after the table's are the kernel's.
+        // entry's n values and no more; the arguments after the table's are the kernel's (the
+        // sum's output holds a value for each of the launch's blocks).
         launched(kernel, unsafe { launch.launch(config) }.map(|_| ()))
     }
 
@@ -273,11 +281,16 @@ impl<'a> TrainableTable<'a> {
         self.launch("lora_zero_grads", &[])
     }
 
-    /// Σ g² over every gradient, on the host (waits for the device).
+    /// Σ g² over every gradient, on the host (waits for the device): each block's sum, added
+    /// in block order (the same from run to run).
     pub fn grad_sumsq(&self) -> Result<f32> {
-        let mut acc = self.device.zeros::<f32>(1)?;
-        self.launch("lora_grad_sumsq", &[&Out(&mut acc)])?;
-        Ok(self.device.dtoh(&acc)?[0])
+        if self.chunks == 0 {
+            return Ok(0.0);
+        }
+        let mut partial = self.device.uninit::<f32>(self.blocks())?;
+        self.launch("lora_grad_sumsq", &[&Out(&mut partial)])?;
+        let sums = self.device.dtoh(&partial)?;
+        Ok(sums.iter().map(|&s| f64::from(s)).sum::<f64>() as f32)
     }
 
     /// Multiplies every gradient by `factor` (clipping).
@@ -332,194 +345,292 @@ impl Arg for Out<'_> {
     }
 }
 
-/// A [`LoraPair`] on a device, with its gradients and optimizer state.
-pub struct CudaLoraPair {
+/// LoRA pairs of one layer that read the same input x [M, K] — q, k and v; gate and up; or one
+/// projection alone — on a device, with their gradients and optimizer state. As Unsloth fuses
+/// them, their A matrices are stacked, A = [A₁; …; A_g] [g·r, K], so that one product gives
+/// every branch's xs, one their dA and one their share of dx (x read once, dx written once):
+///
+///   forward:  xs = s·(x·Aᵀ) [M, g·r];  yⱼ (+)= xsⱼ·Bⱼᵀ
+///   backward: gⱼ = s·(dyⱼ·Bⱼ), side by side in G [M, g·r];  dx (+)= G·A;  dA += Gᵀ·x;
+///             dBⱼ += dyⱼᵀ·xsⱼ
+pub struct CudaLoraGroup {
     device: Arc<CudaDevice>,
     pub rank: usize,
     pub in_features: usize,
-    pub out_features: usize,
     pub scaling: f32,
+    /// Each branch's projection and output width.
+    targets: Vec<Target>,
+    outs: Vec<usize>,
     a: CudaTrainable,
-    b: CudaTrainable,
+    b: Vec<CudaTrainable>,
 }
 
-/// What [`CudaLoraPair::forward_into`] keeps: xs = s·(x·Aᵀ), [M, r] in bf16.
+/// What [`CudaLoraGroup::saved`] keeps: xs = s·(x·Aᵀ), [M, g·r] in bf16.
 pub struct CudaLoraSaved {
     xs: CudaSlice<bf16>,
 }
 
-/// What [`CudaLoraPair::backward_input`] hands on: g = s·(dy·B), [M, r] in bf16.
+/// What [`CudaLoraGroup::backward_input`] hands on: G, each branch's g = s·(dy·B) side by side,
+/// [M, g·r] in bf16.
 pub struct CudaLoraDy {
     g: CudaSlice<bf16>,
 }
 
-impl CudaLoraPair {
-    pub fn upload(device: &Arc<CudaDevice>, pair: &LoraPair) -> Result<CudaLoraPair> {
-        Ok(CudaLoraPair {
-            device: device.clone(),
-            rank: pair.rank,
-            in_features: pair.in_features,
-            out_features: pair.out_features,
-            scaling: pair.scaling,
-            a: CudaTrainable::upload(device, &pair.a)?,
-            b: CudaTrainable::upload(device, &pair.b)?,
-        })
-    }
-
-    /// The master weights, back on the host.
-    pub fn download(&self) -> Result<LoraPair> {
-        let d = &self.device;
-        let (a, b) = (self.a.download(d)?, self.b.download(d)?);
-        LoraPair::from_parts(
-            a,
-            b,
-            self.rank,
-            self.in_features,
-            self.out_features,
-            self.scaling,
-        )
-    }
-
-    /// The accumulated gradients, on the host.
-    pub fn grads(&self) -> Result<LoraGrads> {
-        Ok(LoraGrads {
-            a: self.a.grad(&self.device)?,
-            b: self.b.grad(&self.device)?,
-        })
-    }
-
-    /// A and B, for the optimizer.
-    pub fn trainables(&self) -> [&CudaTrainable; 2] {
-        [&self.a, &self.b]
-    }
-
-    pub fn trainables_mut(&mut self) -> [&mut CudaTrainable; 2] {
-        [&mut self.a, &mut self.b]
-    }
-
-    fn rows(&self, op: &'static str, x: usize, y: usize) -> Result<usize> {
-        let (k, n) = (self.in_features, self.out_features);
-        if x % k != 0 || y != x / k * n {
+impl CudaLoraGroup {
+    /// The pairs of `targets` (one rank, input width and scaling) as one group, in their order.
+    pub fn upload(
+        device: &Arc<CudaDevice>,
+        targets: &[Target],
+        pairs: &[&LoraPair],
+    ) -> Result<CudaLoraGroup> {
+        let op = "CudaLoraGroup::upload";
+        let Some(first) = pairs.first() else {
+            return shape_error(op, "a group of no pairs".to_string());
+        };
+        if targets.len() != pairs.len() {
             return shape_error(
                 op,
-                format!("x holds {x} and y {y} values for a [{n}, {k}] projection"),
+                format!("{} targets for {} pairs", targets.len(), pairs.len()),
             );
         }
-        Ok(x / k)
-    }
-
-    /// y [M, N] (+ when `accumulate`)= s·(x·Aᵀ)·Bᵀ for x [M, K]. The trainer writes the branch
-    /// first and lets the frozen product add onto it (cuBLAS reads y once, in the big product's
-    /// epilogue), so the rank-r product only writes y.
-    pub fn forward_into(
-        &self,
-        x: &CudaSlice<bf16>,
-        y: &mut CudaSlice<bf16>,
-        accumulate: bool,
-    ) -> Result<CudaLoraSaved> {
-        self.rows("CudaLoraPair::forward_into", x.len(), y.len())?;
-        let saved = self.forward_saved(x)?;
-        self.forward_kept(&saved, y, accumulate)?;
-        Ok(saved)
-    }
-
-    /// y [M, N] (+ when `accumulate`)= xs·Bᵀ from the xs an earlier [`Self::forward_into`]
-    /// kept: a recomputed forward, whose input product need not run again.
-    pub fn forward_kept(
-        &self,
-        saved: &CudaLoraSaved,
-        y: &mut CudaSlice<bf16>,
-        accumulate: bool,
-    ) -> Result<()> {
-        let (r, n) = (self.rank, self.out_features);
-        let m = saved.xs.len() / r.max(1);
-        if saved.xs.len() != m * r || y.len() != m * n {
+        let (rank, in_features, scaling) = (first.rank, first.in_features, first.scaling);
+        if pairs
+            .iter()
+            .any(|p| p.rank != rank || p.in_features != in_features || p.scaling != scaling)
+        {
             return shape_error(
-                "CudaLoraPair::forward_kept",
+                op,
+                "pairs of different ranks, inputs or scalings".to_string(),
+            );
+        }
+        let a: Vec<f32> = pairs.iter().flat_map(|p| p.a.iter().copied()).collect();
+        let b = pairs.iter().map(|p| CudaTrainable::upload(device, &p.b));
+        Ok(CudaLoraGroup {
+            device: device.clone(),
+            rank,
+            in_features,
+            scaling,
+            targets: targets.to_vec(),
+            outs: pairs.iter().map(|p| p.out_features).collect(),
+            a: CudaTrainable::upload(device, &a)?,
+            b: b.collect::<Result<_>>()?,
+        })
+    }
+
+    /// How many branches it holds.
+    pub fn branches(&self) -> usize {
+        self.outs.len()
+    }
+
+    /// The branches' projections, in order.
+    pub fn targets(&self) -> &[Target] {
+        &self.targets
+    }
+
+    /// The branch of `target`, if the group holds one.
+    pub fn branch(&self, target: Target) -> Option<usize> {
+        self.targets.iter().position(|&t| t == target)
+    }
+
+    /// Values of one branch's A.
+    fn a_len(&self) -> usize {
+        self.rank * self.in_features
+    }
+
+    /// The pairs' master weights, back on the host, in the group's order.
+    pub fn download(&self) -> Result<Vec<LoraPair>> {
+        let d = &self.device;
+        let a = self.a.download(d)?;
+        let parts = a.chunks(self.a_len()).zip(&self.b).zip(&self.outs);
+        parts
+            .map(|((a, b), &out)| {
+                let (r, k) = (self.rank, self.in_features);
+                LoraPair::from_parts(a.to_vec(), b.download(d)?, r, k, out, self.scaling)
+            })
+            .collect()
+    }
+
+    /// The pairs' accumulated gradients, on the host.
+    pub fn grads(&self) -> Result<Vec<LoraGrads>> {
+        let d = &self.device;
+        let a = self.a.grad(d)?;
+        let parts = a.chunks(self.a_len()).zip(&self.b);
+        parts
+            .map(|(a, b)| {
+                Ok(LoraGrads {
+                    a: a.to_vec(),
+                    b: b.grad(d)?,
+                })
+            })
+            .collect()
+    }
+
+    /// The pairs' matrices' sizes, A then B of each, as a checkpoint lists them.
+    pub fn matrix_sizes(&self) -> Vec<usize> {
+        let a = self.a_len();
+        self.outs.iter().flat_map(|o| [a, o * self.rank]).collect()
+    }
+
+    /// The AdamW moments (m, v) of A then B of each pair, as a checkpoint lists them.
+    pub fn moments(&self) -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
+        let d = &self.device;
+        let (m, v) = self.a.moments(d)?;
+        let a_parts = m.chunks(self.a_len()).zip(v.chunks(self.a_len()));
+        let mut out = Vec::with_capacity(2 * self.branches());
+        for ((m, v), b) in a_parts.zip(&self.b) {
+            out.push((m.to_vec(), v.to_vec()));
+            out.push(b.moments(d)?);
+        }
+        Ok(out)
+    }
+
+    /// Restores the moments [`Self::moments`] gave (a checkpoint's).
+    pub fn set_moments(&mut self, moments: &[(Vec<f32>, Vec<f32>)]) -> Result<()> {
+        if moments.len() != 2 * self.branches() {
+            return shape_error(
+                "CudaLoraGroup::set_moments",
+                format!("{} moments for {} pairs", moments.len(), self.branches()),
+            );
+        }
+        let (mut a_m, mut a_v) = (Vec::new(), Vec::new());
+        for (pair, b) in moments.chunks(2).zip(&mut self.b) {
+            a_m.extend_from_slice(&pair[0].0);
+            a_v.extend_from_slice(&pair[0].1);
+            b.set_moments(&self.device, &pair[1].0, &pair[1].1)?;
+        }
+        self.a.set_moments(&self.device, &a_m, &a_v)
+    }
+
+    /// A (stacked) and each B, for the optimizer.
+    pub fn trainables_mut(&mut self) -> impl Iterator<Item = &mut CudaTrainable> {
+        std::iter::once(&mut self.a).chain(&mut self.b)
+    }
+
+    /// M of an input x [M, K] of `len` values.
+    fn rows(&self, op: &'static str, len: usize) -> Result<usize> {
+        let k = self.in_features;
+        if len % k != 0 {
+            return shape_error(op, format!("an input of {len} values for {k} features"));
+        }
+        Ok(len / k)
+    }
+
+    /// Branch j's columns of xs or G.
+    fn branch_cols(&self, j: usize) -> Cols {
+        Cols {
+            first: j * self.rank,
+            width: self.rank,
+            stride: self.branches() * self.rank,
+        }
+    }
+
+    /// Checks that `dys` hold one gradient [M, Nⱼ] per branch.
+    fn check_branches(&self, op: &'static str, m: usize, dys: &[&CudaSlice<bf16>]) -> Result<()> {
+        let fits = dys.len() == self.branches()
+            && dys
+                .iter()
+                .zip(&self.outs)
+                .all(|(dy, out)| dy.len() == m * out);
+        if !fits {
+            let lens: Vec<usize> = dys.iter().map(|dy| dy.len()).collect();
+            return shape_error(
+                op,
                 format!(
-                    "xs holds {} and y {} values for rank {r} and {n} outputs",
-                    saved.xs.len(),
-                    y.len()
+                    "gradients of {lens:?} values for {m} rows of {:?}",
+                    self.outs
                 ),
             );
         }
-        linear_into(&self.device, &saved.xs, &self.b.copy, r, y, accumulate)?;
         Ok(())
     }
 
-    /// Only what [`Self::backward`] reads of the forward, xs = s·(x·Aᵀ).
-    fn forward_saved(&self, x: &CudaSlice<bf16>) -> Result<CudaLoraSaved> {
-        let rows = x.len() / self.in_features.max(1);
-        let m = self.rows(
-            "CudaLoraPair::forward_saved",
-            x.len(),
-            rows * self.out_features,
-        )?;
+    /// xs = s·(x·Aᵀ) [M, g·r] for x [M, K]: every branch's input product, which the forward's
+    /// branches and the backward's dB read.
+    pub fn saved(&self, x: &CudaSlice<bf16>) -> Result<CudaLoraSaved> {
+        let m = self.rows("CudaLoraGroup::saved", x.len())?;
         let d = &*self.device;
-        let mut xs = d.uninit::<bf16>(m * self.rank)?;
+        let mut xs = d.uninit::<bf16>(m * self.branches() * self.rank)?;
         linear_scaled(d, x, &self.a.copy, self.in_features, &mut xs, self.scaling)?;
         Ok(CudaLoraSaved { xs })
     }
 
-    /// Backward of [`Self::forward_into`] for dy [M, N]: dx [M, K] (+ when `accumulate`)=
-    /// s·(dy·B)·A; the gradients of A and B accumulated (f32).
-    pub fn backward(
-        &mut self,
-        x: &CudaSlice<bf16>,
+    /// Branch j: y [M, Nⱼ] (+ when `accumulate`)= xsⱼ·Bⱼᵀ. The trainer writes the branch first
+    /// and lets the frozen product add onto it (cuBLAS reads y once, in the big product's
+    /// epilogue), so the rank-r product only writes y.
+    pub fn forward_branch(
+        &self,
+        j: usize,
         saved: &CudaLoraSaved,
-        dy: &CudaSlice<bf16>,
-        dx: &mut CudaSlice<bf16>,
+        y: &mut CudaSlice<bf16>,
         accumulate: bool,
     ) -> Result<()> {
-        self.rows("CudaLoraPair::backward", x.len(), dy.len())?;
-        let g = self.backward_input(dy, dx, accumulate)?;
-        self.weight_grads(x, &g, &saved.xs, dy)
+        let Some(b) = self.b.get(j) else {
+            return shape_error(
+                "CudaLoraGroup::forward_branch",
+                format!("branch {j} of {}", self.branches()),
+            );
+        };
+        let xs = (&saved.xs, self.branch_cols(j));
+        linear_cols_into(&self.device, xs, &b.copy, y, accumulate)?;
+        Ok(())
     }
 
-    /// The part of the backward that needs no input, for a forward whose input is not kept
-    /// (the MLP's h, recomputed later in the buffer of its gradient): dx [M, K] (+ when
-    /// `accumulate`)= s·(dy·B)·A. Returns g = s·dy·B for [`Self::backward_weights`].
+    /// The part of the backward that needs no input (the MLP's h is recomputed later, in the
+    /// buffer of its gradient): gⱼ = s·(dyⱼ·Bⱼ) for every branch's dyⱼ [M, Nⱼ], then dx [M, K]
+    /// (+ when `accumulate`)= G·A. Returns G for [`Self::backward_weights`].
     pub fn backward_input(
         &self,
-        dy: &CudaSlice<bf16>,
+        dys: &[&CudaSlice<bf16>],
         dx: &mut CudaSlice<bf16>,
         accumulate: bool,
     ) -> Result<CudaLoraDy> {
-        let m = self.rows("CudaLoraPair::backward_input", dx.len(), dy.len())?;
+        let op = "CudaLoraGroup::backward_input";
+        let m = self.rows(op, dx.len())?;
+        self.check_branches(op, m, dys)?;
         let d = &*self.device;
-        let (r, k) = (self.rank, self.in_features);
-        // g = s·dy·B [M, r]: dy [M, N] times B [N, r] is dy·Wᵀ with W = Bᵀ; as a backward-input
-        // product it is dy · B with B read as [N, r].
-        let mut g = d.uninit::<bf16>(m * r)?;
-        linear_backward_input_scaled(d, dy, &self.b.copy, r, &mut g, self.scaling)?;
-        linear_backward_input_into(d, &g, &self.a.copy, k, dx, accumulate)?;
+        let mut g = d.uninit::<bf16>(m * self.branches() * self.rank)?;
+        for (j, (dy, b)) in dys.iter().zip(&self.b).enumerate() {
+            // dy [M, Nⱼ] times Bⱼ [Nⱼ, r]: dy·Wᵀ with W = Bⱼᵀ, i.e. a backward-input product
+            // with Bⱼ read as [Nⱼ, r]
+            let cols = (&mut g, self.branch_cols(j));
+            linear_backward_input_scaled(d, dy, &b.copy, cols, self.scaling)?;
+        }
+        linear_backward_input_into(d, &g, &self.a.copy, self.in_features, dx, accumulate)?;
         Ok(CudaLoraDy { g })
     }
 
-    /// The rest of the backward once the input x is back: dA += gᵀ·x and dB += dyᵀ·xs, with
-    /// the xs the forward kept.
+    /// The rest of the backward once the input x [M, K] is there: dA += Gᵀ·x, dBⱼ += dyⱼᵀ·xsⱼ
+    /// (f32), with the xs the forward kept.
     pub fn backward_weights(
         &mut self,
         x: &CudaSlice<bf16>,
         saved: &CudaLoraSaved,
         g: &CudaLoraDy,
-        dy: &CudaSlice<bf16>,
+        dys: &[&CudaSlice<bf16>],
     ) -> Result<()> {
-        self.rows("CudaLoraPair::backward_weights", x.len(), dy.len())?;
-        self.weight_grads(x, g, &saved.xs, dy)
-    }
-
-    /// dA += gᵀ·x, dB += dyᵀ·xs (f32).
-    fn weight_grads(
-        &mut self,
-        x: &CudaSlice<bf16>,
-        g: &CudaLoraDy,
-        xs: &CudaSlice<bf16>,
-        dy: &CudaSlice<bf16>,
-    ) -> Result<()> {
+        let op = "CudaLoraGroup::backward_weights";
+        let m = self.rows(op, x.len())?;
+        self.check_branches(op, m, dys)?;
         let d = &*self.device;
         linear_backward_weight(d, &g.g, x, self.in_features, &mut self.a.grad)?;
-        linear_backward_weight(d, dy, xs, self.rank, &mut self.b.grad)?;
+        let cols: Vec<Cols> = (0..self.branches()).map(|j| self.branch_cols(j)).collect();
+        for ((dy, b), cols) in dys.iter().zip(&mut self.b).zip(cols) {
+            linear_backward_weight_cols(d, dy, (&saved.xs, cols), &mut b.grad)?;
+        }
         Ok(())
+    }
+
+    /// The whole backward for the input x [M, K]: [`Self::backward_input`] then
+    /// [`Self::backward_weights`].
+    pub fn backward(
+        &mut self,
+        x: &CudaSlice<bf16>,
+        saved: &CudaLoraSaved,
+        dys: &[&CudaSlice<bf16>],
+        dx: &mut CudaSlice<bf16>,
+        accumulate: bool,
+    ) -> Result<()> {
+        let g = self.backward_input(dys, dx, accumulate)?;
+        self.backward_weights(x, saved, &g, dys)
     }
 }

@@ -46,11 +46,62 @@ fn data_type(dtype: DType) -> sys::cudaDataType {
     }
 }
 
-/// A column-major operand: buffer, element type, leading dimension, transposed or not.
+/// A column-major operand: buffer, first element, leading dimension, transposed or not.
 struct Operand<'a, T> {
     data: &'a CudaSlice<T>,
+    offset: usize,
     transpose: bool,
     ld: usize,
+}
+
+impl<'a, T> Operand<'a, T> {
+    /// The whole buffer from its first element.
+    fn whole(data: &'a CudaSlice<T>, transpose: bool, ld: usize) -> Self {
+        Operand {
+            data,
+            offset: 0,
+            transpose,
+            ld,
+        }
+    }
+}
+
+/// Columns `first..first + width` of a row-major buffer whose rows are `stride` values long: a
+/// [rows, width] matrix kept side by side with others (a LoRA group's branches share one
+/// [rows, g·r] buffer), read or written in place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cols {
+    pub first: usize,
+    pub width: usize,
+    pub stride: usize,
+}
+
+impl Cols {
+    /// Every column of rows `width` long.
+    pub fn whole(width: usize) -> Cols {
+        Cols {
+            first: 0,
+            width,
+            stride: width,
+        }
+    }
+
+    /// The rows of a buffer of `len` values these columns lie in (an error unless `len` is
+    /// whole rows and the columns fit in a row).
+    fn rows(&self, op: &'static str, what: &str, len: usize) -> Result<usize> {
+        if self.first + self.width > self.stride {
+            return Err(crate::OpsError::Shape {
+                op,
+                reason: format!(
+                    "{what}: columns {}..{} of rows {} long",
+                    self.first,
+                    self.first + self.width,
+                    self.stride
+                ),
+            });
+        }
+        rows_of(op, what, len, self.stride)
+    }
 }
 
 /// How a product lands in its output: C = alpha · product (+ C when `accumulate`).
@@ -69,13 +120,14 @@ impl Epilogue {
     }
 }
 
-/// C (col-major [m, n], ld m) = alpha · op(A) · op(B) (+ C when accumulating), f32 compute.
+/// C (col-major [m, n], leading dimension `c_cols.stride`, from element `c_cols.first` on) =
+/// alpha · op(A) · op(B) (+ C when accumulating), f32 compute.
 fn gemm<A: CudaElement, C: CudaElement>(
     device: &CudaDevice,
     (m, n, k): (usize, usize, usize),
     a: Operand<A>,
     b: Operand<A>,
-    c: &mut CudaSlice<C>,
+    (c, c_cols): (&mut CudaSlice<C>, Cols),
     epilogue: Epilogue,
 ) -> Result<()> {
     if m == 0 || n == 0 {
@@ -96,9 +148,16 @@ fn gemm<A: CudaElement, C: CudaElement>(
     let (a_ptr, _ra) = a.data.device_ptr(stream);
     let (b_ptr, _rb) = b.data.device_ptr(stream);
     let (c_ptr, _rc) = c.device_ptr_mut(stream);
+    let at = |ptr: u64, offset: usize, size: usize| ptr + (offset * size) as u64;
+    let (a_ptr, b_ptr) = (
+        at(a_ptr, a.offset, std::mem::size_of::<A>()),
+        at(b_ptr, b.offset, std::mem::size_of::<A>()),
+    );
+    let c_ptr = at(c_ptr, c_cols.first, std::mem::size_of::<C>());
     // SAFETY: the callers check that A, B and C hold the [m, k], [k, n], [m, n] operands
-    // their leading dimensions describe; alpha and beta are f32 as COMPUTE_32F requires, and
-    // the handle is bound to this device's stream, on which the pointers were recorded.
+    // their offsets and leading dimensions describe; alpha and beta are f32 as COMPUTE_32F
+    // requires, and the handle is bound to this device's stream, on which the pointers were
+    // recorded.
     unsafe {
         blas::gemm_ex(
             *blas.handle(),
@@ -117,7 +176,7 @@ fn gemm<A: CudaElement, C: CudaElement>(
             (&beta) as *const f32 as *const _,
             c_ptr as *mut _,
             data_type(C::DTYPE),
-            m_i as i32,
+            to_u32("ldc", c_cols.stride)? as i32,
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )
@@ -148,7 +207,19 @@ pub fn linear_into<T: CudaElement>(
     accumulate: bool,
 ) -> Result<()> {
     let epilogue = Epilogue::plain(accumulate);
-    linear_with(device, x, weight, in_features, y, epilogue)
+    linear_with(device, (x, Cols::whole(in_features)), weight, y, epilogue)
+}
+
+/// [`linear_into`] reading x [M, K] from columns of a wider buffer: y [M, N] (+)=
+/// x[:, cols] · Wᵀ for W [N, cols.width] (one branch of a LoRA group's xs).
+pub fn linear_cols_into<T: CudaElement>(
+    device: &CudaDevice,
+    (x, cols): (&CudaSlice<T>, Cols),
+    weight: &CudaSlice<T>,
+    y: &mut CudaSlice<T>,
+    accumulate: bool,
+) -> Result<()> {
+    linear_with(device, (x, cols), weight, y, Epilogue::plain(accumulate))
 }
 
 /// y = alpha · x · Wᵀ, the scale applied to the f32 accumulator before y is rounded (a LoRA
@@ -165,33 +236,29 @@ pub fn linear_scaled<T: CudaElement>(
         alpha,
         accumulate: false,
     };
-    linear_with(device, x, weight, in_features, y, epilogue)
+    linear_with(device, (x, Cols::whole(in_features)), weight, y, epilogue)
 }
 
 fn linear_with<T: CudaElement>(
     device: &CudaDevice,
-    x: &CudaSlice<T>,
+    (x, cols): (&CudaSlice<T>, Cols),
     weight: &CudaSlice<T>,
-    in_features: usize,
     y: &mut CudaSlice<T>,
     epilogue: Epilogue,
 ) -> Result<()> {
     let op = "cuda linear";
-    let k = in_features;
-    let m = rows_of(op, "x", x.len(), k)?;
+    let k = cols.width;
+    let m = cols.rows(op, "x", x.len())?;
     let n = rows_of(op, "weight", weight.len(), k)?;
     check_len(op, "output", y.len(), m * n)?;
-    let w = Operand {
-        data: weight,
-        transpose: true,
-        ld: k,
-    };
+    let w = Operand::whole(weight, true, k);
     let xt = Operand {
         data: x,
+        offset: cols.first,
         transpose: false,
-        ld: k,
+        ld: cols.stride,
     };
-    gemm(device, (n, m, k), w, xt, y, epilogue)
+    gemm(device, (n, m, k), w, xt, (y, Cols::whole(n)), epilogue)
 }
 
 /// Linear backward for the input: dy [M, N], weight [N, K] → dx [M, K] = dy · W.
@@ -217,49 +284,46 @@ pub fn linear_backward_input_into<T: CudaElement>(
     accumulate: bool,
 ) -> Result<()> {
     let epilogue = Epilogue::plain(accumulate);
-    linear_backward_input_with(device, dy, weight, in_features, dx, epilogue)
+    let dx = (dx, Cols::whole(in_features));
+    linear_backward_input_with(device, dy, weight, dx, epilogue)
 }
 
-/// dx = alpha · dy · W, scaled before rounding (a LoRA branch's s·(dy·B) in one product).
+/// dx[:, cols] = alpha · dy · W for W [N, cols.width], scaled before rounding, into columns of
+/// a wider buffer (a LoRA branch's s·(dy·B) in one product, beside its group's others).
 pub fn linear_backward_input_scaled<T: CudaElement>(
     device: &CudaDevice,
     dy: &CudaSlice<T>,
     weight: &CudaSlice<T>,
-    in_features: usize,
-    dx: &mut CudaSlice<T>,
+    dx: (&mut CudaSlice<T>, Cols),
     alpha: f32,
 ) -> Result<()> {
     let epilogue = Epilogue {
         alpha,
         accumulate: false,
     };
-    linear_backward_input_with(device, dy, weight, in_features, dx, epilogue)
+    linear_backward_input_with(device, dy, weight, dx, epilogue)
 }
 
 fn linear_backward_input_with<T: CudaElement>(
     device: &CudaDevice,
     dy: &CudaSlice<T>,
     weight: &CudaSlice<T>,
-    in_features: usize,
-    dx: &mut CudaSlice<T>,
+    (dx, cols): (&mut CudaSlice<T>, Cols),
     epilogue: Epilogue,
 ) -> Result<()> {
     let op = "cuda linear_backward_input";
-    let k = in_features;
+    let k = cols.width;
     let n = rows_of(op, "weight", weight.len(), k)?;
     let m = rows_of(op, "dy", dy.len(), n)?;
-    check_len(op, "dx", dx.len(), m * k)?;
-    let wt = Operand {
-        data: weight,
-        transpose: false,
-        ld: k,
-    };
-    let dyt = Operand {
-        data: dy,
-        transpose: false,
-        ld: n,
-    };
-    gemm(device, (k, m, n), wt, dyt, dx, epilogue)
+    if cols.rows(op, "dx", dx.len())? != m {
+        return Err(crate::OpsError::Shape {
+            op,
+            reason: format!("dx of {} values for {m} rows of {cols:?}", dx.len()),
+        });
+    }
+    let wt = Operand::whole(weight, false, k);
+    let dyt = Operand::whole(dy, false, n);
+    gemm(device, (k, m, n), wt, dyt, (dx, cols), epilogue)
 }
 
 /// Linear backward for the weight: dy [M, N], x [M, K] → dw [N, K] += dyᵀ · x (f32).
@@ -271,22 +335,37 @@ pub fn linear_backward_weight<T: CudaElement>(
     in_features: usize,
     dw: &mut CudaSlice<f32>,
 ) -> Result<()> {
+    linear_backward_weight_cols(device, dy, (x, Cols::whole(in_features)), dw)
+}
+
+/// [`linear_backward_weight`] reading x from columns of a wider buffer: dw [N, cols.width] +=
+/// dyᵀ · x[:, cols] (one branch of a LoRA group's dB = dyᵀ·xs).
+pub fn linear_backward_weight_cols<T: CudaElement>(
+    device: &CudaDevice,
+    dy: &CudaSlice<T>,
+    (x, cols): (&CudaSlice<T>, Cols),
+    dw: &mut CudaSlice<f32>,
+) -> Result<()> {
     let op = "cuda linear_backward_weight";
-    let k = in_features;
-    let m = rows_of(op, "x", x.len(), k)?;
+    let k = cols.width;
+    let m = cols.rows(op, "x", x.len())?;
     let n = rows_of(op, "dy", dy.len(), m.max(1))?;
     check_len(op, "dw", dw.len(), n * k)?;
     let xt = Operand {
         data: x,
+        offset: cols.first,
         transpose: false,
-        ld: k,
+        ld: cols.stride,
     };
-    let dy_op = Operand {
-        data: dy,
-        transpose: true,
-        ld: n,
-    };
-    gemm(device, (k, n, m), xt, dy_op, dw, Epilogue::plain(true))
+    let dy_op = Operand::whole(dy, true, n);
+    gemm(
+        device,
+        (k, n, m),
+        xt,
+        dy_op,
+        (dw, Cols::whole(k)),
+        Epilogue::plain(true),
+    )
 }
 
 /// One side of a batched product: `count` row-major matrices [rows, cols] in `data`, `stride`

@@ -22,7 +22,8 @@ pub use activation::{
 pub use loss::{cross_entropy, cross_entropy_backward, CudaCrossEntropy};
 pub use matmul::{
     batched_matmul, linear, linear_backward_input, linear_backward_input_into,
-    linear_backward_input_scaled, linear_backward_weight, linear_into, linear_scaled, Strided,
+    linear_backward_input_scaled, linear_backward_weight, linear_backward_weight_cols,
+    linear_cols_into, linear_into, linear_scaled, Cols, Strided,
 };
 pub use norm::{
     gemma_rms_norm, layer_norm, layer_norm_backward, rms_norm, rms_norm_backward,
