@@ -757,6 +757,8 @@ impl CudaTrainer {
                 (last_tape, last_input) = (Some(tape), Some(input));
             } else {
                 let mut kept = self.keep_attention(i, attention.attend, merged)?;
+                // n₁ is read again only by the backward, which recomputes it
+                drop(attention.normed1);
                 let merged = kept.merged.buffer();
                 let mlp = self.mlp_forward(i, input.buffer(), merged, None, &mut lora)?;
                 h = self.layer_output(i, &mlp, &mut lora)?;
@@ -773,11 +775,12 @@ impl CudaTrainer {
         let (row_losses, mut dh) = self.head_backward(&h, &targets, scale)?;
         drop(h);
         // backward, last layer first, each recomputed from its input and kept attention;
-        // those of the layer below come back from the host while this one runs
+        // those of the layer below come back from the host while this one runs (its mid once
+        // this one's MLP buffers are freed: the backward's peak, which the forward's matches)
         let (mut i, mut next) = (layers, last_input.map(|input| (input, None)));
         while let Some((input, kept)) = next.take() {
             i -= 1;
-            next = self.fetch_below(i, keep_mid)?;
+            next = self.fetch_below(i)?;
             let input = input.wait()?;
             let tape = match (last_tape.take(), kept) {
                 (Some(tape), _) => tape,
@@ -787,7 +790,9 @@ impl CudaTrainer {
                     self.recompute(i, &input, b.batch, &positions, kept, lora)?
                 }
             };
-            dh = self.layer_backward(i, &input, tape, &dh)?;
+            let below = next.as_mut().and_then(|(_, kept)| kept.as_mut());
+            let mid_below = below.filter(|_| keep_mid);
+            dh = self.layer_backward(i, &input, tape, &dh, mid_below)?;
         }
         // dh is now the gradient of the embeddings: a trained embed_tokens takes it row by row.
         if let Some(embed) = &mut self.modules[0] {
@@ -805,8 +810,8 @@ impl CudaTrainer {
     }
 
     /// Starts bringing back the input of the layer below layer i (none below layer 0) and its
-    /// kept attention (with mid when kept).
-    fn fetch_below(&mut self, i: usize, keep_mid: bool) -> Result<Option<Fetched>> {
+    /// kept attention (but for mid: [`Self::layer_backward`]).
+    fn fetch_below(&mut self, i: usize) -> Result<Option<Fetched>> {
         let Some(j) = i.checked_sub(1) else {
             return Ok(None);
         };
@@ -815,7 +820,7 @@ impl CudaTrainer {
             merged: get(0)?,
             qkv: [get(1)?, get(2)?, get(3)?],
             lse: self.lses.get(j)?,
-            mid: keep_mid.then(|| self.mids.get(j)).transpose()?,
+            mid: None,
         };
         Ok(Some((self.checkpoints.get(j)?, Some(kept))))
     }
@@ -969,13 +974,15 @@ impl CudaTrainer {
 
     /// Backward of layer i for dout [N, C] (the gradient of its output), given its input x:
     /// returns the gradient of x; LoRA gradients accumulated. The tape is used up: the MLP's
-    /// [N, F] buffers turn into their own gradients.
+    /// [N, F] buffers turn into their own gradients. Once they are freed, `mid_below` (the
+    /// layer below's kept attention, when its mid was kept) starts bringing mid back.
     fn layer_backward(
         &mut self,
         i: usize,
         x: &CudaSlice<bf16>,
         tape: Tape,
         dout: &CudaSlice<bf16>,
+        mid_below: Option<&mut KeptAttention>,
     ) -> Result<CudaSlice<bf16>> {
         let (eps, act) = (self.model.config.rms_norm_eps, self.model.config.hidden_act);
         let dims = self.model.config.lora_dims();
@@ -1020,6 +1027,9 @@ impl CudaTrainer {
             false,
         )?;
         drop((d_gate, d_up));
+        if let (Some(kept), Some(below)) = (mid_below, i.checked_sub(1)) {
+            kept.mid = Some(self.mids.get(below)?);
+        }
         // d_mid = the norm's input gradient + dout (the residual path), in one kernel
         let mut d_mid = d.uninit::<bf16>(dout.len())?;
         let ln2 = &layer.post_attention_layernorm;

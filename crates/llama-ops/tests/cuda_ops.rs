@@ -457,34 +457,25 @@ fn column_views_match_dense_products() {
             up(&gpu, &w),
             up(&gpu, &dy),
         );
+        // (want, got) buffers of [rows, cols], compared once filled
+        let outputs = |rows: usize, cols: usize| {
+            let zeros = || gpu.zeros::<f32>(rows * cols).unwrap();
+            (zeros(), zeros(), [rows, cols])
+        };
+        let same = |what: &str, want: &CudaSlice<f32>, got: &CudaSlice<f32>, shape: [usize; 2]| {
+            let label = format!("{what} {name}");
+            assert_close(&label, &down(&gpu, got), &down(&gpu, want), &shape, 1e-6);
+        };
         // y = x[:, cols]·Wᵀ
-        let (mut want, mut got) = (
-            gpu.zeros::<f32>(m * n).unwrap(),
-            gpu.zeros::<f32>(m * n).unwrap(),
-        );
+        let (mut want, mut got, shape) = outputs(m, n);
         cuda::linear(&gpu, &dense_d, &wd, width, &mut want).unwrap();
         cuda::linear_cols_into(&gpu, (&wide_d, cols), &wd, &mut got, false).unwrap();
-        assert_close(
-            &format!("y {name}"),
-            &down(&gpu, &got),
-            &down(&gpu, &want),
-            &[m, n],
-            1e-6,
-        );
+        same("y", &want, &got, shape);
         // dw += dyᵀ·x[:, cols]
-        let (mut want, mut got) = (
-            gpu.zeros::<f32>(n * width).unwrap(),
-            gpu.zeros::<f32>(n * width).unwrap(),
-        );
+        let (mut want, mut got, shape) = outputs(n, width);
         cuda::linear_backward_weight(&gpu, &dyd, &dense_d, width, &mut want).unwrap();
         cuda::linear_backward_weight_cols(&gpu, &dyd, (&wide_d, cols), &mut got).unwrap();
-        assert_close(
-            &format!("dw {name}"),
-            &down(&gpu, &got),
-            &down(&gpu, &want),
-            &[n, width],
-            1e-6,
-        );
+        same("dw", &want, &got, shape);
         // dx[:, cols] = 0.5·dy·W, the other columns untouched
         let mut dx = up(&gpu, &wide);
         cuda::linear_backward_input_scaled(&gpu, &dyd, &wd, (&mut dx, cols), 0.5).unwrap();

@@ -346,9 +346,10 @@ impl Arg for Out<'_> {
 }
 
 /// LoRA pairs of one layer that read the same input x [M, K] — q, k and v; gate and up; or one
-/// projection alone — on a device, with their gradients and optimizer state. As Unsloth fuses
-/// them, their A matrices are stacked, A = [A₁; …; A_g] [g·r, K], so that one product gives
-/// every branch's xs, one their dA and one their share of dx (x read once, dx written once):
+/// projection alone — on a device, with their gradients and optimizer state: Unsloth's
+/// LoRA_QKV and LoRA_MLP steps, with the A matrices also stacked, A = [A₁; …; A_g] [g·r, K], so
+/// that one product gives every branch's xs, one their dA and one their share of dx (x read
+/// once, dx written once):
 ///
 ///   forward:  xs = s·(x·Aᵀ) [M, g·r];  yⱼ (+)= xsⱼ·Bⱼᵀ
 ///   backward: gⱼ = s·(dyⱼ·Bⱼ), side by side in G [M, g·r];  dx (+)= G·A;  dA += Gᵀ·x;
