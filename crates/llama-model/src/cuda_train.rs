@@ -775,8 +775,8 @@ impl CudaTrainer {
         let (row_losses, mut dh) = self.head_backward(&h, &targets, scale)?;
         drop(h);
         // backward, last layer first, each recomputed from its input and kept attention;
-        // those of the layer below come back from the host while this one runs (its mid once
-        // this one's MLP buffers are freed: the backward's peak, which the forward's matches)
+        // those of the layer below come back from the host while this one runs (its mid only
+        // once this layer's MLP backward has freed its [N, F] buffers, where the peak is)
         let (mut i, mut next) = (layers, last_input.map(|input| (input, None)));
         while let Some((input, kept)) = next.take() {
             i -= 1;
@@ -1137,7 +1137,7 @@ mod tests {
 
     #[test]
     fn mid_is_kept_where_the_products_cover_its_copy() {
-        let config = |shape: ModelShape| shape.config().unwrap();
+        let config = |shape: ModelShape| shape.config().expect("a built-in shape's config");
         assert!(keeps_mid(&config(ModelShape::Llama3_8b), 2048));
         assert!(!keeps_mid(&config(ModelShape::Llama32_1b), 2048));
         assert!(!keeps_mid(&config(ModelShape::Smollm2_135m), 512));
