@@ -1,7 +1,8 @@
 //! `cargo xtask bench-train`: LoRA training of SmolLM2-135M (r=16 on all seven projections,
-//! AdamW, batch 1 × 512) on the CPU, with and without gradient checkpointing — tokens/s and
-//! peak memory of `fastllama bench-train`, side by side with HF transformers + peft
-//! (`../shared/bench/hf_cpu_train.py`, in a venv under target/) in the same run.
+//! AdamW, batch 1 × 512) on the CPU, with and without gradient checkpointing, in `exact` (f32)
+//! and `fast` precision (bf16 products on CPUs with AVX512-BF16) — tokens/s and peak memory of
+//! `fastllama bench-train`, side by side with HF transformers + peft
+//! (`../shared/bench/hf_cpu_train.py`, f32, in a venv under target/) in the same run.
 
 use std::path::Path;
 use std::process::{Command, ExitCode};
@@ -43,26 +44,23 @@ fn hf_peer(root: &Path, model: &str) -> Result<Value, String> {
     )
 }
 
+/// fastllama's precisions, each run with and without checkpointing.
+const PRECISIONS: [&str; 2] = ["exact", "fast"];
+
 pub fn run(args: BenchTrainArgs) -> Result<ExitCode, String> {
     let root = cargo::root();
     let (fastllama, model) = fastllama_and_model(&root)?;
     let mut ours = Vec::new();
-    for checkpointing in [false, true] {
+    for (precision, checkpointing) in PRECISIONS.iter().flat_map(|&p| [(p, false), (p, true)]) {
         let mut cmd = Command::new(&fastllama);
-        cmd.args([
-            "bench-train",
-            "--json",
-            "--device",
-            "cpu",
-            "--precision",
-            "exact",
-        ])
-        .args(["--model", &model, "--threads", &args.threads.to_string()])
-        .args(["--steps", &args.steps.to_string()]);
+        cmd.args(["bench-train", "--json", "--device", "cpu"])
+            .args(["--precision", precision])
+            .args(["--model", &model, "--threads", &args.threads.to_string()])
+            .args(["--steps", &args.steps.to_string()]);
         if checkpointing {
             cmd.arg("--gradient-checkpointing");
         }
-        ours.push(run_json(&mut cmd, "fastllama bench-train")?);
+        ours.push((precision, run_json(&mut cmd, "fastllama bench-train")?));
     }
     let peer = if args.no_peer {
         None
@@ -76,27 +74,27 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode, String> {
         args.threads
     );
     println!();
-    println!("| engine | checkpointing | tok/s (× HF + peft) | peak RSS MiB |");
-    println!("| --- | --- | --- | --- |");
+    println!("| engine | precision | checkpointing | tok/s (× HF + peft) | peak RSS MiB |");
+    println!("| --- | --- | --- | --- | --- |");
     let num = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     if let Some(p) = &peer {
         for (key, ckpt) in [("ckpt=False", false), ("ckpt=True", true)] {
             println!(
-                "| HF transformers + peft (torch {}) | {ckpt} | {:.1} | {:.0} (both runs) |",
+                "| HF transformers + peft (torch {}) | f32 | {ckpt} | {:.1} | {:.0} (both runs) |",
                 p["torch"].as_str().unwrap_or("?"),
                 num(&p[key], "tok_s"),
                 num(p, "peak_rss_MB"),
             );
         }
     }
-    for r in &ours {
+    for (precision, r) in &ours {
         let ckpt = r["gradient_checkpointing"].as_bool().unwrap_or(false);
         let key = if ckpt { "ckpt=True" } else { "ckpt=False" };
         let ratio = peer.as_ref().map_or(String::new(), |p| {
             format!(" ({:.2}×)", num(r, "tokens_per_s") / num(&p[key], "tok_s"))
         });
         println!(
-            "| fastllama | {ckpt} | {:.1}{ratio} | {:.0} |",
+            "| fastllama | {precision} | {ckpt} | {:.1}{ratio} | {:.0} |",
             num(r, "tokens_per_s"),
             num(r, "peak_rss_mib"),
         );

@@ -7,10 +7,12 @@
 //! Tasks: one per (batch, head, tile of Q_TILE queries); a single query per sequence (decoding)
 //! takes a (batch, kv head) task instead, so the G query heads of a group read their keys once.
 //!
-//! Backward, with Dᵢ = dOᵢ · Oᵢ and P recomputed as e^(s − L):
-//!   pass 1, one task per (batch, kv head, key tile):  dVⱼ = Σᵢ Pᵢⱼ dOᵢ,  dKⱼ = scale Σᵢ dSᵢⱼ Qᵢ
-//!   pass 2, one task per (batch, head, query tile):  dQᵢ = scale Σⱼ dSᵢⱼ Kⱼ
-//! with dSᵢⱼ = Pᵢⱼ (dOᵢ · Vⱼ − Dᵢ): two recomputations of S instead of the atomics a GPU uses.
+//! Backward, with Dᵢ = dOᵢ · Oᵢ and P recomputed as e^(s − L), one pass, one task per (batch,
+//! head) over its (key tile, query tile) blocks:
+//!   dVⱼ += Σᵢ Pᵢⱼ dOᵢ,  dKⱼ += scale Σᵢ dSᵢⱼ Qᵢ,  dQᵢ += scale Σⱼ dSᵢⱼ Kⱼ
+//! with dSᵢⱼ = Pᵢⱼ (dOᵢ · Vⱼ − Dᵢ). Each task owns its head's dQ rows and its own copy of the
+//! kv head's dK and dV; a group's copies are then summed in head order — S computed once per
+//! block, no atomics, and the same bits at any thread count.
 
 use llama_ops::math::{add_weighted_rows, dot, dot_rows, exp, exp_shifted_sum, gemm, Operand};
 use rayon::prelude::*;
@@ -297,29 +299,25 @@ pub fn backward(
         delta: &delta,
         scale: scale(s),
     };
-    // Pass 1: dK, dV by (batch, kv head, key tile).
+    // Per head: its dQ, and its share of its kv head's dK and dV.
     let slab = s.kv_stride * d;
+    let mut dk_heads = vec![0f32; s.batch * s.heads * slab];
+    let mut dv_heads = vec![0f32; s.batch * s.heads * slab];
+    dq.par_chunks_mut(s.seq_q * d)
+        .zip(dk_heads.par_chunks_mut(slab))
+        .zip(dv_heads.par_chunks_mut(slab))
+        .enumerate()
+        .for_each(|(bh, ((dq, dk), dv))| grads.head(bh / s.heads, bh % s.heads, dq, dk, dv));
+    // dK, dV of (batch, kv head) = the sum over the group's heads, in head order.
+    let group = s.group();
     dk.par_chunks_mut(slab)
         .zip(dv.par_chunks_mut(slab))
         .enumerate()
-        .flat_map_iter(|(bg, (dk, dv))| {
-            dk.chunks_mut(K_TILE * d)
-                .zip(dv.chunks_mut(K_TILE * d))
-                .enumerate()
-                .map(move |(t, pair)| (bg, t, pair))
-        })
-        .for_each(|(bg, t, (dk, dv))| {
-            grads.key_tile(bg / s.kv_heads, bg % s.kv_heads, t * K_TILE, dk, dv)
+        .for_each(|(bg, (dk, dv))| {
+            let heads = bg * group..(bg + 1) * group;
+            sum_slabs(dk, &dk_heads, heads.clone(), slab);
+            sum_slabs(dv, &dv_heads, heads, slab);
         });
-    // Pass 2: dQ by (batch, head, query tile).
-    dq.par_chunks_mut(s.seq_q * d)
-        .enumerate()
-        .flat_map_iter(|(bh, dq)| {
-            dq.chunks_mut(Q_TILE * d)
-                .enumerate()
-                .map(move |(t, dq)| (bh, t, dq))
-        })
-        .for_each(|(bh, t, dq)| grads.query_tile(bh / s.heads, bh % s.heads, t * Q_TILE, dq));
     Ok(())
 }
 
@@ -392,72 +390,66 @@ impl Grads<'_> {
         }
     }
 
-    /// dK, dV rows first.. of (b, kv head g): dV += Pᵀ dO and dK += scale · dSᵀ Q over every
-    /// query tile of every head of the group.
-    fn key_tile(&self, b: usize, g: usize, first: usize, dk: &mut [f32], dv: &mut [f32]) {
-        let Rows { q, s, .. } = self.rows;
-        let d = s.head_dim;
+    /// One head's gradients: dQ [Tq, D] and its share of dK and dV [S, D] (overwritten), block
+    /// by block over the key tiles and, causally, the query tiles that see them.
+    fn head(&self, b: usize, h: usize, dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) {
+        let Rows { q, k, s, mask, .. } = self.rows;
+        let (d, kv) = (s.head_dim, h / s.group());
+        dq.fill(0.0);
         dk.fill(0.0);
         dv.fill(0.0);
-        if first >= s.seq_k {
-            return;
-        }
-        let width = (dk.len() / d).min(s.seq_k - first);
-        let (dk, dv) = (&mut dk[..width * d], &mut dv[..width * d]);
-        let mut p = vec![0f32; Q_TILE * width];
-        let mut ds = vec![0f32; Q_TILE * width];
-        // Causal: queries before the tile's first key (in absolute positions) see none of it.
-        let i_start = if self.rows.mask.causal {
-            first.saturating_sub(s.q_offset())
-        } else {
-            0
-        };
-        for h in g * s.group()..(g + 1) * s.group() {
+        let mut p = vec![0f32; Q_TILE * K_TILE];
+        let mut ds = vec![0f32; Q_TILE * K_TILE];
+        let row0 = (b * s.heads + h) * s.seq_q * d;
+        for tile in (0..s.seq_k).step_by(K_TILE) {
+            let width = K_TILE.min(s.seq_k - tile);
+            let keys = &k[s.kv_row(b, kv, tile)..][..width * d];
+            let (dk, dv) = (
+                &mut dk[tile * d..][..width * d],
+                &mut dv[tile * d..][..width * d],
+            );
+            // Causal: queries before the tile's first key (in absolute positions) see none of it.
+            let i_start = if mask.causal {
+                tile.saturating_sub(s.q_offset())
+            } else {
+                0
+            };
             for i0 in (i_start..s.seq_q).step_by(Q_TILE) {
                 let m = Q_TILE.min(s.seq_q - i0);
                 let (p, ds) = (&mut p[..m * width], &mut ds[..m * width]);
-                self.block(b, h, i0, m, first, width, p, ds);
-                let row0 = ((b * s.heads + h) * s.seq_q + i0) * d;
+                self.block(b, h, i0, m, tile, width, p, ds);
+                let rows = row0 + i0 * d..row0 + (i0 + m) * d;
+                let (qi, doi) = (&q[rows.clone()], &self.dout[rows]);
                 gemm(
                     Operand::Transposed(p, width, m),
-                    Operand::Plain(&self.dout[row0..][..m * d], m, d),
+                    Operand::Plain(doi, m, d),
                     dv,
                     true,
                 );
                 gemm(
                     Operand::Transposed(ds, width, m),
-                    Operand::Plain(&q[row0..][..m * d], m, d),
+                    Operand::Plain(qi, m, d),
                     dk,
+                    true,
+                );
+                let dqi = &mut dq[i0 * d..][..m * d];
+                gemm(
+                    Operand::Plain(ds, m, width),
+                    Operand::Plain(keys, width, d),
+                    dqi,
                     true,
                 );
             }
         }
     }
+}
 
-    /// dQ rows first.. of (b, h): dQ += scale · dS K over the key tiles these queries see.
-    fn query_tile(&self, b: usize, h: usize, first: usize, dq: &mut [f32]) {
-        let Rows { k, s, mask, .. } = self.rows;
-        let d = s.head_dim;
-        let kv = h / s.group();
-        let m = dq.len() / d;
-        dq.fill(0.0);
-        let (lo, hi) = (0..m)
-            .map(|r| mask.keys(s, b, first + r))
-            .fold((usize::MAX, 0), |(lo, hi), k| {
-                (lo.min(k.start), hi.max(k.end))
-            });
-        let mut p = vec![0f32; m * K_TILE];
-        let mut ds = vec![0f32; m * K_TILE];
-        for tile in (lo..hi).step_by(K_TILE) {
-            let width = K_TILE.min(hi - tile);
-            let (p, ds) = (&mut p[..m * width], &mut ds[..m * width]);
-            self.block(b, h, first, m, tile, width, p, ds);
-            gemm(
-                Operand::Plain(ds, m, width),
-                Operand::Plain(&k[s.kv_row(b, kv, tile)..][..width * d], width, d),
-                dq,
-                true,
-            );
-        }
+/// out = Σ over `heads` of their slabs of `parts` ([_, slab] each), added in order.
+fn sum_slabs(out: &mut [f32], parts: &[f32], heads: std::ops::Range<usize>, slab: usize) {
+    out.fill(0.0);
+    for h in heads {
+        out.iter_mut()
+            .zip(&parts[h * slab..][..slab])
+            .for_each(|(o, v)| *o += v);
     }
 }

@@ -58,19 +58,18 @@ proptest! {
 
     #[test]
     fn tiled_forward_and_backward_equal_the_reference(s in shapes(), causal: bool, padded: bool, seed: u64) {
-        let x = inputs(&s, seed);
-        let mask = Mask { causal, padding: padded.then_some(&x.padding[..]) };
-        let (mut out, mut lse) = (vec![0f32; s.q_len()], vec![0f32; s.q_rows()]);
-        llama_attn::forward(&x.q, &x.k, &x.v, &s, &mask, &mut out, &mut lse).unwrap();
-        let (q64, k64, v64) = (to_f64(&x.q), to_f64(&x.k), to_f64(&x.v));
-        close("out", &out, &to_f32(&reference::forward(&q64, &k64, &v64, &s, &mask)), 1e-5)?;
+        tiled_matches_reference(&s, causal, padded, seed)?;
+    }
 
-        let (mut dq, mut dk, mut dv) = (vec![0f32; s.q_len()], vec![0f32; s.kv_len()], vec![0f32; s.kv_len()]);
-        llama_attn::backward(&x.q, &x.k, &x.v, &out, &lse, &x.dout, &s, &mask, &mut dq, &mut dk, &mut dv).unwrap();
-        let (rq, rk, rv) = reference::backward(&q64, &k64, &v64, &to_f64(&x.dout), &s, &mask);
-        close("dq", &dq, &to_f32(&rq), 1e-4)?;
-        close("dk", &dk, &to_f32(&rk), 1e-4)?;
-        close("dv", &dv, &to_f32(&rv), 1e-4)?;
+    /// Sequences past one query tile (128) and one key tile (256): several blocks per head,
+    /// prefill of a suffix (seq_q < seq_k) included.
+    #[test]
+    fn several_tiles_equal_the_reference(
+        seq_k in 200usize..600, seq_q_less in 0usize..150, group in 1usize..3, causal: bool, padded: bool, seed: u64,
+    ) {
+        let seq_q = seq_k - seq_q_less.min(seq_k - 1);
+        let s = AttnShape { batch: 1, heads: 2 * group, kv_heads: 2, seq_q, seq_k, kv_stride: seq_k + 3, head_dim: 8 };
+        tiled_matches_reference(&s, causal, padded, seed)?;
     }
 
     #[test]
@@ -180,4 +179,42 @@ fn decoding_split_across_tasks_equals_the_reference() {
             lse[0]
         );
     }
+}
+
+/// The tiled forward and backward of random inputs against the f64 reference.
+fn tiled_matches_reference(
+    s: &AttnShape,
+    causal: bool,
+    padded: bool,
+    seed: u64,
+) -> Result<(), TestCaseError> {
+    let x = inputs(s, seed);
+    let mask = Mask {
+        causal,
+        padding: padded.then_some(&x.padding[..]),
+    };
+    let (mut out, mut lse) = (vec![0f32; s.q_len()], vec![0f32; s.q_rows()]);
+    llama_attn::forward(&x.q, &x.k, &x.v, s, &mask, &mut out, &mut lse).unwrap();
+    let (q64, k64, v64) = (to_f64(&x.q), to_f64(&x.k), to_f64(&x.v));
+    close(
+        "out",
+        &out,
+        &to_f32(&reference::forward(&q64, &k64, &v64, s, &mask)),
+        1e-5,
+    )?;
+
+    let (mut dq, mut dk, mut dv) = (
+        vec![0f32; s.q_len()],
+        vec![0f32; s.kv_len()],
+        vec![0f32; s.kv_len()],
+    );
+    llama_attn::backward(
+        &x.q, &x.k, &x.v, &out, &lse, &x.dout, s, &mask, &mut dq, &mut dk, &mut dv,
+    )
+    .unwrap();
+    let (rq, rk, rv) = reference::backward(&q64, &k64, &v64, &to_f64(&x.dout), s, &mask);
+    close("dq", &dq, &to_f32(&rq), 1e-4)?;
+    close("dk", &dk, &to_f32(&rk), 1e-4)?;
+    close("dv", &dv, &to_f32(&rv), 1e-4)?;
+    Ok(())
 }

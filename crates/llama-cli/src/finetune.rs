@@ -528,7 +528,7 @@ pub fn bench_train_cmd(args: &BenchTrainArgs) -> Result<(), String> {
     if args.load_in_4bit {
         model.convert_projections(DType::Nf4).map_err(err)?;
     }
-    model.dequantize_for_training().map_err(err)?;
+    model.prepare_for_training().map_err(err)?;
     let mut lora = LoraConfig::new(args.lora_r, args.lora_r as f32);
     lora.random_state = 0;
     model

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use llama_core::{write_atomic, DType, Tensor};
+use llama_core::{bf16, write_atomic, DType, Tensor};
 use llama_ops::Weight;
 use llama_rope::RopeScaling;
 
@@ -120,6 +120,12 @@ fn stored_matrix(
         Weight::Bf16 { data, .. } => data
             .iter()
             .flat_map(|v| v.to_bits().to_le_bytes())
+            .collect(),
+        // Values already bf16: rounding them again changes nothing.
+        Weight::Bf16Panels { .. } => weight
+            .to_f32()?
+            .iter()
+            .flat_map(|&v| bf16::from_f32(v).to_bits().to_le_bytes())
             .collect(),
         Weight::Quant { bytes, .. } => bytes.clone(),
     };

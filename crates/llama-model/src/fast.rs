@@ -274,8 +274,9 @@ impl FastLlamaModel {
 
     /// A training run for the adapter with `config` (its gradient checkpointing as
     /// [`Self::for_training`] set it), on the model's device. Needs training mode and an
-    /// adapter. On the CPU, weights in a GGUF block type are dequantised to f32 first
-    /// ([`LlamaModel::dequantize_for_training`]; the values do not change).
+    /// adapter. On the CPU the weights are readied first
+    /// ([`LlamaModel::prepare_for_training`]: f32, or bf16 panels in `fast` precision on CPUs
+    /// with AVX512-BF16).
     pub fn trainer(&mut self, mut config: TrainConfig) -> Result<FastTrainer> {
         let Mode::Training {
             gradient_checkpointing,
@@ -292,9 +293,8 @@ impl FastLlamaModel {
         }
         Ok(match self.device {
             Device::Cpu => {
-                if self.model.dequantize_for_training()? {
-                    self.notes
-                        .push("training: the quantised weights are dequantised to f32".to_string());
+                if let Some(note) = self.model.prepare_for_training()? {
+                    self.notes.push(note);
                 }
                 FastTrainer::Cpu(Box::new(Trainer::new(&self.model, config)?))
             }

@@ -414,18 +414,43 @@ impl LlamaModel {
         Ok(())
     }
 
-    /// Readies the weights of a quantised file for LoRA training on the CPU: projections in a
-    /// GGUF block type are dequantised to f32 once (exactly: the same values, and the products
-    /// then run at the dense GEMM's speed; NF4, QLoRA's storage, stays), and the embeddings
-    /// (the tied head) become f32 too. Returns whether anything changed.
-    pub fn dequantize_for_training(&mut self) -> Result<bool> {
+    /// Readies the weights for LoRA training on the CPU and says what it changed, if anything.
+    /// `exact` precision (and `fast` on a CPU without AVX512-BF16): projections in a GGUF block
+    /// type are dequantised to f32 once (the same values; the products then run at the dense
+    /// GEMM's speed), and the embeddings (the tied head) become f32 too. `fast` on a CPU with
+    /// AVX512-BF16: the projections and embeddings are packed as bf16 for its dot-product
+    /// instructions ([`Weight::pack_bf16`]: weights and activations rounded to bf16, sums in
+    /// f32, the frozen products ~2.5× faster). NF4, QLoRA's storage, stays either way.
+    pub fn prepare_for_training(&mut self) -> Result<Option<String>> {
         let dtype = self.facts().weight_dtype;
+        if self.precision == Precision::Fast && llama_core::CpuFeatures::get().avx512bf16 {
+            self.pack_bf16_for_training(dtype != llama_core::DType::Nf4)?;
+            return Ok(Some(
+                "training: weights packed as bf16 for AVX512-BF16 products (fast precision)"
+                    .to_string(),
+            ));
+        }
         let embeddings = self.embed_tokens.dtype();
         if dtype != llama_core::DType::Nf4 && dtype != llama_core::DType::F32 {
             self.convert_projections(llama_core::DType::F32)?;
         }
         self.convert_embeddings(llama_core::DType::F32)?;
-        Ok(self.facts().weight_dtype != dtype || embeddings != llama_core::DType::F32)
+        let changed = self.facts().weight_dtype != dtype || embeddings != llama_core::DType::F32;
+        Ok(changed.then(|| "training: the quantised weights are dequantised to f32".to_string()))
+    }
+
+    /// Packs the embeddings (and an untied lm_head), and the projections when `projections`,
+    /// as [`Weight::Bf16Panels`].
+    fn pack_bf16_for_training(&mut self, projections: bool) -> Result<()> {
+        let layers = self.layers.iter_mut().filter(|_| projections);
+        for w in layers.flat_map(|layer| layer.projections_mut()) {
+            *w = w.pack_bf16()?;
+        }
+        self.embed_tokens = self.embed_tokens.pack_bf16()?;
+        if let Some(head) = &mut self.lm_head {
+            *head = head.pack_bf16()?;
+        }
+        Ok(())
     }
 
     /// Stores the embeddings (and an untied lm_head) as `dtype`.

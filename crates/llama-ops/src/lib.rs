@@ -22,6 +22,7 @@
 //! vocabulary, K input and N output features of a linear layer, M activation rows.
 
 mod activation;
+pub mod bf16_gemm;
 pub mod cuda;
 mod error;
 mod gemm_ffi;

@@ -5,7 +5,9 @@
 use std::borrow::Cow;
 
 use llama_core::{bf16, DType};
+use rayon::prelude::*;
 
+use crate::bf16_gemm::{self, Panels};
 use crate::error::{check_len, rows_of, OpsError, Result};
 use crate::matmul::{linear, linear_backward_input, matvec};
 use crate::quant::{
@@ -41,6 +43,11 @@ pub enum Weight {
         rows: usize,
         cols: usize,
     },
+    /// bf16 values packed twice for the AVX512-BF16 product ([`bf16_gemm`]): as Wᵀ [K, N] for
+    /// the forward's x · Wᵀ and as W [N, K] for the input gradient's dy · W. Its products round
+    /// the activations to bf16 too (sums in f32): `fast` precision's CPU training on CPUs that
+    /// have AVX512-BF16 ([`Weight::pack_bf16`]). The memory of `Dense`.
+    Bf16Panels { forward: Panels, backward: Panels },
     /// Blocks of a quantised dtype along each row (see [`QuantMatrix`]).
     Quant {
         dtype: DType,
@@ -74,6 +81,7 @@ impl Weight {
             Weight::Dense { rows, cols, .. }
             | Weight::Bf16 { rows, cols, .. }
             | Weight::Quant { rows, cols, .. } => (*rows, *cols),
+            Weight::Bf16Panels { forward, .. } => (forward.shape().1, forward.shape().0),
         }
     }
 
@@ -81,7 +89,7 @@ impl Weight {
     pub fn dtype(&self) -> DType {
         match self {
             Weight::Dense { .. } => DType::F32,
-            Weight::Bf16 { .. } => DType::BF16,
+            Weight::Bf16 { .. } | Weight::Bf16Panels { .. } => DType::BF16,
             Weight::Quant { dtype, .. } => *dtype,
         }
     }
@@ -91,6 +99,9 @@ impl Weight {
         match self {
             Weight::Dense { data, .. } => std::mem::size_of_val(data.as_slice()),
             Weight::Bf16 { data, .. } => std::mem::size_of_val(data.as_slice()),
+            Weight::Bf16Panels { forward, backward } => {
+                forward.memory_bytes() + backward.memory_bytes()
+            }
             Weight::Quant { bytes, .. } => bytes.len(),
         }
     }
@@ -103,11 +114,13 @@ impl Weight {
     /// The quantised view (its sizes were checked when the weight was built).
     fn quant(&self) -> Result<QuantMatrix<'_>> {
         match self {
-            Weight::Dense { .. } | Weight::Bf16 { .. } => Err(OpsError::UnsupportedDType {
-                op: "Weight::quant",
-                dtype: self.dtype(),
-                supported: "quantised dtypes",
-            }),
+            Weight::Dense { .. } | Weight::Bf16 { .. } | Weight::Bf16Panels { .. } => {
+                Err(OpsError::UnsupportedDType {
+                    op: "Weight::quant",
+                    dtype: self.dtype(),
+                    supported: "quantised dtypes",
+                })
+            }
             Weight::Quant {
                 dtype,
                 rows,
@@ -123,7 +136,32 @@ impl Weight {
         Ok(match self {
             Weight::Dense { data, .. } => Cow::Borrowed(data),
             Weight::Bf16 { data, .. } => Cow::Owned(widen(data)),
+            Weight::Bf16Panels { forward, .. } => {
+                let (rows, cols) = self.shape();
+                Cow::Owned(
+                    (0..rows * cols)
+                        .into_par_iter()
+                        .map(|i| forward.get(i % cols, i / cols))
+                        .collect(),
+                )
+            }
             Weight::Quant { .. } => Cow::Owned(self.quant()?.dequantize()),
+        })
+    }
+
+    /// The weight packed for the AVX512-BF16 product ([`Weight::Bf16Panels`]): its values
+    /// rounded to bf16 (to nearest even), and every product with it then rounds the activations
+    /// to bf16 as well — for `fast` precision only, and fast only where
+    /// [`llama_core::CpuFeatures`] reports `avx512bf16` (elsewhere a plain-code kernel runs).
+    pub fn pack_bf16(&self) -> Result<Weight> {
+        if let Weight::Bf16Panels { .. } = self {
+            return Ok(self.clone());
+        }
+        let (rows, cols) = self.shape();
+        let values = self.to_f32()?;
+        Ok(Weight::Bf16Panels {
+            forward: Panels::pack(cols, rows, |k, n| values[n * cols + k]),
+            backward: Panels::pack(rows, cols, |n, k| values[n * cols + k]),
         })
     }
 
@@ -167,6 +205,12 @@ impl Weight {
                     widen_rows(data, *cols, first, tile)
                 })
             }
+            Weight::Bf16Panels { forward, .. } => {
+                let m = rows_of("Weight::forward", "x", x.len(), cols)?;
+                check_len("Weight::forward", "y", y.len(), m * forward.shape().1)?;
+                bf16_gemm::matmul(x, forward, y);
+                Ok(())
+            }
             Weight::Quant { .. } => self.quant()?.matmul(x, y),
         }
     }
@@ -209,6 +253,13 @@ impl Weight {
                     widen_rows(data, *cols, first, tile)
                 })
             }
+            Weight::Bf16Panels { backward, .. } => {
+                let (rows, cols) = backward.shape();
+                let m = rows_of("Weight::backward_input", "dy", dy.len(), rows)?;
+                check_len("Weight::backward_input", "dx", dx.len(), m * cols)?;
+                bf16_gemm::matmul(dy, backward, dx);
+                Ok(())
+            }
             Weight::Quant { .. } => self.quant()?.backward_input(dy, dx),
         }
     }
@@ -231,6 +282,12 @@ impl Weight {
                 Ok(())
             }
             Weight::Bf16 { data, .. } => widen_rows(data, cols, index, out),
+            Weight::Bf16Panels { forward, .. } => {
+                out.iter_mut()
+                    .enumerate()
+                    .for_each(|(k, o)| *o = forward.get(k, index));
+                Ok(())
+            }
             Weight::Quant { .. } => self.quant()?.dequantize_rows(index, out),
         }
     }
@@ -238,7 +295,6 @@ impl Weight {
 
 /// bf16 values widened to f32 (exact), in parallel.
 fn widen(data: &[bf16]) -> Vec<f32> {
-    use rayon::prelude::*;
     data.par_iter()
         .with_min_len(1 << 14)
         .map(|v| v.to_f32())

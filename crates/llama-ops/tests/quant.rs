@@ -403,3 +403,44 @@ proptest! {
         prop_assert_eq!(&row[..], &rounded[(rows - 1) * cols..]);
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// bf16 panels (`fast` precision's CPU training weights): the stored values are the
+    /// nearest bf16s, and the forward and the input gradient equal f64 arithmetic on those and
+    /// on the activations rounded to bf16 (their products round them), at awkward sizes: one
+    /// row, partial panels, odd inner sizes.
+    #[test]
+    fn bf16_panels_at_random_sizes(rows in 1usize..300, cols in 1usize..200, m in 1usize..30, seed: u64) {
+        let mut rng = TestRng::new(seed);
+        let values = rng.vec(rows * cols, 1.0);
+        let w = llama_ops::Weight::dense(values.clone(), rows, cols).unwrap().pack_bf16().unwrap();
+        prop_assert_eq!((w.dtype(), w.shape()), (DType::BF16, (rows, cols)));
+        prop_assert!(w.memory_bytes() >= 4 * rows * cols);
+        let round = |v: &[f32]| -> Vec<f32> { v.iter().map(|&v| llama_core::bf16::from_f32(v).to_f32()).collect() };
+        let rounded = round(&values);
+        prop_assert_eq!(&w.to_f32().unwrap()[..], &rounded[..]);
+        let dense = to_f64(&rounded);
+        for m in [1, m] {
+            let x = rng.vec(m * cols, 1.0);
+            let expected: Vec<f32> =
+                reference::linear(&to_f64(&round(&x)), &dense, cols).iter().map(|&v| v as f32).collect();
+            let mut y = vec![0f32; m * rows];
+            w.forward(&x, &mut y).unwrap();
+            let err = llama_fixtures::rel_error(&y, &expected);
+            prop_assert!(err < 1e-5, "[{rows}, {cols}] × {m}: relative error {err:e}");
+        }
+        let dy = rng.vec(m * rows, 1.0);
+        let mut dx = vec![0f32; m * cols];
+        w.backward_input(&dy, &mut dx).unwrap();
+        let mut expected = vec![0f32; m * cols];
+        llama_ops::Weight::dense(rounded.clone(), rows, cols).unwrap().backward_input(&round(&dy), &mut expected).unwrap();
+        prop_assert!(llama_fixtures::rel_error(&dx, &expected) < 1e-5);
+        let mut row = vec![0f32; cols];
+        w.row(rows - 1, &mut row).unwrap();
+        prop_assert_eq!(&row[..], &rounded[(rows - 1) * cols..]);
+        let wrong = w.forward(&vec![0.5; m * cols + 1], &mut vec![0.0; m * rows]);
+        prop_assert!(wrong.is_err(), "a ragged x is an error");
+    }
+}

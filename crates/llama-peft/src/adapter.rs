@@ -53,7 +53,7 @@ impl SavedModules {
             .flatten()
             .filter_map(|w| match w {
                 Weight::Dense { data, .. } => Some(&mut data[..]),
-                Weight::Bf16 { .. } | Weight::Quant { .. } => None,
+                Weight::Bf16 { .. } | Weight::Bf16Panels { .. } | Weight::Quant { .. } => None,
             })
     }
 }
