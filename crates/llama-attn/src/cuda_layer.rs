@@ -201,7 +201,7 @@ impl<T: CudaElement + RopeElement> CudaLlamaAttention<T> {
             .arg(&flag);
         // A thread per 16-byte chunk where rows are whole chunks (the kernel's vector path).
         let size = std::mem::size_of::<T>();
-        let per_thread = if (self.config.head_dim * size) % 16 == 0 {
+        let per_thread = if (self.config.head_dim * size).is_multiple_of(16) {
             16 / size
         } else {
             1

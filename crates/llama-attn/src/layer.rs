@@ -57,7 +57,7 @@ impl AttentionConfig {
                 return bad(field, value, "must be at least 1");
             }
         }
-        if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+        if num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
             return bad(
                 "num_key_value_heads",
                 num_kv_heads,
@@ -105,7 +105,7 @@ impl AttentionConfig {
     /// T, the positions per sequence of an input x [B, T, C] of `len` values, or a shape error.
     pub(crate) fn positions_in(&self, op: &'static str, len: usize, batch: usize) -> Result<usize> {
         let row = self.hidden_size * batch;
-        if batch == 0 || len % row != 0 {
+        if batch == 0 || !len.is_multiple_of(row) {
             return shape_error(
                 op,
                 format!(
@@ -395,7 +395,7 @@ impl LlamaAttention {
 
     /// T for `len` values of [B, T, width].
     fn rows_in(&self, op: &'static str, len: usize, width: usize, batch: usize) -> Result<usize> {
-        if batch == 0 || len == 0 || len % (batch * width) != 0 {
+        if batch == 0 || len == 0 || !len.is_multiple_of(batch * width) {
             return shape_error(
                 op,
                 format!("{len} values are not {batch} sequences of rows of {width}"),

@@ -69,7 +69,7 @@ impl AttnShape {
 
     /// Checks the sizes and the buffers' lengths.
     pub fn check(&self, op: &'static str, q: usize, k: usize, v: usize) -> Result<()> {
-        if self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
+        if self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
             return shape_error(
                 op,
                 format!(

@@ -77,7 +77,7 @@ impl DType {
     /// Bytes needed for `elems` elements, or `None` when `elems` is not a whole number of
     /// blocks or the size overflows.
     pub fn storage_bytes(self, elems: usize) -> Option<usize> {
-        if elems % self.block_len() != 0 {
+        if !elems.is_multiple_of(self.block_len()) {
             return None;
         }
         (elems / self.block_len()).checked_mul(self.block_bytes())

@@ -377,7 +377,7 @@ impl Decoder for CudaLlamaModel {
         batch: usize,
         cache: &mut CudaModelCache,
     ) -> Result<Vec<f32>> {
-        if batch == 0 || ids.is_empty() || ids.len() % batch != 0 {
+        if batch == 0 || ids.is_empty() || !ids.len().is_multiple_of(batch) {
             return Err(ModelError::input(
                 "input_ids",
                 format!("{} ids do not form {batch} sequences", ids.len()),

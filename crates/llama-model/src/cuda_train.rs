@@ -702,7 +702,7 @@ impl CudaTrainer {
         let cfg = self.model.config.clone();
         if b.batch == 0
             || b.ids.is_empty()
-            || b.ids.len() % b.batch != 0
+            || !b.ids.len().is_multiple_of(b.batch)
             || b.labels.len() != b.ids.len()
         {
             return Err(ModelError::input(

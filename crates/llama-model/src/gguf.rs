@@ -351,10 +351,10 @@ fn locate(
     let elems = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
     let row = *shape.last().expect("tensor_info rejects 0 dimensions");
     let bytes = elems
-        .filter(|_| row % dtype.block_len() == 0)
+        .filter(|_| row.is_multiple_of(dtype.block_len()))
         .and_then(|n| dtype.storage_bytes(n))
         .ok_or_else(|| format!("tensor {name}: shape {shape:?} does not fit {dtype} blocks"))?;
-    if offset as usize % alignment != 0 {
+    if !(offset as usize).is_multiple_of(alignment) {
         return Err(format!(
             "tensor {name}: offset {offset} is not aligned to {alignment}"
         ));

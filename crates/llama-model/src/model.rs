@@ -584,7 +584,7 @@ impl LlamaModel {
 
     /// The batch's sequence length T for `ids` [B, T].
     pub(crate) fn seq_len(&self, ids: &[u32], batch: usize) -> Result<usize> {
-        if batch == 0 || ids.is_empty() || ids.len() % batch != 0 {
+        if batch == 0 || ids.is_empty() || !ids.len().is_multiple_of(batch) {
             return Err(ModelError::input(
                 "input_ids",
                 format!(

@@ -291,7 +291,7 @@ impl TensorSource for GgufSource {
             None
         };
         let bytes = match heads {
-            Some(h) if rows % (2 * h) == 0 => {
+            Some(h) if rows.is_multiple_of(2 * h) => {
                 permute_rows(stored, rows, h, stored.len() / rows.max(1), true)
             }
             Some(h) => {

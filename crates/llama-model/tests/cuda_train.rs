@@ -91,7 +91,9 @@ fn gpu_head_chunks_change_nothing() {
     let mut chunked = trainer(&gpu, &c, SGD, 0.1);
     // at most the fewest rows (2 or more) that do not divide the rows: several chunks, most
     // often with a short last one (the fixture's 24 rows: 5, 5, 5, 5, 4)
-    let per_chunk = (2..=rows).find(|k| rows % k != 0).unwrap_or(rows);
+    let per_chunk = (2..=rows)
+        .find(|k| !rows.is_multiple_of(*k))
+        .unwrap_or(rows);
     chunked.set_head_chunk_logits(per_chunk * vocab);
     let chunked_loss = chunked.loss_and_grads(&c.batch, 1.0).unwrap();
     let label = format!("{} gpu head chunks", c.name);

@@ -58,7 +58,7 @@ pub(crate) fn check_len(op: &'static str, what: &str, got: usize, expected: usiz
 
 /// The number of rows of a `[rows, dim]` buffer of `len` elements, or a shape error.
 pub(crate) fn rows_of(op: &'static str, what: &str, len: usize, dim: usize) -> Result<usize> {
-    if dim == 0 || len % dim != 0 {
+    if dim == 0 || !len.is_multiple_of(dim) {
         return Err(OpsError::Shape {
             op,
             reason: format!("{what} holds {len} elements, not a whole number of rows of {dim}"),

@@ -105,7 +105,7 @@ pub(crate) fn check_labels(
 ) -> Result<usize> {
     opts.validate(op)?;
     let rows = labels.len();
-    if (rows == 0) != (logits == 0) || (rows > 0 && logits % rows != 0) {
+    if (rows == 0) != (logits == 0) || (rows > 0 && !logits.is_multiple_of(rows)) {
         return Err(OpsError::Shape {
             op,
             reason: format!("logits hold {logits} elements, not {rows} rows of a vocabulary"),

@@ -121,7 +121,7 @@ pub fn dot_rows(q: &[f32], rows: &[f32], out: &mut [f32]) {
 fn dot_rows_avx2(q: &[f32], rows: &[f32], out: &mut [f32]) {
     use std::arch::x86_64::*;
     let d = q.len();
-    if d == 0 || d % 8 != 0 {
+    if d == 0 || !d.is_multiple_of(8) {
         return dot_rows_lanes::<HwFma>(q, rows, out);
     }
     let n = out.len().min(rows.len() / d);

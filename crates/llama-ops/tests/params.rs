@@ -42,7 +42,7 @@ fn mlp_block_and_loss_at_the_tuned_sizes() {
 
     // The same projection from quantised weights: fused product == dequantise + reference.
     for dtype in [DType::Q4_0, DType::Q8_0, DType::Nf4] {
-        if hidden % dtype.block_len() != 0 {
+        if !hidden.is_multiple_of(dtype.block_len()) {
             continue;
         }
         let bytes = llama_ops::quantize(dtype, &gate_w, hidden).unwrap();

@@ -510,7 +510,7 @@ impl CudaLoraGroup {
     /// M of an input x [M, K] of `len` values.
     fn rows(&self, op: &'static str, len: usize) -> Result<usize> {
         let k = self.in_features;
-        if len % k != 0 {
+        if !len.is_multiple_of(k) {
             return shape_error(op, format!("an input of {len} values for {k} features"));
         }
         Ok(len / k)

@@ -151,7 +151,7 @@ impl LoraPair {
 
     fn rows(&self, op: &'static str, x: &[f32], y: usize) -> Result<usize> {
         let k = self.in_features;
-        if x.len() % k != 0 || y != x.len() / k * self.out_features {
+        if !x.len().is_multiple_of(k) || y != x.len() / k * self.out_features {
             return shape_error(
                 op,
                 format!(

@@ -212,7 +212,10 @@ impl RopeConfig {
                 &format!("must be a number > 1, got {}", self.theta),
             ));
         }
-        if self.rotary_dim == 0 || self.rotary_dim % 2 != 0 || self.rotary_dim > self.head_dim {
+        if self.rotary_dim == 0
+            || !self.rotary_dim.is_multiple_of(2)
+            || self.rotary_dim > self.head_dim
+        {
             return Err(invalid(
                 "partial_rotary_factor",
                 &format!(

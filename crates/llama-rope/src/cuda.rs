@@ -190,7 +190,7 @@ impl<'a> RopeArgs<'a> {
         // A thread per frequency pair, or per 16-byte pack of them where the kernel packs
         // (rope_vec: whole packs in half and head_dim; CudaSlice buffers start aligned).
         let pack = 16 / std::mem::size_of::<T>();
-        let packed = tables.half % pack == 0 && shape.head_dim % pack == 0;
+        let packed = tables.half.is_multiple_of(pack) && shape.head_dim.is_multiple_of(pack);
         let lanes = if packed {
             tables.half / pack
         } else {

@@ -30,7 +30,10 @@ fn rotation_at_the_tuned_sizes_matches_the_reference() {
     let dim = param("dim", Suite::Rope);
     let max_pos = param("max_position_embeddings", Suite::Rope);
     let seq_len = param("seq_len", Suite::Rope);
-    assert!(dim >= 2 && dim % 2 == 0, "dim must be even, got {dim}");
+    assert!(
+        dim >= 2 && dim.is_multiple_of(2),
+        "dim must be even, got {dim}"
+    );
     let shape = QkShape {
         batch: 1,
         heads: 2,

@@ -138,7 +138,7 @@ pub fn cross_entropy_backward<T: CudaElement>(
 ) -> Result<()> {
     opts.validate("cuda cross_entropy_backward")?;
     let rows = forward.labels.len();
-    if rows == 0 || logits.len() % rows != 0 {
+    if rows == 0 || !logits.len().is_multiple_of(rows) {
         return Err(OpsError::Shape {
             op: "cuda cross_entropy_backward",
             reason: format!(

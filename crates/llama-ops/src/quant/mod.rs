@@ -49,7 +49,7 @@ impl<'a> QuantMatrix<'a> {
                 supported: "Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K, NF4",
             });
         }
-        if cols % dtype.block_len() != 0 {
+        if !cols.is_multiple_of(dtype.block_len()) {
             return Err(OpsError::Shape {
                 op,
                 reason: format!(

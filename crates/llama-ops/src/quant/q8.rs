@@ -23,7 +23,7 @@ pub struct Q8Vector {
 impl Q8Vector {
     /// Quantises x (a whole number of blocks of 32).
     pub fn quantize(x: &[f32]) -> Result<Q8Vector> {
-        if x.len() % 32 != 0 {
+        if !x.len().is_multiple_of(32) {
             return Err(OpsError::Shape {
                 op: "Q8Vector::quantize",
                 reason: format!("{} values are not a whole number of blocks of 32", x.len()),
