@@ -458,10 +458,7 @@ fn bench_train_cuda(
         best,
         &[
             ("device_peak_mib", peak_mib),
-            (
-                "host_pinned_mib",
-                Some(mib(trainer.checkpoint_host_bytes())),
-            ),
+            ("host_pinned_mib", Some(mib(trainer.host_pinned_bytes()))),
         ],
     )
 }

@@ -5,7 +5,8 @@
 //!   h += attn(rms_norm(h))                  CudaLlamaAttention (cuBLAS, RoPE, flash kernels)
 //!   h += down(silu(gate(n)) ⊙ up(n)),  n = rms_norm(h)
 //! Token embeddings are looked up on the device (a row gather from the bf16 table, which is the
-//! lm_head's matrix when the two are tied).
+//! lm_head's matrix when the two are tied; a trainer moves an untied one to mapped host memory,
+//! which the gather reads in place).
 
 use std::sync::Arc;
 
@@ -13,9 +14,9 @@ use cudarc::driver::CudaSlice;
 use llama_attn::cuda::CudaKvCache;
 use llama_attn::CudaLlamaAttention;
 use llama_core::bf16;
-use llama_core::cuda::CudaDevice;
+use llama_core::cuda::{CudaDevice, HostTable};
 use llama_ops::cuda::{
-    add_in_place, fill_uniform, gated_forward_in_place, gather_rows, linear, rms_norm,
+    add_in_place, fill_uniform, gated_forward_in_place, gather_rows, linear, rms_norm, RowTable,
 };
 use llama_ops::Weight;
 use llama_peft::Target;
@@ -109,8 +110,8 @@ impl CudaModelCache {
 pub struct CudaLlamaModel {
     pub config: LlamaConfig,
     pub(crate) device: Arc<CudaDevice>,
-    /// Token embeddings [V, C]; None when they are the lm_head's matrix (tied).
-    embed_tokens: Option<CudaSlice<bf16>>,
+    /// Token embeddings [V, C].
+    embed_tokens: Embeddings,
     pub(crate) layers: Vec<CudaLayer>,
     pub(crate) norm: CudaSlice<bf16>,
     /// [V, C] (a copy of the embeddings when tied).
@@ -118,6 +119,17 @@ pub struct CudaLlamaModel {
     pub max_seq_length: usize,
     /// Activations reused while the token count stays the same.
     buffers: Option<Buffers>,
+}
+
+/// Where a model's token embeddings live.
+enum Embeddings {
+    /// They are the lm_head's matrix (tied).
+    Tied,
+    /// A [V, C] table of their own in device memory.
+    Device(CudaSlice<bf16>),
+    /// A [V, C] table of their own in mapped pinned host memory, which the lookup kernel reads
+    /// in place ([`CudaLlamaModel::embeddings_to_host`]).
+    Host(HostTable<bf16>),
 }
 
 /// The KV cache grows by this many positions at a time.
@@ -176,9 +188,9 @@ impl CudaLlamaModel {
             (&model.embed_tokens, model.base_lm_head())
         };
         let embed_tokens = if std::ptr::eq(embeddings, head) {
-            None
+            Embeddings::Tied
         } else {
-            Some(up(embeddings)?)
+            Embeddings::Device(up(embeddings)?)
         };
         Ok(CudaLlamaModel {
             config: model.config.clone(),
@@ -235,9 +247,9 @@ impl CudaLlamaModel {
             });
         }
         let embed_tokens = if config.tie_word_embeddings {
-            None
+            Embeddings::Tied
         } else {
-            Some(random(v, c)?)
+            Embeddings::Device(random(v, c)?)
         };
         Ok(CudaLlamaModel {
             config: config.clone(),
@@ -295,10 +307,34 @@ impl CudaLlamaModel {
                 format!("token id {id} is outside the vocabulary of {vocab}"),
             ));
         }
-        let own = self.embed_tokens.as_ref().unwrap_or(&self.lm_head);
-        let table = table.unwrap_or(own);
+        let table: RowTable<bf16> = match (table, &self.embed_tokens) {
+            (Some(trained), _) => trained.into(),
+            (None, Embeddings::Tied) => (&self.lm_head).into(),
+            (None, Embeddings::Device(own)) => own.into(),
+            (None, Embeddings::Host(own)) => own.into(),
+        };
         gather_rows(&self.device, table, self.config.hidden_size, ids, h)?;
         Ok(())
+    }
+
+    /// Moves an untied embedding table from device memory to mapped pinned host memory, which
+    /// the lookup reads in place over the bus: training looks up N rows a step, so this frees
+    /// [V, C] of device memory (1 GiB at Llama-3-8B) for an [N, C] read (32 MiB at 2 × 2048
+    /// tokens). A tied table is the lm_head's and stays.
+    pub fn embeddings_to_host(&mut self) -> Result<()> {
+        if let Embeddings::Device(table) = &self.embed_tokens {
+            let values = self.device.dtoh(table)?;
+            self.embed_tokens = Embeddings::Host(HostTable::new(&self.device, &values)?);
+        }
+        Ok(())
+    }
+
+    /// Bytes of pinned host memory the embedding table takes (0 unless moved there).
+    pub fn embeddings_host_bytes(&self) -> usize {
+        match &self.embed_tokens {
+            Embeddings::Host(table) => table.host_bytes(),
+            _ => 0,
+        }
     }
 
     /// The logits [B, V] of each sequence's last row of h, on the host in f32.

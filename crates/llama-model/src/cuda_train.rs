@@ -412,6 +412,9 @@ impl CudaTrainer {
                 ),
             ));
         }
+        let mut model = model;
+        // The step looks up a few thousand rows of the table once: it stays in host memory.
+        model.embeddings_to_host()?;
         let device = model.device().clone();
         let lora = adapter
             .layers
@@ -488,12 +491,12 @@ impl CudaTrainer {
         self.model.device()
     }
 
-    /// Bytes of pinned host memory the offloaded layer inputs and attentions take (kept
-    /// between steps).
-    pub fn checkpoint_host_bytes(&self) -> usize {
+    /// Bytes of pinned host memory the trainer holds: the offloaded layer inputs and
+    /// attentions (kept between steps) and an untied embedding table.
+    pub fn host_pinned_bytes(&self) -> usize {
         let attention =
             self.attention.host_bytes() + self.lses.host_bytes() + self.mids.host_bytes();
-        self.checkpoints.host_bytes() + attention
+        self.checkpoints.host_bytes() + attention + self.model.embeddings_host_bytes()
     }
 
     /// QLoRA: stores the frozen projections in NF4 on the device (quantised from their bf16

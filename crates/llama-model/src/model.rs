@@ -34,7 +34,8 @@ pub enum Precision {
     /// for integer dot products with Q4_0/Q4_1/Q8_0 weights, as llama.cpp does. The lm_head
     /// reads f32 activations: its logits pick the token, and 8 bits there flip near-ties
     /// (SmolLM2's first token answering "What is the capital of France?" is one; ~5% of a
-    /// decode step).
+    /// decode step). CPU training on a CPU with AVX512-BF16 multiplies the frozen weights in
+    /// bf16 ([`LlamaModel::prepare_for_training`]); the GPU trains in bf16 either way.
     #[default]
     Fast,
 }

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
-use llama_core::cuda::CudaDevice;
+use llama_core::cuda::{CudaDevice, HostTable};
 use llama_core::{bf16, DType};
 use llama_fixtures::{assert_close, cuda_or_skip, Fixture, TestRng};
 use llama_ops::cuda::{self, CudaQuantMatrix};
@@ -605,7 +605,8 @@ fn k_quant_blocks(dtype: DType, n: usize, rng: &mut TestRng) -> Vec<u8> {
 
 /// The embedding row lookup copies the rows the ids name, bit for bit: f32 rows of 5 values
 /// (the element path), bf16 rows of 3 and of 72 values (elements, and 16-byte chunks), repeated
-/// and last ids; an id past the table is an error.
+/// and last ids, from a device table and from one in mapped host memory; an id past the table
+/// is an error.
 #[test]
 fn gather_rows_copies_the_named_rows() {
     let Some(gpu) = cuda_or_skip!() else { return };
@@ -624,8 +625,20 @@ fn gather_rows_copies_the_named_rows() {
         cuda::gather_rows(&gpu, &up(&gpu, &to_bf16(&table)), cols, &ids, &mut out).unwrap();
         let want: Vec<f32> = to_bf16(&want).iter().map(|v| v.to_f32()).collect();
         assert_eq!(down_bf16(&gpu, &out), want, "bf16 rows of {cols}");
+        // The same rows from a table in mapped pinned host memory, read in place.
+        let host = HostTable::new(&gpu, &to_bf16(&table)).unwrap();
+        let mut from_host = gpu.zeros::<bf16>(ids.len() * cols).unwrap();
+        cuda::gather_rows(&gpu, &host, cols, &ids, &mut from_host).unwrap();
+        assert_eq!(
+            down_bf16(&gpu, &from_host),
+            want,
+            "bf16 rows of {cols} from the host"
+        );
         let mut row = gpu.zeros::<f32>(cols).unwrap();
         let err = cuda::gather_rows(&gpu, &up(&gpu, &table), cols, &[7], &mut row);
         assert!(err.is_err(), "row 7 of 7 rows");
+        let mut row = gpu.zeros::<bf16>(cols).unwrap();
+        let err = cuda::gather_rows(&gpu, &host, cols, &[7], &mut row);
+        assert!(err.is_err(), "row 7 of 7 host rows");
     }
 }

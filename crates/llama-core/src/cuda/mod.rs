@@ -7,6 +7,7 @@
 //! for the library first, and every entry point here goes through it, so a machine without a
 //! driver gets an [`Error::CudaUnavailable`] value instead.
 
+mod host_table;
 mod kernels;
 mod nvrtc;
 pub(crate) mod ops;
@@ -18,6 +19,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::driver::sys::CUmemPool_attribute as PoolAttribute;
 use cudarc::driver::{CudaContext, CudaModule, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
 
+pub use host_table::HostTable;
 pub use kernels::KernelSource;
 pub use stash::{HostStash, Transfer};
 

@@ -2,7 +2,7 @@
 //! beside them the residual add, the embedding row lookup and random fills.
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
-use llama_core::cuda::{CudaDevice, KernelSource};
+use llama_core::cuda::{CudaDevice, HostTable, KernelSource};
 
 use super::{grid_for, grid_for_packs, kernel_source, launched, typed_kernel, CudaElement};
 use crate::activation::{GatedAct, Gelu};
@@ -141,16 +141,54 @@ pub fn add_in_place<T: CudaElement>(
     launched(&name, unsafe { launch.launch(grid_for_packs::<T>(n)) })
 }
 
+/// The [V, C] table [`gather_rows`] reads: on the device, or in mapped pinned host memory
+/// (read in place over the bus: no device memory).
+#[derive(Clone, Copy)]
+pub enum RowTable<'a, T> {
+    Device(&'a CudaSlice<T>),
+    Host(&'a HostTable<T>),
+}
+
+impl<'a, T> From<&'a CudaSlice<T>> for RowTable<'a, T> {
+    fn from(table: &'a CudaSlice<T>) -> RowTable<'a, T> {
+        RowTable::Device(table)
+    }
+}
+
+impl<'a, T> From<&'a HostTable<T>> for RowTable<'a, T> {
+    fn from(table: &'a HostTable<T>) -> RowTable<'a, T> {
+        RowTable::Host(table)
+    }
+}
+
+impl<T: CudaElement> RowTable<'_, T> {
+    fn len(&self) -> usize {
+        match self {
+            RowTable::Device(t) => t.len(),
+            RowTable::Host(t) => t.len(),
+        }
+    }
+
+    /// The kernel's address of a host table (0 for a device one, which passes itself).
+    fn host_ptr(&self) -> u64 {
+        match self {
+            RowTable::Device(_) => 0,
+            RowTable::Host(t) => t.device_ptr(),
+        }
+    }
+}
+
 /// Row lookup (token embeddings): out [N, cols] row r = table [V, cols] row ids[r]. Every id
 /// must be below V (an error otherwise, checked on the host before anything is read).
-pub fn gather_rows<T: CudaElement>(
+pub fn gather_rows<'a, T: CudaElement>(
     device: &CudaDevice,
-    table: &CudaSlice<T>,
+    table: impl Into<RowTable<'a, T>>,
     cols: usize,
     ids: &[u32],
     out: &mut CudaSlice<T>,
 ) -> Result<()> {
     let op = "cuda gather_rows";
+    let table = table.into();
     let vocab = rows_of(op, "table", table.len(), cols)?;
     check_len(op, "out", out.len(), ids.len() * cols)?;
     if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
@@ -167,14 +205,15 @@ pub fn gather_rows<T: CudaElement>(
     let (f, name) = typed_kernel::<T>(device, &ACTIVATION, "gather_rows")?;
     let (rows, cols_arg) = (ids.len(), cols);
     let mut launch = device.stream().launch_builder(&f);
-    launch
-        .arg(table)
-        .arg(&ids_dev)
-        .arg(out)
-        .arg(&rows)
-        .arg(&cols_arg);
-    // SAFETY: table holds vocab · cols elements and every id is below vocab (checked); out holds
-    // rows · cols; the kernel reads ids[0..rows).
+    let host_ptr = table.host_ptr();
+    match (table, &host_ptr) {
+        (RowTable::Device(t), _) => launch.arg(t),
+        (RowTable::Host(_), ptr) => launch.arg(ptr),
+    };
+    launch.arg(&ids_dev).arg(out).arg(&rows).arg(&cols_arg);
+    // SAFETY: table holds vocab · cols elements (a host table through its device mapping, which
+    // no one writes after its creation) and every id is below vocab (checked); out holds rows ·
+    // cols; the kernel reads ids[0..rows).
     launched(&name, unsafe { launch.launch(grid_for_packs::<T>(n)) })
 }
 

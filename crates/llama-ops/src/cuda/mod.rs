@@ -17,7 +17,7 @@ use crate::error::{OpsError, Result};
 
 pub use activation::{
     add_in_place, fill_uniform, gated_backward, gated_backward_in_place, gated_forward,
-    gated_forward_in_place, gather_rows,
+    gated_forward_in_place, gather_rows, RowTable,
 };
 pub use loss::{cross_entropy, cross_entropy_backward, CudaCrossEntropy};
 pub use matmul::{
