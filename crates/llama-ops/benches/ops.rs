@@ -210,6 +210,32 @@ fn quantised(c: &mut Criterion) {
     g.finish();
 }
 
+/// Training's frozen products at SmolLM2's shapes (512 tokens, the bench-train batch): the f32
+/// GEMM (`exact`) beside the bf16 panels (`fast` on CPUs with AVX512-BF16; elsewhere their
+/// plain-code kernel), forward x · Wᵀ and input gradient dy · W of the gate projection, and the
+/// lm_head's forward over a 256-row chunk. GFLOP/s as elem/s.
+fn training_products(c: &mut Criterion) {
+    let mut g = group(c, "training_products");
+    let (_, hidden, inter, vocab) = SHAPES[0];
+    let m = 512;
+    for (what, rows, cols, m) in [("gate", inter, hidden, m), ("lm_head", vocab, hidden, 256)] {
+        let dense = llama_ops::Weight::dense(values(rows * cols), rows, cols).unwrap();
+        let panels = dense.pack_bf16().unwrap();
+        let (x, dy) = (values(m * cols), values(m * rows));
+        let (mut y, mut dx) = (vec![0f32; m * rows], vec![0f32; m * cols]);
+        g.throughput(Throughput::Elements((2 * m * rows * cols) as u64));
+        for (kind, w) in [("f32", &dense), ("bf16_panels", &panels)] {
+            g.bench_function(format!("{what}_forward_{kind}_{m}x{cols}x{rows}"), |b| {
+                b.iter(|| w.forward(black_box(&x), &mut y).unwrap())
+            });
+            g.bench_function(format!("{what}_backward_input_{kind}_{m}x{rows}x{cols}"), |b| {
+                b.iter(|| w.backward_input(black_box(&dy), &mut dx).unwrap())
+            });
+        }
+    }
+    g.finish();
+}
+
 criterion_group!(
     benches,
     memory_bandwidth,
@@ -217,6 +243,7 @@ criterion_group!(
     swiglu,
     cross_entropy,
     linear,
+    training_products,
     quantised
 );
 criterion_main!(benches);
