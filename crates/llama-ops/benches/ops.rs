@@ -228,9 +228,10 @@ fn training_products(c: &mut Criterion) {
             g.bench_function(format!("{what}_forward_{kind}_{m}x{cols}x{rows}"), |b| {
                 b.iter(|| w.forward(black_box(&x), &mut y).unwrap())
             });
-            g.bench_function(format!("{what}_backward_input_{kind}_{m}x{rows}x{cols}"), |b| {
-                b.iter(|| w.backward_input(black_box(&dy), &mut dx).unwrap())
-            });
+            g.bench_function(
+                format!("{what}_backward_input_{kind}_{m}x{rows}x{cols}"),
+                |b| b.iter(|| w.backward_input(black_box(&dy), &mut dx).unwrap()),
+            );
         }
     }
     g.finish();
