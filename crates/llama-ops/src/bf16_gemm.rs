@@ -77,8 +77,8 @@ impl Panels {
         (self.k, self.n)
     }
 
-    /// The stored (bf16) value at (r, c), widened.
-    pub fn get(&self, r: usize, c: usize) -> f32 {
+    /// The stored (bf16) value at (r, c), widened (the caller keeps r < K, c < N).
+    pub(crate) fn get(&self, r: usize, c: usize) -> f32 {
         let slot = c / NR * pairs(self.k) * NR + r / 2 * NR + c % NR;
         unpair(self.data[slot])[r % 2]
     }
@@ -124,14 +124,18 @@ fn pack_rows(simd: bool, a: &[f32], m: usize, k: usize) -> Vec<Pair> {
 
 /// c [M, N] row-major = a [M, K] row-major · b, both rounded to bf16, sums in f32 (overwritten).
 /// Panics when the lengths disagree (callers check the shapes: an internal helper).
-pub fn matmul(a: &[f32], b: &Panels, c: &mut [f32]) {
+pub(crate) fn matmul(a: &[f32], b: &Panels, c: &mut [f32]) {
     matmul_with(CpuFeatures::get().avx512bf16, a, b, c)
 }
 
 /// [`matmul`] with the AVX512-BF16 micro-kernel (`simd`, which the CPU must have) or the plain one.
 fn matmul_with(simd: bool, a: &[f32], b: &Panels, c: &mut [f32]) {
     let (k, n) = b.shape();
-    let m = c.len() / n.max(1);
+    let m = match (k, n) {
+        (0, 0) => 0,
+        (0, n) => c.len() / n,
+        (k, _) => a.len() / k,
+    };
     assert!(
         a.len() == m * k && c.len() == m * n,
         "bf16_gemm::matmul: inconsistent lengths"
