@@ -567,12 +567,12 @@ extern "C" __global__ void __launch_bounds__(256) attn_forward_tc128_bf16(
 // Each warp owns 16 rows (queries, or keys), as in the forward; P and dS are rounded to bf16
 // for the products that take them as operands, as FlashAttention-2 does.
 
-// f(n, r, c) for each of a lane's entries [n][2r + c] of a [16, TC_KEYS] accumulator: row
-// grp + 8r, column 8n + 2t + c (the C fragment layout above).
-template <typename F>
+// f(n, r, c) for each of a lane's entries [n][2r + c] of a [16, N] accumulator: row grp + 8r,
+// column 8n + 2t + c (the C fragment layout above).
+template <int N = TC_KEYS, typename F>
 __device__ __forceinline__ void each_entry(F f) {
 #pragma unroll
-    for (int n = 0; n < TC_KEYS / 8; ++n)
+    for (int n = 0; n < N / 8; ++n)
 #pragma unroll
         for (int r = 0; r < 2; ++r)
 #pragma unroll
@@ -581,25 +581,33 @@ __device__ __forceinline__ void each_entry(F f) {
 
 // One key tile's share of dQ for a warp's 16 rows: S = Q Kᵀ, dP = dO Vᵀ, P = exp2(S·scale·log₂e −
 // L·log₂e) on the keys j ≤ the row, dS = scale · P ∘ (dP − Δ) = P ∘ (scale·dP − sΔ) with the
-// rows' sΔ = scale·Δ, dQ += dS K. MASK: some key of the tile is after some row of the warp (the
-// caller skips it for tiles below the diagonal).
+// rows' sΔ = scale·Δ, dQ += dS K — in two halves of the tile's keys, one after the other, so
+// that S and dP take 32 registers each (the kernel then fits 128 registers: two blocks per SM).
+// MASK: some key of the tile is after some row of the warp (the caller skips it for tiles below
+// the diagonal).
 template <int D, bool MASK>
 __device__ __forceinline__ void dq_tile(float (*acc)[4], const unsigned (*qa)[4], const unsigned (*da)[4],
                                         const Row<D>* ks, const Row<D>* vs, unsigned kt, const unsigned* rows,
                                         const float* l2, const float* sdl, float scale) {
+    constexpr int H = TC_KEYS / 2;
     unsigned t = threadIdx.x & 3u;
     const float scale_log2 = scale * LOG2E;
-    float sc[TC_KEYS / 8][4], dp[TC_KEYS / 8][4];
-    mma_abt<D, TC_KEYS>(sc, qa, ks);
-    mma_abt<D, TC_KEYS>(dp, da, vs);
-    each_entry([&](int n, int r, int c) {
-        unsigned j = kt + n * 8 + 2 * t + c;
-        float x = sc[n][2 * r + c], p = !MASK || j <= rows[r] ? exp2_sfu(fmaf(x, scale_log2, -l2[r])) : 0.0f;
-        sc[n][2 * r + c] = p * fmaf(scale, dp[n][2 * r + c], -sdl[r]);
-    });
-    unsigned dsa[TC_KEYS / 16][4];
-    pack_a<TC_KEYS>(dsa, sc);
-    mma_ab<TC_KEYS, D>(acc, dsa, ks);
+#pragma unroll 1
+    for (int half = 0; half < 2; ++half) {
+        const Row<D>*kh = ks + half * H, *vh = vs + half * H;
+        float sc[H / 8][4], dp[H / 8][4];
+        mma_abt<D, H>(sc, qa, kh);
+        mma_abt<D, H>(dp, da, vh);
+        each_entry<H>([&](int n, int r, int c) {
+            unsigned j = kt + half * H + n * 8 + 2 * t + c;
+            float x = sc[n][2 * r + c];
+            float p = !MASK || j <= rows[r] ? exp2_sfu(fmaf(x, scale_log2, -l2[r])) : 0.0f;
+            sc[n][2 * r + c] = p * fmaf(scale, dp[n][2 * r + c], -sdl[r]);
+        });
+        unsigned dsa[H / 16][4];
+        pack_a<H>(dsa, sc);
+        mma_ab<H, D>(acc, dsa, kh);
+    }
 }
 
 template <int D>
@@ -741,8 +749,10 @@ __device__ void attn_dkv_tc_impl(const bf16_t* q, const bf16_t* k, const bf16_t*
     if (DV) store_c_rows<D>(dv + kv_base * D, dva, keys, one, T);
 }
 
-#define ATTN_BACKWARD_TC(D, DKV_PASSES)                                                                \
-    extern "C" __global__ void __launch_bounds__(256) attn_dq_tc##D##_bf16(                           \
+// DQ_BLOCKS: the dQ kernel's blocks per SM. At D = 64 two (registers capped at 128: it needed 135,
+// which left one block of 8 warps per SM, 12.5% occupancy); at D = 128 one.
+#define ATTN_BACKWARD_TC(D, DKV_PASSES, DQ_BLOCKS)                                                     \
+    extern "C" __global__ void __launch_bounds__(256, DQ_BLOCKS) attn_dq_tc##D##_bf16(                \
         const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* dout, const float* lse,       \
         const float* delta, bf16_t* dq, AttnDims s, float scale) {                                     \
         attn_dq_tc_impl<D>(q, k, v, dout, lse, delta, dq, s, scale);                                   \
@@ -767,8 +777,8 @@ __device__ void attn_dkv_tc_impl(const bf16_t* q, const bf16_t* k, const bf16_t*
         attn_dkv_tc_impl<D, false, true>(q, k, v, dout, lse, delta, dk, dv, s, scale);                 \
     }
 
-ATTN_BACKWARD_TC(64, DKV_ONE_PASS)
-ATTN_BACKWARD_TC(128, DKV_TWO_PASSES)
+ATTN_BACKWARD_TC(64, DKV_ONE_PASS, 2)
+ATTN_BACKWARD_TC(128, DKV_TWO_PASSES, 1)
 
 // KV cache copies (src/cuda.rs, CudaKvCache): `count` positions of every (b, kv head) slab of
 // src ([slabs, src_stride, D]) into dst ([slabs, dst_stride, D]) from position `at` on — an
