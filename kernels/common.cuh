@@ -51,6 +51,21 @@ template <> __device__ __forceinline__ f16_t from_f32<f16_t>(float v) {
     return r;
 }
 
+// v as T holds it, back in f32 (a rounding in the middle of a formula, as the CPU rounds).
+template <typename T> __device__ __forceinline__ float round_to(float v) { return to_f32(from_f32<T>(v)); }
+
+// bf16 in one instruction from sm_80 on (cvt.rn: as from_f32 but for a NaN's payload, see
+// pack_bf16x2).
+template <> __device__ __forceinline__ float round_to<bf16_t>(float v) {
+#if __CUDA_ARCH__ >= 800
+    unsigned short h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return __uint_as_float((unsigned)h << 16);
+#else
+    return to_f32(from_f32<bf16_t>(v));
+#endif
+}
+
 // A grid-stride loop over n elements: any grid size covers any n.
 #define GRID_STRIDE_LOOP(i, n)                                                  \
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n);    \
@@ -115,4 +130,23 @@ __device__ __forceinline__ void store_pack(T* p, const float* in) {
 #pragma unroll
     for (unsigned i = 0; i < Pack<T>::N; ++i) k.v[i] = from_f32<T>(in[i]);
     *(uint4*)p = k.raw;
+}
+
+// Two values rounded to bf16 in one word (lo in the low half): one instruction from sm_80 on
+// (cvt.rn.bf16x2.f32: nearest-even, as from_f32, but a NaN may lose its payload, which the GPU's
+// arithmetic does not keep anyway).
+__device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
+#if __CUDA_ARCH__ >= 800
+    unsigned w;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(hi), "f"(lo));
+    return w;
+#else
+    return (unsigned)from_f32<bf16_t>(lo).bits | ((unsigned)from_f32<bf16_t>(hi).bits << 16);
+#endif
+}
+
+template <>
+__device__ __forceinline__ void store_pack<bf16_t>(bf16_t* p, const float* in) {
+    *(uint4*)p = make_uint4(pack_bf16x2(in[0], in[1]), pack_bf16x2(in[2], in[3]), pack_bf16x2(in[4], in[5]),
+                            pack_bf16x2(in[6], in[7]));
 }

@@ -159,9 +159,7 @@ __device__ __forceinline__ void store4(float* dst, const float* v) {
 }
 
 __device__ __forceinline__ void store4(bf16_t* dst, const float* v) {
-    unsigned lo = (unsigned)from_f32<bf16_t>(v[0]).bits | ((unsigned)from_f32<bf16_t>(v[1]).bits << 16);
-    unsigned hi = (unsigned)from_f32<bf16_t>(v[2]).bits | ((unsigned)from_f32<bf16_t>(v[3]).bits << 16);
-    *(uint2*)dst = make_uint2(lo, hi);
+    *(uint2*)dst = make_uint2(pack_bf16x2(v[0], v[1]), pack_bf16x2(v[2], v[3]));
 }
 
 // One thread per quarter (8 weights), written as two runs of four: f32, or bf16 rounded from
@@ -245,8 +243,9 @@ QUANT_KERNELS(nf4, FMT_NF4)
 // QLoRA's NF4 with double-quantised absmaxes (llama-ops quant/nf4.rs, Nf4DoubleQuant): codes
 // [blocks][32 bytes] (rows are whole 64-weight blocks, so the blocks run on across rows), and
 // block b's absmax = map[absmax_codes[b]] · scales[b / 256] + offset, rounded as the CPU's
-// Nf4DoubleQuant::absmax. One thread per 8 weights, as dequantize_impl's NF4 quarters; bf16
-// rounded from the f32 values the CPU decodes from the expanded blocks.
+// Nf4DoubleQuant::absmax. One thread per 8 weights, as dequantize_impl's NF4 quarters, written
+// as one 16-byte pack (out is 16-byte aligned: a whole buffer); bf16 rounded from the f32 values
+// the CPU decodes from the expanded blocks.
 extern "C" __global__ void dequantize_bf16_nf4_dq(const unsigned char* codes,
                                                   const unsigned char* absmax_codes,
                                                   const float* scales, const float* map,
@@ -267,8 +266,6 @@ extern "C" __global__ void dequantize_bf16_nf4_dq(const unsigned char* codes,
             v[2 * k] = __fmul_rn(nf4[byte >> 4], absmax);
             v[2 * k + 1] = __fmul_rn(nf4[byte & 0xfu], absmax);
         }
-        bf16_t* dst = out + block * 64 + within * 8;
-        store4(dst, v);
-        store4(dst + 4, v + 4);
+        store_pack(out + block * 64 + within * 8, v);
     }
 }

@@ -4,7 +4,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use llama_core::cuda::{CudaDevice, KernelSource};
 
 use super::{
-    alloc, grid_for, grid_rows, kernel_source, launched, to_u32, typed_kernel, CudaElement,
+    alloc, grid_for, grid_rows, kernel_source, launched, to_u32, typed_kernel, CudaElement, BLOCK,
 };
 use crate::error::{check_len, rows_of, Result};
 
@@ -12,6 +12,22 @@ const NORM: KernelSource = kernel_source!("norm");
 
 /// Rows summed per slab of the weight-gradient reduction.
 const SLAB_ROWS: usize = 256;
+
+/// 16-byte packs of a row each thread of the RMSNorm kernels holds in registers (`ROW_PACKS`
+/// in kernels/norm.cu).
+const ROW_PACKS: usize = 8;
+
+/// One block per row for the RMSNorm kernels, of as few warps as hold a row of `dim` values of
+/// T in ROW_PACKS packs a thread (up to [`BLOCK`] threads): every thread has that many loads in
+/// flight and the row's sums reduce within a warp or two.
+fn row_blocks<T>(rows: usize, dim: usize) -> Result<LaunchConfig> {
+    let pack = (16 / std::mem::size_of::<T>()).max(1);
+    let warps = dim.div_ceil(pack * 32 * ROW_PACKS).clamp(1, BLOCK as usize / 32);
+    Ok(LaunchConfig {
+        block_dim: (32 * warps as u32, 1, 1),
+        ..grid_rows(rows)?
+    })
+}
 
 fn check(op: &'static str, x: usize, weight: usize, out: usize) -> Result<usize> {
     let rows = rows_of(op, "x", x, weight)?;
@@ -43,7 +59,7 @@ fn rms<T: CudaElement>(
         .arg(&eps)
         .arg(&gemma);
     // SAFETY: x and y hold rows · dim elements, weight dim (checked); one block per row.
-    launched(&name, unsafe { launch.launch(grid_rows(rows)?) })
+    launched(&name, unsafe { launch.launch(row_blocks::<T>(rows, dim as usize)?) })
 }
 
 /// RMSNorm forward, x [N, C], weight [C] → y [N, C]: y = w · T(x · r).
@@ -177,7 +193,8 @@ impl<T: CudaElement> RmsBackward<'_, T> {
         launch.arg(&dim).arg(&self.eps);
         // SAFETY: x, dy, dx (and a residual) hold rows · dim elements, weight dim, a given
         // rstd at least rows (checked by the callers); null pointers are checked in the kernel.
-        launched(&name, unsafe { launch.launch(grid_rows(rows)?) })
+        let blocks = row_blocks::<T>(rows, dim as usize)?;
+        launched(&name, unsafe { launch.launch(blocks) })
     }
 }
 
