@@ -276,16 +276,6 @@ __device__ __forceinline__ void mma_bf16(float* c, const unsigned* a, unsigned b
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Two f32 rounded to bf16 (nearest-even) and packed, lo in the low half: one cvt.rn.bf16x2.f32
-// (sm_80+; its first source goes to the upper half). Equal to from_f32<bf16_t> for every value
-// but NaN (canonical here, payload kept there); the integer rounding of from_f32 made these
-// kernels integer-ALU-bound (ncu: the ALU pipe the busiest, at 56%).
-__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
-    unsigned packed;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(packed) : "f"(hi), "f"(lo));
-    return packed;
-}
-
 __device__ __forceinline__ unsigned ld_pair(const bf16_t* p) { return *(const unsigned*)p; }
 
 // The A fragments (D/16 of them, 16 rows × 16 columns each) of a lane's two rows of a row-major
@@ -400,10 +390,10 @@ template <int K>
 __device__ __forceinline__ void pack_a(unsigned (*a)[4], const float (*c)[4]) {
 #pragma unroll
     for (int kk = 0; kk < K / 16; ++kk) {
-        a[kk][0] = pack_bf16(c[2 * kk][0], c[2 * kk][1]);
-        a[kk][1] = pack_bf16(c[2 * kk][2], c[2 * kk][3]);
-        a[kk][2] = pack_bf16(c[2 * kk + 1][0], c[2 * kk + 1][1]);
-        a[kk][3] = pack_bf16(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+        a[kk][0] = pack_bf16x2(c[2 * kk][0], c[2 * kk][1]);
+        a[kk][1] = pack_bf16x2(c[2 * kk][2], c[2 * kk][3]);
+        a[kk][2] = pack_bf16x2(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+        a[kk][3] = pack_bf16x2(c[2 * kk + 1][2], c[2 * kk + 1][3]);
     }
 }
 
@@ -419,7 +409,7 @@ __device__ __forceinline__ void store_c_rows(bf16_t* m, const float (*c)[4], con
         bf16_t* row = m + (size_t)rows[r] * D;
 #pragma unroll
         for (int n = 0; n < D / 8; ++n)
-            *(unsigned*)(row + n * 8 + 2 * t) = pack_bf16(c[n][2 * r] * mul[r], c[n][2 * r + 1] * mul[r]);
+            *(unsigned*)(row + n * 8 + 2 * t) = pack_bf16x2(c[n][2 * r] * mul[r], c[n][2 * r + 1] * mul[r]);
     }
 }
 

@@ -4,6 +4,8 @@
 //
 // Half-precision values are carried as their bits (bf16_t, f16_t) and converted with the same
 // rounding as the `half` crate on the CPU (nearest-even), so CPU and GPU results agree bit for bit.
+// Inside formulas and in packed stores, bf16 rounds with the hardware's conversion (round_to,
+// pack_bf16x2), which gives the same bits but for a NaN's payload.
 
 struct bf16_t { unsigned short bits; };
 struct f16_t { unsigned short bits; };

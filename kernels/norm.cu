@@ -75,10 +75,10 @@ __device__ void row_moments(const T* x, unsigned dim, float eps, bool vec, float
     *rstd = 1.0f / sqrtf(block_sum(sq) / (float)dim + eps);
 }
 
-// Packs per thread that the RMSNorm kernels keep in registers between their passes over a row.
-// The host sizes a row's block to hold the row in them (norm.rs, row_block: a warp for 2,048
-// bf16 channels, two for 4,096), so each thread has ROW_PACKS loads in flight and the block
-// reduces once.
+// Packs per thread that rms_norm keeps in registers between its passes over a row. The host
+// sizes a row's block to hold the row in them (norm.rs, row_blocks: a warp for 2,048 bf16
+// channels, two for 4,096), so each thread has ROW_PACKS loads in flight and the block reduces
+// across a warp or two (benches/experiments/rms_norm_blocks.cu).
 #define ROW_PACKS 8
 
 // y = w · T(x · r)  (gemma = 0)   or   y = T(x · r · (1 + w))  (gemma = 1)
@@ -95,8 +95,9 @@ __device__ __forceinline__ unsigned row_pack(unsigned k, unsigned packs) {
     return p < packs ? p : packs;
 }
 
-// A row of up to ROW_PACKS packs per thread is read once into registers, its weights beside it,
-// and written; longer or unaligned rows are read twice (the second time mostly from L1/L2).
+// A row of up to ROW_PACKS packs per thread is read once into registers and written; longer or
+// unaligned rows are read twice (the second time mostly from L1/L2). The weights are read after
+// the reduction: loaded beside x they cost registers and ran slower (rms_norm_blocks.cu).
 template <typename T>
 __device__ void rms_norm_impl(const T* x, const T* w, T* y, unsigned dim, float eps, int gemma) {
     const unsigned N = Pack<T>::N;
@@ -106,14 +107,11 @@ __device__ void rms_norm_impl(const T* x, const T* w, T* y, unsigned dim, float 
     bool vec = rows_vectorisable<T>(dim, x, w, y);
     unsigned packs = dim / N;
     if (vec && packs <= ROW_PACKS * blockDim.x) {
-        Pack<T> xv[ROW_PACKS], wv[ROW_PACKS];
+        Pack<T> xv[ROW_PACKS];
 #pragma unroll
         for (int k = 0; k < ROW_PACKS; ++k) {
             unsigned p = row_pack(k, packs);
-            if (p < packs) {
-                xv[k].raw = *(const uint4*)(xr + p * N);
-                wv[k].raw = *(const uint4*)(w + p * N);
-            }
+            if (p < packs) xv[k].raw = *(const uint4*)(xr + p * N);
         }
         float ss = 0.0f;
 #pragma unroll
@@ -128,9 +126,10 @@ __device__ void rms_norm_impl(const T* x, const T* w, T* y, unsigned dim, float 
         for (int k = 0; k < ROW_PACKS; ++k) {
             unsigned p = row_pack(k, packs);
             if (p < packs) {
-                float out[N];
+                float wv[N], out[N];
+                load_pack(w + p * N, wv);
 #pragma unroll
-                for (unsigned i = 0; i < N; ++i) out[i] = rms_out<T>(to_f32(xv[k].v[i]), r, to_f32(wv[k].v[i]), gemma);
+                for (unsigned i = 0; i < N; ++i) out[i] = rms_out<T>(to_f32(xv[k].v[i]), r, wv[i], gemma);
                 store_pack(yr + p * N, out);
             }
         }
@@ -153,55 +152,6 @@ __device__ void layer_norm_impl(const T* x, const T* w, const T* b, T* y, unsign
     });
 }
 
-// rms_norm_backward_impl's row held in registers (ROW_PACKS packs of x, dy and the residual a
-// thread, all loaded up front); the weights are read twice, from L1.
-template <typename T>
-__device__ void rms_norm_backward_row(const T* xr, const T* w, const T* dyr, const T* rr, T* dxr,
-                                      float* rstd_out, unsigned dim, float eps) {
-    const unsigned N = Pack<T>::N;
-    unsigned packs = dim / N;
-    Pack<T> xv[ROW_PACKS], gv[ROW_PACKS], rv[ROW_PACKS];
-#pragma unroll
-    for (int k = 0; k < ROW_PACKS; ++k) {
-        unsigned p = row_pack(k, packs);
-        if (p < packs) {
-            xv[k].raw = *(const uint4*)(xr + p * N);
-            gv[k].raw = *(const uint4*)(dyr + p * N);
-            if (rr) rv[k].raw = *(const uint4*)(rr + p * N);
-        }
-    }
-    float ss = 0.0f, s = 0.0f;
-#pragma unroll
-    for (int k = 0; k < ROW_PACKS; ++k) {
-        unsigned p = row_pack(k, packs);
-        if (p < packs) {
-            float wv[N];
-            load_pack(w + p * N, wv);
-#pragma unroll
-            for (unsigned i = 0; i < N; ++i) {
-                float xi = to_f32(xv[k].v[i]);
-                ss += xi * xi;
-                s += wv[i] * to_f32(gv[k].v[i]) * xi;
-            }
-        }
-    }
-    float r = 1.0f / sqrtf(block_sum(ss) / (float)dim + eps);
-    float coef = r * r * r * block_sum(s) / (float)dim;
-#pragma unroll
-    for (int k = 0; k < ROW_PACKS; ++k) {
-        unsigned p = row_pack(k, packs);
-        if (p < packs) {
-            float wv[N], out[N];
-            load_pack(w + p * N, wv);
-#pragma unroll
-            for (unsigned i = 0; i < N; ++i)
-                out[i] = r * wv[i] * to_f32(gv[k].v[i]) - to_f32(xv[k].v[i]) * coef + (rr ? to_f32(rv[k].v[i]) : 0.0f);
-            store_pack(dxr + p * N, out);
-        }
-    }
-    if (rstd_out && threadIdx.x == 0) *rstd_out = r;
-}
-
 // RMSNorm backward, dx part: dx = r·w·dy − x·r³·Σ(w·dy·x)/C (+ res, a residual branch's
 // gradient, when not null); saves r per row when rstd_out is not null. One pass over the row
 // for both sums, one for dx.
@@ -215,11 +165,6 @@ __device__ void rms_norm_backward_impl(const T* x, const T* w, const T* dy, cons
     T* dxr = dx + row * dim;
     const unsigned N = Pack<T>::N;
     bool vec = rows_vectorisable<T>(dim, x, dy, dx) && aligned16(w) && (!res || aligned16(res));
-    unsigned packs = dim / N;
-    if (vec && packs <= ROW_PACKS * blockDim.x) {
-        rms_norm_backward_row(xr, w, dyr, rr, dxr, rstd_out ? rstd_out + row : nullptr, dim, eps);
-        return;
-    }
     float ss = 0.0f, s = 0.0f;
     if (vec) {
         for (unsigned p = threadIdx.x; p < dim / N; p += blockDim.x) {

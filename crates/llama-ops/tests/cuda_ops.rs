@@ -136,7 +136,15 @@ fn fixture_ops_on_the_gpu() {
 fn norms_and_activations_match_the_cpu_in_f32_and_bf16() {
     let Some(gpu) = cuda_or_skip!() else { return };
     let mut rng = TestRng::new(5);
-    for (rows, dim) in [(1, 1), (3, 37), (300, 576), (4, 2048), (2, 4096), (17, 4099), (5, 16_384)] {
+    for (rows, dim) in [
+        (1, 1),
+        (3, 37),
+        (300, 576),
+        (4, 2048),
+        (2, 4096),
+        (17, 4099),
+        (5, 16_384),
+    ] {
         let (x, w, b, dy) = (
             rng.vec(rows * dim, 3.0),
             rng.vec(dim, 1.0),

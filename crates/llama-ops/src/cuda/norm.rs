@@ -13,16 +13,18 @@ const NORM: KernelSource = kernel_source!("norm");
 /// Rows summed per slab of the weight-gradient reduction.
 const SLAB_ROWS: usize = 256;
 
-/// 16-byte packs of a row each thread of the RMSNorm kernels holds in registers (`ROW_PACKS`
+/// 16-byte packs of a row each thread of the RMSNorm forward holds in registers (`ROW_PACKS`
 /// in kernels/norm.cu).
 const ROW_PACKS: usize = 8;
 
-/// One block per row for the RMSNorm kernels, of as few warps as hold a row of `dim` values of
+/// One block per row for the RMSNorm forward, of as few warps as hold a row of `dim` values of
 /// T in ROW_PACKS packs a thread (up to [`BLOCK`] threads): every thread has that many loads in
 /// flight and the row's sums reduce within a warp or two.
 fn row_blocks<T>(rows: usize, dim: usize) -> Result<LaunchConfig> {
     let pack = (16 / std::mem::size_of::<T>()).max(1);
-    let warps = dim.div_ceil(pack * 32 * ROW_PACKS).clamp(1, BLOCK as usize / 32);
+    let warps = dim
+        .div_ceil(pack * 32 * ROW_PACKS)
+        .clamp(1, BLOCK as usize / 32);
     Ok(LaunchConfig {
         block_dim: (32 * warps as u32, 1, 1),
         ..grid_rows(rows)?
@@ -59,7 +61,9 @@ fn rms<T: CudaElement>(
         .arg(&eps)
         .arg(&gemma);
     // SAFETY: x and y hold rows · dim elements, weight dim (checked); one block per row.
-    launched(&name, unsafe { launch.launch(row_blocks::<T>(rows, dim as usize)?) })
+    launched(&name, unsafe {
+        launch.launch(row_blocks::<T>(rows, dim as usize)?)
+    })
 }
 
 /// RMSNorm forward, x [N, C], weight [C] → y [N, C]: y = w · T(x · r).
@@ -193,8 +197,7 @@ impl<T: CudaElement> RmsBackward<'_, T> {
         launch.arg(&dim).arg(&self.eps);
         // SAFETY: x, dy, dx (and a residual) hold rows · dim elements, weight dim, a given
         // rstd at least rows (checked by the callers); null pointers are checked in the kernel.
-        let blocks = row_blocks::<T>(rows, dim as usize)?;
-        launched(&name, unsafe { launch.launch(blocks) })
+        launched(&name, unsafe { launch.launch(grid_rows(rows)?) })
     }
 }
 
