@@ -88,13 +88,6 @@ __device__ __forceinline__ float rms_out(float v, float r, float wi, int gemma) 
     return gemma ? __fmul_rn(normed, __fadd_rn(1.0f, wi)) : __fmul_rn(wi, round_to<T>(normed));
 }
 
-// Pack k of a thread's share of a row (every blockDim.x-th pack from threadIdx.x), or
-// `packs` when the row has no such pack.
-__device__ __forceinline__ unsigned row_pack(unsigned k, unsigned packs) {
-    unsigned p = threadIdx.x + k * blockDim.x;
-    return p < packs ? p : packs;
-}
-
 // A row of up to ROW_PACKS packs per thread is read once into registers and written; longer or
 // unaligned rows are read twice (the second time mostly from L1/L2). The weights are read after
 // the reduction: loaded beside x they cost registers and ran slower (rms_norm_blocks.cu).
@@ -110,13 +103,13 @@ __device__ void rms_norm_impl(const T* x, const T* w, T* y, unsigned dim, float 
         Pack<T> xv[ROW_PACKS];
 #pragma unroll
         for (int k = 0; k < ROW_PACKS; ++k) {
-            unsigned p = row_pack(k, packs);
+            unsigned p = threadIdx.x + k * blockDim.x;
             if (p < packs) xv[k].raw = *(const uint4*)(xr + p * N);
         }
         float ss = 0.0f;
 #pragma unroll
         for (int k = 0; k < ROW_PACKS; ++k) {
-            if (row_pack(k, packs) < packs) {
+            if (threadIdx.x + k * blockDim.x < packs) {
 #pragma unroll
                 for (unsigned i = 0; i < N; ++i) ss += to_f32(xv[k].v[i]) * to_f32(xv[k].v[i]);
             }
@@ -124,7 +117,7 @@ __device__ void rms_norm_impl(const T* x, const T* w, T* y, unsigned dim, float 
         float r = 1.0f / sqrtf(block_sum(ss) / (float)dim + eps);
 #pragma unroll
         for (int k = 0; k < ROW_PACKS; ++k) {
-            unsigned p = row_pack(k, packs);
+            unsigned p = threadIdx.x + k * blockDim.x;
             if (p < packs) {
                 float wv[N], out[N];
                 load_pack(w + p * N, wv);
