@@ -375,7 +375,7 @@ proptest! {
     /// several tiles.
     #[test]
     fn bf16_weights_at_random_sizes(rows in 1usize..600, cols in 1usize..300, m in 1usize..4, seed: u64) {
-        let w = Bf16Case::new(rows, cols, m, seed, |w| w.convert(DType::BF16));
+        let mut w = Bf16Case::new(rows, cols, m, seed, |w| w.convert(DType::BF16));
         prop_assert_eq!(w.weight.memory_bytes(), 2 * rows * cols);
         w.check(false)?;
     }
@@ -386,7 +386,7 @@ proptest! {
     /// row, partial panels, odd inner sizes.
     #[test]
     fn bf16_panels_at_random_sizes(rows in 1usize..300, cols in 1usize..200, m in 1usize..30, seed: u64) {
-        let w = Bf16Case::new(rows, cols, m, seed, |w| w.pack_bf16());
+        let mut w = Bf16Case::new(rows, cols, m, seed, |w| w.pack_bf16());
         prop_assert!(w.weight.memory_bytes() >= 4 * rows * cols);
         w.check(true)?;
         let wrong = w.weight.forward(&vec![0.5; m * cols + 1], &mut vec![0.0; m * rows]);
@@ -401,7 +401,7 @@ struct Bf16Case {
     rows: usize,
     cols: usize,
     m: usize,
-    rng: std::cell::RefCell<TestRng>,
+    rng: TestRng,
 }
 
 fn round_bf16(v: &[f32]) -> Vec<f32> {
@@ -427,14 +427,14 @@ impl Bf16Case {
             rows,
             cols,
             m,
-            rng: std::cell::RefCell::new(rng),
+            rng,
         }
     }
 
     /// Values, shape, products of one and of m rows, the input gradient and the last row's
     /// lookup against f64 arithmetic on the rounded weights — and on rounded activations when
     /// `rounds_activations`.
-    fn check(&self, rounds_activations: bool) -> Result<(), TestCaseError> {
+    fn check(&mut self, rounds_activations: bool) -> Result<(), TestCaseError> {
         let (w, rows, cols, m) = (&self.weight, self.rows, self.cols, self.m);
         let activations = |v: Vec<f32>| {
             if rounds_activations {
@@ -448,7 +448,7 @@ impl Bf16Case {
         prop_assert_eq!(&w.to_f32().unwrap()[..], &rounded[..]);
         let dense = to_f64(&rounded);
         for m in [1, m] {
-            let x = self.rng.borrow_mut().vec(m * cols, 1.0);
+            let x = self.rng.vec(m * cols, 1.0);
             let expected: Vec<f32> =
                 reference::linear(&to_f64(&activations(x.clone())), &dense, cols)
                     .iter()
@@ -459,7 +459,7 @@ impl Bf16Case {
             let err = llama_fixtures::rel_error(&y, &expected);
             prop_assert!(err < 1e-5, "[{rows}, {cols}] × {m}: relative error {err:e}");
         }
-        let dy = self.rng.borrow_mut().vec(m * rows, 1.0);
+        let dy = self.rng.vec(m * rows, 1.0);
         let mut dx = vec![0f32; m * cols];
         w.backward_input(&dy, &mut dx).unwrap();
         let mut expected = vec![0f32; m * cols];
