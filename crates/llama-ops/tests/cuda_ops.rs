@@ -436,6 +436,62 @@ fn linear_layers_match_the_cpu() {
     }
 }
 
+/// Large products run through the algorithm tuned for their shape (`gemm_tune.rs`): equal to
+/// the same product through cuBLAS's default (x read from a column window 16 bytes into a
+/// wider buffer, which is never tuned) within bf16 rounding, the same bits every time, and an
+/// accumulating one adds the product once (its candidates were timed on a scratch output).
+/// The choice lands in the cache's `gemm/` file.
+#[test]
+fn tuned_products_match_the_default_algorithm() {
+    let Some(gpu) = cuda_or_skip!() else { return };
+    let mut rng = TestRng::new(29);
+    // Llama-3.2-1B's gate projection at 2,048 tokens: 2^35 multiply-adds.
+    let (m, k, n, pad) = (2048, 2048, 8192, 8);
+    let wide = to_bf16(&rng.vec(m * (k + pad), 1.0));
+    let dense: Vec<bf16> = wide
+        .chunks(k + pad)
+        .flat_map(|r| r[pad..].to_vec())
+        .collect();
+    let (w, y0) = (
+        to_bf16(&rng.vec(n * k, 0.05)),
+        to_bf16(&rng.vec(m * n, 1.0)),
+    );
+    let (wide_d, dense_d, wd) = (up(&gpu, &wide), up(&gpu, &dense), up(&gpu, &w));
+    let window = cuda::Cols {
+        first: pad,
+        width: k,
+        stride: k + pad,
+    };
+    let mut want = gpu.zeros::<bf16>(m * n).unwrap();
+    cuda::linear_cols_into(&gpu, (&wide_d, window), &wd, &mut want, false).unwrap();
+    let want = down_bf16(&gpu, &want);
+    let mut got = gpu.zeros::<bf16>(m * n).unwrap();
+    cuda::linear(&gpu, &dense_d, &wd, k, &mut got).unwrap();
+    let first = down_bf16(&gpu, &got);
+    assert_close("tuned y = x·Wᵀ", &first, &want, &[m, n], 4e-3);
+    cuda::linear(&gpu, &dense_d, &wd, k, &mut got).unwrap();
+    assert!(
+        down_bf16(&gpu, &got) == first,
+        "a tuned product changed bits"
+    );
+    let mut added = up(&gpu, &y0);
+    cuda::linear_into(&gpu, &dense_d, &wd, k, &mut added, true).unwrap();
+    let expected: Vec<f32> = y0.iter().zip(&want).map(|(a, b)| a.to_f32() + b).collect();
+    let added = down_bf16(&gpu, &added);
+    assert_close("tuned y += x·Wᵀ", &added, &expected, &[m, n], 8e-3);
+    if std::env::var("FASTLLAMA_GEMM_TUNING").is_ok_and(|v| v.trim() == "0") {
+        return;
+    }
+    let files = std::fs::read_dir(llama_core::cache_dir().join("gemm")).unwrap();
+    let lines: String = files
+        .filter_map(|f| std::fs::read_to_string(f.unwrap().path()).ok())
+        .collect();
+    for accumulate in [0, 1] {
+        let key = format!("{n} {m} {k} 1 0 {k} {k} {n} BF16 BF16 {accumulate} ");
+        assert!(lines.contains(&key), "no tuned choice for {key}in {lines}");
+    }
+}
+
 /// Products reading or writing columns of a wider buffer (a LoRA group's branches side by
 /// side) equal those of the columns copied out; the other columns are left as they were.
 #[test]

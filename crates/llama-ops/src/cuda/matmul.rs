@@ -1,5 +1,6 @@
 //! Dense linear layers on CUDA through cuBLAS (`cublasGemmEx`, f32 compute for every input
-//! type), one handle per device on the device's stream. Row-major [M, K] buffers are cuBLAS's
+//! type; large products through cublasLt's fastest algorithm for their shape, `gemm_tune.rs`),
+//! one handle per device on the device's stream. Row-major [M, K] buffers are cuBLAS's
 //! column-major [K, M], so each product below is the transposed one in cuBLAS's terms.
 
 use std::collections::HashMap;
@@ -10,6 +11,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use llama_core::cuda::CudaDevice;
 use llama_core::DType;
 
+use super::gemm_tune::{self, GemmKey, Product};
 use super::{to_u32, CudaElement};
 use crate::error::{check_len, rows_of, Result};
 
@@ -154,34 +156,65 @@ fn gemm<A: CudaElement, C: CudaElement>(
         at(b_ptr, b.offset, std::mem::size_of::<A>()),
     );
     let c_ptr = at(c_ptr, c_cols.first, std::mem::size_of::<C>());
-    // SAFETY: the callers check that A, B and C hold the [m, k], [k, n], [m, n] operands
-    // their offsets and leading dimensions describe; alpha and beta are f32 as COMPUTE_32F
-    // requires, and the handle is bound to this device's stream, on which the pointers were
-    // recorded.
-    unsafe {
-        blas::gemm_ex(
-            *blas.handle(),
-            op(a.transpose),
-            op(b.transpose),
-            m_i as i32,
-            n_i as i32,
-            k_i as i32,
-            (&alpha) as *const f32 as *const _,
-            a_ptr as *const _,
-            data_type(A::DTYPE),
-            to_u32("lda", a.ld)? as i32,
-            b_ptr as *const _,
-            data_type(A::DTYPE),
-            to_u32("ldb", b.ld)? as i32,
-            (&beta) as *const f32 as *const _,
-            c_ptr as *mut _,
-            data_type(C::DTYPE),
-            to_u32("ldc", c_cols.stride)? as i32,
-            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-        )
+    let (lda, ldb, ldc) = (
+        to_u32("lda", a.ld)?,
+        to_u32("ldb", b.ld)?,
+        to_u32("ldc", c_cols.stride)?,
+    );
+    // cublasGemmEx with cuBLAS's default algorithm into the C at address `c`.
+    let default = |c: u64| -> Result<()> {
+        // SAFETY: the callers check that A, B and C hold the [m, k], [k, n], [m, n] operands
+        // their offsets and leading dimensions describe (`c` is C or the tuner's scratch of
+        // C's layout); alpha and beta are f32 as COMPUTE_32F requires, and the handle is
+        // bound to this device's stream, on which the pointers were recorded.
+        unsafe {
+            blas::gemm_ex(
+                *blas.handle(),
+                op(a.transpose),
+                op(b.transpose),
+                m_i as i32,
+                n_i as i32,
+                k_i as i32,
+                (&alpha) as *const f32 as *const _,
+                a_ptr as *const _,
+                data_type(A::DTYPE),
+                lda as i32,
+                b_ptr as *const _,
+                data_type(A::DTYPE),
+                ldb as i32,
+                (&beta) as *const f32 as *const _,
+                c as *mut _,
+                data_type(C::DTYPE),
+                ldc as i32,
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| llama_core::Error::cuda("cublasGemmEx", e).into())
+    };
+    let product = Product {
+        key: GemmKey {
+            m: m_i,
+            n: n_i,
+            k: k_i,
+            trans_a: a.transpose,
+            trans_b: b.transpose,
+            lda,
+            ldb,
+            ldc,
+            a_type: A::DTYPE,
+            c_type: C::DTYPE,
+            accumulate: epilogue.accumulate,
+        },
+        a: a_ptr,
+        b: b_ptr,
+        c: c_ptr,
+        alpha,
+    };
+    if gemm_tune::run_tuned(device, &product, &default)? {
+        return Ok(());
     }
-    .map_err(|e| llama_core::Error::cuda("cublasGemmEx", e).into())
+    default(c_ptr)
 }
 
 /// Linear forward: x [M, K], weight [N, K] → y [M, N] = x · Wᵀ.

@@ -4,6 +4,7 @@
 //! [`CudaDevice`]'s stream, checks the same shapes, and returns the same errors.
 
 mod activation;
+mod gemm_tune;
 mod loss;
 mod matmul;
 mod norm;
