@@ -437,16 +437,17 @@ fn linear_layers_match_the_cpu() {
 }
 
 /// Large products run through the algorithm tuned for their shape (`gemm_tune.rs`): equal to
-/// the same product through cuBLAS's default (x read from a column window 16 bytes into a
-/// wider buffer, which is never tuned) within bf16 rounding, the same bits every time, and an
-/// accumulating one adds the product once (its candidates were timed on a scratch output).
+/// the same product through cuBLAS's default (x read from a column window 8 bytes into a
+/// wider buffer, too little aligned to be tuned) within bf16 rounding, the same bits every
+/// time, and an accumulating one adds the product once (its candidates were timed on a scratch
+/// output), again the same bits every time.
 /// The choice lands in the cache's `gemm/` file.
 #[test]
 fn tuned_products_match_the_default_algorithm() {
     let Some(gpu) = cuda_or_skip!() else { return };
     let mut rng = TestRng::new(29);
     // Llama-3.2-1B's gate projection at 2,048 tokens: 2^35 multiply-adds.
-    let (m, k, n, pad) = (2048, 2048, 8192, 8);
+    let (m, k, n, pad) = (2048, 2048, 8192, 4);
     let wide = to_bf16(&rng.vec(m * (k + pad), 1.0));
     let dense: Vec<bf16> = wide
         .chunks(k + pad)
@@ -474,11 +475,18 @@ fn tuned_products_match_the_default_algorithm() {
         down_bf16(&gpu, &got) == first,
         "a tuned product changed bits"
     );
-    let mut added = up(&gpu, &y0);
-    cuda::linear_into(&gpu, &dense_d, &wd, k, &mut added, true).unwrap();
+    let add_once = || {
+        let mut y = up(&gpu, &y0);
+        cuda::linear_into(&gpu, &dense_d, &wd, k, &mut y, true).unwrap();
+        down_bf16(&gpu, &y)
+    };
     let expected: Vec<f32> = y0.iter().zip(&want).map(|(a, b)| a.to_f32() + b).collect();
-    let added = down_bf16(&gpu, &added);
+    let added = add_once();
     assert_close("tuned y += x·Wᵀ", &added, &expected, &[m, n], 8e-3);
+    assert!(
+        add_once() == added,
+        "a tuned accumulating product changed bits"
+    );
     if std::env::var("FASTLLAMA_GEMM_TUNING").is_ok_and(|v| v.trim() == "0") {
         return;
     }
@@ -487,7 +495,7 @@ fn tuned_products_match_the_default_algorithm() {
         .filter_map(|f| std::fs::read_to_string(f.unwrap().path()).ok())
         .collect();
     for accumulate in [0, 1] {
-        let key = format!("{n} {m} {k} 1 0 {k} {k} {n} BF16 BF16 {accumulate} ");
+        let key = format!("{n} {m} {k} 1 0 {k} {k} {n} BF16 BF16 {accumulate} 256 ");
         assert!(lines.contains(&key), "no tuned choice for {key}in {lines}");
     }
 }

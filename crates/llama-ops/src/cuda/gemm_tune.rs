@@ -3,8 +3,9 @@
 //! `cublasGemmEx` runs cublasLt's first heuristic candidate. At the training step's frozen
 //! products a later candidate is often 10–16% faster (docs/performance.md, "the cuBLAS
 //! algorithm choice"), so the first product of each shape of at least [`MIN_TUNED_MACS`]
-//! multiply-adds times `cublasGemmEx` against cublasLt's first [`CANDIDATES`] candidates on
-//! its own operands and keeps a candidate only when it beats the default by [`MIN_GAIN`].
+//! multiply-adds times `cublasGemmEx` against cublasLt's first [`CANDIDATES`] candidates (for
+//! its operands' alignment) on its own operands and keeps a candidate only when it beats the
+//! default by [`MIN_GAIN`].
 //!
 //! The choice is kept for the process and in `$FASTLLAMA_CACHE/gemm/` under the GPU's name and
 //! the cublasLt version, so every later run on the same GPU and library runs the same
@@ -13,7 +14,7 @@
 //! cache between them, may differ in the last bit). `FASTLLAMA_GEMM_TUNING=0` runs
 //! `cublasGemmEx` everywhere.
 
-use std::collections::HashMap;
+use std::collections::hash_map::{Entry, HashMap};
 use std::ffi::c_void;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -29,8 +30,12 @@ use crate::error::Result;
 /// Environment variable that turns tuning off ("0", "off" or "false").
 pub const TUNING_ENV: &str = "FASTLLAMA_GEMM_TUNING";
 /// Products below this many multiply-adds (m·n·k) keep `cublasGemmEx`'s choice: timing them
-/// costs more than it could win (a rank-16 LoRA product is ~2^30).
-pub const MIN_TUNED_MACS: u64 = 1 << 32;
+/// costs more than it could win. Llama-3-8B's rank-16 q and o branches at 4,096 tokens are
+/// 2^28; its k and v branches, 2^26, are left out.
+pub const MIN_TUNED_MACS: u64 = 1 << 28;
+/// The most shapes a device tunes and its file keeps: a training run has a few dozen, but
+/// prefills of prompts of every length would add some for each length.
+const MAX_SHAPES: usize = 1024;
 /// How many of cublasLt's heuristic candidates are timed.
 const CANDIDATES: usize = 8;
 /// A candidate replaces the default only when at least this much faster (timing noise is ~1%).
@@ -40,8 +45,10 @@ const ROUNDS: usize = 2;
 const REPEATS: usize = 4;
 /// cublasLt's workspace: NVIDIA's recommendation for Hopper (32 MiB).
 const WORKSPACE_BYTES: usize = 32 << 20;
-/// Pointer alignment cublasLt's candidates may assume (its heuristics' default).
-const ALIGNMENT: u64 = 256;
+/// The most pointer alignment a key records (cublasLt's heuristics' default assumption), and the
+/// least a tuned product needs (a tensor-core load of 8 bf16 values).
+const MAX_ALIGNMENT: u64 = 256;
+const MIN_ALIGNMENT: u64 = 16;
 
 /// A column-major product C [m, n] = alpha · op(A) · op(B) + beta · C, as far as its
 /// algorithm goes: sizes, layouts, element types and whether it adds to C.
@@ -58,6 +65,15 @@ pub(super) struct GemmKey {
     pub a_type: DType,
     pub c_type: DType,
     pub accumulate: bool,
+    /// The operands' alignment in bytes: the largest power of two, up to 256, that divides
+    /// every one of their addresses ([`alignment`]).
+    pub align: u16,
+}
+
+/// The largest power of two up to 256 that divides every address.
+pub(super) fn alignment(addresses: &[u64]) -> u16 {
+    let joined = addresses.iter().fold(MAX_ALIGNMENT, |acc, a| acc | a);
+    1 << joined.trailing_zeros()
 }
 
 /// One product to run: its key, the operands' device addresses and its scalars.
@@ -81,8 +97,7 @@ impl Product {
     fn worth_tuning(&self) -> bool {
         let key = &self.key;
         let macs = u64::from(key.m) * u64::from(key.n) * u64::from(key.k);
-        let aligned = [self.a, self.b, self.c].iter().all(|p| p % ALIGNMENT == 0);
-        macs >= MIN_TUNED_MACS && aligned
+        macs >= MIN_TUNED_MACS && u64::from(key.align) >= MIN_ALIGNMENT
     }
 }
 
@@ -112,8 +127,7 @@ pub(super) fn run_tuned(
     match tuner.choice(device, product, default)? {
         Choice::Default => Ok(false),
         Choice::Algo(algo) => {
-            let plan = LtPlan::new(&product.key)?;
-            tuner.run(device, &plan, &algo, product, product.c)?;
+            tuner.run_planned(device, &algo, product)?;
             Ok(true)
         }
     }
@@ -150,11 +164,13 @@ struct Tuner {
     choices: HashMap<GemmKey, Choice>,
     /// Choices read from the file, not yet checked against this library.
     stored: HashMap<GemmKey, Choice>,
+    /// The descriptors of the shapes that run a cublasLt algorithm, made on first use.
+    plans: HashMap<GemmKey, LtPlan>,
     file: PathBuf,
 }
 
-// SAFETY: the handle is only used under the tuner's mutex, and cublasLt handles may be used
-// from any thread.
+// SAFETY: the handle and the plans' descriptors are only used under the tuner's mutex, and
+// cublasLt's objects may be used from any thread.
 unsafe impl Send for Tuner {}
 
 impl Tuner {
@@ -175,6 +191,7 @@ impl Tuner {
             workspace: device.zeros::<u8>(WORKSPACE_BYTES)?,
             choices: HashMap::new(),
             stored,
+            plans: HashMap::new(),
             file,
         })
     }
@@ -191,21 +208,24 @@ impl Tuner {
         if let Some(choice) = self.choices.get(&key) {
             return Ok(*choice);
         }
+        let full = self.choices.len() + self.stored.len() >= MAX_SHAPES;
+        if full && !self.stored.contains_key(&key) {
+            // Past MAX_SHAPES (prompts of many lengths) new shapes keep the default, untimed.
+            return Ok(Choice::Default);
+        }
         let plan = LtPlan::new(&key)?;
         let stored = self.stored.remove(&key).filter(|choice| match choice {
             Choice::Default => true,
             Choice::Algo(algo) => plan.supports(self.handle, algo),
         });
-        let timed = stored.is_none();
-        let choice = match stored {
-            Some(choice) => choice,
-            None => self.time(device, &plan, product, default)?,
-        };
-        self.choices.insert(key, choice);
-        if timed {
-            // A cache that cannot be written costs a re-tuning next run, nothing more.
-            let _ = write_atomic(&self.file, self.render().as_bytes());
+        if let Some(choice) = stored {
+            self.choices.insert(key, choice);
+            return Ok(choice);
         }
+        let choice = self.time(device, &plan, product, default)?;
+        self.choices.insert(key, choice);
+        // A cache that cannot be written costs a re-tuning next run, nothing more.
+        let _ = write_atomic(&self.file, self.render().as_bytes());
         Ok(choice)
     }
 
@@ -220,7 +240,7 @@ impl Tuner {
         product: &Product,
         default: &dyn Fn(u64) -> Result<()>,
     ) -> Result<Choice> {
-        let algos = plan.candidates(self.handle)?;
+        let algos = plan.candidates(self.handle, product.key.align)?;
         let key = &product.key;
         let c_len = key.ldc as usize * key.n as usize * key.c_type.block_bytes();
         let scratch = match key.accumulate {
@@ -258,6 +278,20 @@ impl Tuner {
             .min_by(|x, y| x.0.total_cmp(y.0))
             .filter(|(ms, _)| **ms < default_ms * (1.0 - MIN_GAIN));
         Ok(fastest.map_or(Choice::Default, |(_, algo)| Choice::Algo(*algo)))
+    }
+
+    /// Runs the product with its shape's algorithm, on the shape's kept descriptors.
+    fn run_planned(
+        &mut self,
+        device: &CudaDevice,
+        algo: &sys::cublasLtMatmulAlgo_t,
+        product: &Product,
+    ) -> Result<()> {
+        if let Entry::Vacant(slot) = self.plans.entry(product.key) {
+            slot.insert(LtPlan::new(&product.key)?);
+        }
+        let plan = &self.plans[&product.key];
+        self.run(device, plan, algo, product, product.c)
     }
 
     /// Runs the product with `algo` into the C at address `c`.
@@ -310,7 +344,7 @@ impl Tuner {
         lines.sort();
         let header =
             "# fastllama cuBLAS algorithm choices (crates/llama-ops/src/cuda/gemm_tune.rs): \
-                      m n k trans_a trans_b lda ldb ldc a_type c_type accumulate choice\n";
+                      m n k trans_a trans_b lda ldb ldc a_type c_type accumulate align choice\n";
         format!("{header}{}\n", lines.join("\n"))
     }
 }
@@ -393,41 +427,75 @@ impl LtPlan {
         Ok(plan)
     }
 
-    /// cublasLt's first [`CANDIDATES`] heuristic candidates within the workspace.
-    fn candidates(&self, handle: sys::cublasLtHandle_t) -> Result<Vec<sys::cublasLtMatmulAlgo_t>> {
+    /// cublasLt's first [`CANDIDATES`] heuristic candidates within the workspace, for
+    /// operands aligned to `align` bytes.
+    fn candidates(
+        &self,
+        handle: sys::cublasLtHandle_t,
+        align: u16,
+    ) -> Result<Vec<sys::cublasLtMatmulAlgo_t>> {
+        use sys::cublasLtMatmulPreferenceAttributes_t as Pref;
         let err = |e| cuda_err("cublasLtMatmulAlgoGetHeuristic", e);
         let pref = lt::create_matmul_pref().map_err(err)?;
-        let limit = WORKSPACE_BYTES as u64;
+        let (limit, align) = (WORKSPACE_BYTES as u64, u32::from(align));
+        let settings: [(Pref, *const c_void, usize); 5] = [
+            (
+                Pref::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                (&limit) as *const u64 as _,
+                8,
+            ),
+            (
+                Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                (&align) as *const u32 as _,
+                4,
+            ),
+            (
+                Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                (&align) as *const u32 as _,
+                4,
+            ),
+            (
+                Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                (&align) as *const u32 as _,
+                4,
+            ),
+            (
+                Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                (&align) as *const u32 as _,
+                4,
+            ),
+        ];
         let mut results = vec![
             // SAFETY: a plain C struct of integers, for which all zeros is a valid value.
             unsafe { std::mem::zeroed::<sys::cublasLtMatmulHeuristicResult_t>() };
             CANDIDATES
         ];
         let mut found = 0i32;
-        // SAFETY: the preference, descriptor and layouts are live; `results` holds
-        // CANDIDATES entries for the library to fill and `found` says how many it did.
+        // SAFETY: each setting points at a live value of the size the attribute takes (a
+        // uint64 workspace size, uint32 alignments); the preference, descriptor and layouts
+        // are live; `results` holds CANDIDATES entries for the library to fill and `found`
+        // says how many it did.
         let status = unsafe {
-            lt::set_matmul_pref_attribute(
-                pref,
-                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                (&limit) as *const u64 as *const c_void,
-                std::mem::size_of::<u64>(),
-            )
-            .and_then(|()| {
-                sys::cublasLtMatmulAlgoGetHeuristic(
-                    handle,
-                    self.desc,
-                    self.a,
-                    self.b,
-                    self.c,
-                    self.c,
-                    pref,
-                    CANDIDATES as i32,
-                    results.as_mut_ptr(),
-                    &mut found,
-                )
-                .result()
-            })
+            settings
+                .iter()
+                .try_for_each(|&(attr, value, size)| {
+                    lt::set_matmul_pref_attribute(pref, attr, value, size)
+                })
+                .and_then(|()| {
+                    sys::cublasLtMatmulAlgoGetHeuristic(
+                        handle,
+                        self.desc,
+                        self.a,
+                        self.b,
+                        self.c,
+                        self.c,
+                        pref,
+                        CANDIDATES as i32,
+                        results.as_mut_ptr(),
+                        &mut found,
+                    )
+                    .result()
+                })
         };
         // SAFETY: created above and used by nothing else.
         let _ = unsafe { lt::destroy_matmul_pref(pref) };
@@ -508,7 +576,7 @@ fn render_choice(key: &GemmKey, choice: &Choice) -> String {
         }
     };
     format!(
-        "{} {} {} {} {} {} {} {} {} {} {} {choice}",
+        "{} {} {} {} {} {} {} {} {} {} {} {} {choice}",
         key.m,
         key.n,
         key.k,
@@ -520,6 +588,7 @@ fn render_choice(key: &GemmKey, choice: &Choice) -> String {
         key.a_type.name(),
         key.c_type.name(),
         u8::from(key.accumulate),
+        key.align,
     )
 }
 
@@ -533,7 +602,7 @@ fn parse_choices(text: &str) -> HashMap<GemmKey, Choice> {
 
 fn parse_choice(line: &str) -> Option<(GemmKey, Choice)> {
     let fields: Vec<&str> = line.split_whitespace().collect();
-    let [m, n, k, ta, tb, lda, ldb, ldc, a_type, c_type, acc, choice] = fields[..] else {
+    let [m, n, k, ta, tb, lda, ldb, ldc, a_type, c_type, acc, align, choice] = fields[..] else {
         return None;
     };
     let flag = |s: &str| match s {
@@ -554,6 +623,7 @@ fn parse_choice(line: &str) -> Option<(GemmKey, Choice)> {
         a_type: dtype(a_type)?,
         c_type: dtype(c_type)?,
         accumulate: flag(acc)?,
+        align: align.parse().ok().filter(|a: &u16| a.is_power_of_two())?,
     };
     let choice = if choice == "default" {
         Choice::Default
@@ -586,6 +656,7 @@ mod tests {
             a_type: DType::BF16,
             c_type: DType::BF16,
             accumulate,
+            align: 256,
         }
     }
 
@@ -608,11 +679,12 @@ mod tests {
         let good = render_choice(&key(false), &Choice::Default);
         let text = [
             good.as_str(),
-            "8192 8192 2048 1 0 2048 2048 8192 BF16 BF16 0",
-            "8192 8192 2048 2 0 2048 2048 8192 BF16 BF16 0 default",
-            "8192 8192 2048 1 0 2048 2048 8192 F64 BF16 0 default",
-            "8192 8192 2048 1 0 2048 2048 8192 BF16 BF16 1 00,11",
-            "8192 8192 2048 1 0 2048 2048 8192 BF16 BF16 1 zz,0,0,0,0,0,0,0",
+            "8192 8192 2048 1 0 2048 2048 8192 BF16 BF16 0 256",
+            "8192 8192 2048 2 0 2048 2048 8192 BF16 BF16 0 256 default",
+            "8192 8192 2048 1 0 2048 2048 8192 F64 BF16 0 256 default",
+            "8192 8192 2048 1 0 2048 2048 8192 BF16 BF16 0 48 default",
+            "8192 8192 2048 1 0 2048 2048 8192 BF16 BF16 1 256 00,11",
+            "8192 8192 2048 1 0 2048 2048 8192 BF16 BF16 1 256 zz,0,0,0,0,0,0,0",
             "",
         ]
         .join("\n");
@@ -623,17 +695,28 @@ mod tests {
 
     #[test]
     fn only_large_aligned_products_are_tuned() {
-        let product = |m: u32, c: u64| Product {
-            key: GemmKey { m, ..key(false) },
-            a: 0x7f00_0000_0000,
-            b: 0x7f00_1000_0000,
-            c,
+        let product = |m: u32, align: u16| Product {
+            key: GemmKey {
+                m,
+                align,
+                ..key(false)
+            },
+            a: 0,
+            b: 0,
+            c: 0,
             alpha: 1.0,
         };
-        assert!(product(8192, 0x7f00_2000_0000).worth_tuning());
-        // 16 × 8,192 × 2,048 = 2^28 multiply-adds: a LoRA branch.
-        assert!(!product(16, 0x7f00_2000_0000).worth_tuning());
-        // C 32 bytes into its buffer: a LoRA group's column window.
-        assert!(!product(8192, 0x7f00_2000_0020).worth_tuning());
+        assert!(product(8192, 256).worth_tuning());
+        // 16 × 8,192 × 2,048 = 2^28 multiply-adds: a LoRA branch, in a column window.
+        assert!(product(16, 32).worth_tuning());
+        assert!(!product(8, 256).worth_tuning());
+        assert!(!product(8192, 8).worth_tuning());
+    }
+
+    #[test]
+    fn alignment_is_the_least_of_the_addresses() {
+        assert_eq!(alignment(&[0x7f00_0000_0000, 0x7f00_1000_0000]), 256);
+        assert_eq!(alignment(&[0x7f00_0000_0000, 0x7f00_1000_0020]), 32);
+        assert_eq!(alignment(&[0x7f00_0000_0002]), 2);
     }
 }

@@ -205,6 +205,7 @@ fn gemm<A: CudaElement, C: CudaElement>(
             a_type: A::DTYPE,
             c_type: C::DTYPE,
             accumulate: epilogue.accumulate,
+            align: gemm_tune::alignment(&[a_ptr, b_ptr, c_ptr]),
         },
         a: a_ptr,
         b: b_ptr,
