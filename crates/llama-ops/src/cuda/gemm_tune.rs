@@ -134,11 +134,15 @@ pub(super) fn run_tuned(
     }
 }
 
+/// Unless turned off by [`TUNING_ENV`] or without cublasLt (which cuBLAS itself links, but
+/// whose absence would otherwise panic in the loader).
 fn tuning_enabled() -> bool {
     static ENABLED: OnceLock<bool> = OnceLock::new();
     *ENABLED.get_or_init(|| {
         let value = std::env::var(TUNING_ENV).unwrap_or_default();
-        !matches!(value.trim(), "0" | "off" | "false")
+        // SAFETY: only dlopens the library under its usual names to see whether it is there.
+        let present = unsafe { sys::is_culib_present() };
+        present && !matches!(value.trim(), "0" | "off" | "false")
     })
 }
 
