@@ -28,12 +28,12 @@ use llama_core::{cache_dir, fnv1a64, write_atomic, DType};
 use crate::error::Result;
 
 /// Environment variable that turns tuning off ("0", "off" or "false").
-pub const TUNING_ENV: &str = "FASTLLAMA_GEMM_TUNING";
+const TUNING_ENV: &str = "FASTLLAMA_GEMM_TUNING";
 /// Products below this many multiply-adds (m·n·k) keep `cublasGemmEx`'s choice. The frozen
 /// products of a training step are 2^33 and more; tuning the rank-16 LoRA products too (from
 /// 2^28) moved neither Llama-3.2-1B's nor Llama-3-8B's step beyond the noise on an H200
 /// (docs/performance.md), so they keep the default.
-pub const MIN_TUNED_MACS: u64 = 1 << 32;
+const MIN_TUNED_MACS: u64 = 1 << 32;
 /// The most shapes a device tunes and its file keeps: a training run has a few dozen, but
 /// prefills of prompts of every length would add some for each length.
 const MAX_SHAPES: usize = 1024;
@@ -180,6 +180,7 @@ unsafe impl Send for Tuner {}
 
 impl Tuner {
     fn new(device: &CudaDevice) -> Result<Tuner> {
+        let workspace = device.zeros::<u8>(WORKSPACE_BYTES)?;
         let handle = lt::create_handle().map_err(|e| cuda_err("cublasLtCreate", e))?;
         // SAFETY: cublasLtGetVersion only reads the library's version number.
         let version = unsafe { sys::cublasLtGetVersion() };
@@ -193,7 +194,7 @@ impl Tuner {
             .unwrap_or_default();
         Ok(Tuner {
             handle,
-            workspace: device.zeros::<u8>(WORKSPACE_BYTES)?,
+            workspace,
             choices: HashMap::new(),
             stored,
             plans: HashMap::new(),
@@ -487,17 +488,10 @@ impl LtPlan {
                     lt::set_matmul_pref_attribute(pref, attr, value, size)
                 })
                 .and_then(|()| {
+                    let (desc, a, b, c) = (self.desc, self.a, self.b, self.c);
+                    let (wanted, out) = (CANDIDATES as i32, results.as_mut_ptr());
                     sys::cublasLtMatmulAlgoGetHeuristic(
-                        handle,
-                        self.desc,
-                        self.a,
-                        self.b,
-                        self.c,
-                        self.c,
-                        pref,
-                        CANDIDATES as i32,
-                        results.as_mut_ptr(),
-                        &mut found,
+                        handle, desc, a, b, c, c, pref, wanted, out, &mut found,
                     )
                     .result()
                 })
@@ -518,19 +512,10 @@ impl LtPlan {
     fn supports(&self, handle: sys::cublasLtHandle_t, algo: &sys::cublasLtMatmulAlgo_t) -> bool {
         // SAFETY: as in `candidates`; `result` is written by the library.
         let mut result = unsafe { std::mem::zeroed::<sys::cublasLtMatmulHeuristicResult_t>() };
+        let (desc, a, b, c) = (self.desc, self.a, self.b, self.c);
         // SAFETY: the descriptor and layouts are live; `algo` and `result` outlive the call.
-        let status = unsafe {
-            sys::cublasLtMatmulAlgoCheck(
-                handle,
-                self.desc,
-                self.a,
-                self.b,
-                self.c,
-                self.c,
-                algo,
-                &mut result,
-            )
-        };
+        let status =
+            unsafe { sys::cublasLtMatmulAlgoCheck(handle, desc, a, b, c, c, algo, &mut result) };
         status == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
             && result.workspaceSize <= WORKSPACE_BYTES
     }
