@@ -25,6 +25,7 @@ use cudarc::driver::{CudaSlice, DevicePtr};
 use llama_core::cuda::CudaDevice;
 use llama_core::{cache_dir, fnv1a64, write_atomic, DType};
 
+use super::per_device;
 use crate::error::Result;
 
 /// Environment variable that turns tuning off ("0", "off" or "false").
@@ -149,16 +150,7 @@ fn tuning_enabled() -> bool {
 /// The tuner of a device, created on first use.
 fn tuner(device: &CudaDevice) -> Result<Arc<Mutex<Tuner>>> {
     static TUNERS: OnceLock<Mutex<HashMap<usize, Arc<Mutex<Tuner>>>>> = OnceLock::new();
-    let mut tuners = TUNERS
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    if let Some(t) = tuners.get(&device.ordinal()) {
-        return Ok(t.clone());
-    }
-    let t = Arc::new(Mutex::new(Tuner::new(device)?));
-    tuners.insert(device.ordinal(), t.clone());
-    Ok(t)
+    per_device(&TUNERS, device, || Tuner::new(device).map(Mutex::new))
 }
 
 /// A device's cublasLt handle and workspace, its choices, and the file they persist in.

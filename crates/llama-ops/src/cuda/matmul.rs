@@ -12,32 +12,23 @@ use llama_core::cuda::CudaDevice;
 use llama_core::DType;
 
 use super::gemm_tune::{self, GemmKey, Product};
-use super::{to_u32, CudaElement};
+use super::{per_device, to_u32, CudaElement};
 use crate::error::{check_len, rows_of, Result};
 
 /// The cuBLAS handle of a device, created on first use.
 fn handle(device: &CudaDevice) -> Result<Arc<CudaBlas>> {
     static HANDLES: OnceLock<Mutex<HashMap<usize, Arc<CudaBlas>>>> = OnceLock::new();
-    let mut handles = HANDLES
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    if let Some(h) = handles.get(&device.ordinal()) {
-        return Ok(h.clone());
-    }
-    // SAFETY: only dlopens the library under its usual names to see whether it is there.
-    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
-        return Err(llama_core::Error::CudaUnavailable(
-            "the cuBLAS library (libcublas.so) was not found".into(),
-        )
-        .into());
-    }
-    let h = Arc::new(
+    per_device(&HANDLES, device, || {
+        // SAFETY: only dlopens the library under its usual names to see whether it is there.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(llama_core::Error::CudaUnavailable(
+                "the cuBLAS library (libcublas.so) was not found".into(),
+            )
+            .into());
+        }
         CudaBlas::new(device.stream().clone())
-            .map_err(|e| llama_core::Error::cuda("cublasCreate", e))?,
-    );
-    handles.insert(device.ordinal(), h.clone());
-    Ok(h)
+            .map_err(|e| llama_core::Error::cuda("cublasCreate", e).into())
+    })
 }
 
 fn data_type(dtype: DType) -> sys::cudaDataType {

@@ -10,6 +10,9 @@ mod matmul;
 mod norm;
 mod quant;
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig};
 use llama_core::cuda::{CudaDevice, KernelSource};
 use llama_core::{bf16, f16, Element};
@@ -106,6 +109,25 @@ fn grid_rows(rows: usize) -> Result<LaunchConfig> {
         block_dim: (BLOCK, 1, 1),
         shared_mem_bytes: 0,
     })
+}
+
+/// Per-device state (a library handle, a tuner) kept in `cache`: the device's own, made by
+/// `make` on first use and shared after.
+fn per_device<T>(
+    cache: &OnceLock<Mutex<HashMap<usize, Arc<T>>>>,
+    device: &CudaDevice,
+    make: impl FnOnce() -> Result<T>,
+) -> Result<Arc<T>> {
+    let mut states = cache
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(state) = states.get(&device.ordinal()) {
+        return Ok(state.clone());
+    }
+    let state = Arc::new(make()?);
+    states.insert(device.ordinal(), state.clone());
+    Ok(state)
 }
 
 /// A dimension as the kernels' u32, or a shape error.
